@@ -1,0 +1,172 @@
+"""Configuration of the S2V diffusion transformer, read from the checkpoint's ``config.json``.
+
+The official code builds ``WanModel_S2V`` from the checkpoint folder's ``config.json`` (not from its
+Python config), so that file is the single source of truth at load time. Options that this project
+does not implement are rejected by name instead of being silently ignored.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from runtime.errors import ConfigError
+
+# Keys the official constructor accepts but that do not change inference for the supported variant,
+# or that diffusers adds to every config.json.
+_IGNORED_KEYS = {
+    "_class_name", "_diffusers_version", "_name_or_path", "zero_init", "motion_token_num", "model_type",
+    "enable_tsm", "trainable_token_pos_emb", "framepack_drop_mode", "args", "kwargs",
+}
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    """Hyper-parameters of ``WanModel_S2V`` (names as in the official ``config.json``)."""
+
+    dim: int = 5120
+    ffn_dim: int = 13824
+    num_heads: int = 40
+    num_layers: int = 40
+    in_dim: int = 16
+    out_dim: int = 16
+    freq_dim: int = 256
+    text_dim: int = 4096
+    text_len: int = 512
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    eps: float = 1e-6
+    cond_dim: int = 16
+    audio_dim: int = 1024
+    num_audio_token: int = 4
+    audio_inject_layers: tuple[int, ...] = (0, 4, 8, 12, 16, 20, 24, 27, 30, 33, 36, 39)
+    enable_adain: bool = True
+    adain_mode: str = "attn_norm"
+    zero_timestep: bool = True
+    enable_framepack: bool = True
+    enable_motioner: bool = False
+    add_last_motion: bool = True
+    qk_norm: bool = True
+    cross_attn_norm: bool = True
+    window_size: tuple[int, int] = (-1, -1)
+    # Not in config.json: fixed by the official architecture.
+    audio_layers: int = 25            # wav2vec2 hidden states mixed by ``casual_audio_encoder.weights``
+    zip_frame_buckets: tuple[int, int, int] = (1, 2, 16)  # frame-pack: newest 1 | next 2 | oldest 16
+    ref_time_position: int = 30       # RoPE temporal position of the reference tokens (hard-coded upstream)
+    rope_theta: float = 10000.0
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
+
+    # ----------------------------------------------------------------- derived
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @property
+    def lat_motion_frames(self) -> int:
+        return sum(self.zip_frame_buckets)
+
+    @property
+    def inject_map(self) -> dict[int, int]:
+        """Block index -> audio injector index."""
+        return {block: j for j, block in enumerate(self.audio_inject_layers)}
+
+    # ----------------------------------------------------------------- presets
+    @classmethod
+    def s2v_14b(cls) -> "DiTConfig":
+        return cls()
+
+    @classmethod
+    def tiny(cls) -> "DiTConfig":
+        """A few-MB model with the same structure; used by tests and ``--ckpt_dir tiny``."""
+        return cls(dim=64, ffn_dim=128, num_heads=4, num_layers=4, text_dim=48, audio_dim=32,
+                   audio_inject_layers=(0, 2, 3))
+
+    # ----------------------------------------------------------------- I/O
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "config") -> "DiTConfig":
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: expected a JSON object, got {type(raw).__name__}")
+        known = {f.name for f in fields(cls)} - {"extra"}
+        values: dict[str, Any] = {}
+        extra: dict[str, Any] = {}
+        for key, value in raw.items():
+            if key in known:
+                values[key] = value
+            else:
+                extra[key] = value
+        model_type = raw.get("model_type", "s2v")
+        if model_type != "s2v":
+            raise ConfigError(f"{source}: model_type={model_type!r}; this project runs only the S2V model (model_type 's2v')")
+        unknown = sorted(k for k in extra if k not in _IGNORED_KEYS)
+        if unknown:
+            raise ConfigError(f"{source}: unknown option(s) {', '.join(unknown)}; remove them or use the official Wan2.2-S2V config.json")
+        for key in ("patch_size", "window_size", "audio_inject_layers", "zip_frame_buckets"):
+            if key in values:
+                if not isinstance(values[key], (list, tuple)):
+                    raise ConfigError(f"{source}: {key} must be a list, got {values[key]!r}")
+                values[key] = tuple(int(v) for v in values[key])
+        for key in ("dim", "ffn_dim", "num_heads", "num_layers", "in_dim", "out_dim", "freq_dim", "text_dim",
+                    "text_len", "cond_dim", "audio_dim", "num_audio_token"):
+            if key in values:
+                v = values[key]
+                if isinstance(v, bool) or not isinstance(v, int):
+                    raise ConfigError(f"{source}: {key} must be an integer, got {v!r}")
+        cfg = cls(**values, extra=extra)
+        cfg.validate(source)
+        return cfg
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "DiTConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config.json not found; point --ckpt_dir at the Wan2.2-S2V-14B folder")
+        try:
+            raw = json.loads(path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ConfigError(f"{path}: not valid JSON ({err}); re-download config.json from the official checkpoint") from None
+        return cls.from_dict(raw, source=str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("extra")
+        return d
+
+    def validate(self, source: str = "config") -> None:
+        def bad(msg: str) -> ConfigError:
+            return ConfigError(f"{source}: {msg}")
+
+        if self.enable_motioner:
+            raise bad("enable_motioner=true (the transformer motioner) is not supported; use the official S2V config (enable_framepack=true)")
+        if not self.enable_framepack:
+            raise bad("enable_framepack=false is not supported; the S2V-14B checkpoint uses frame-pack motion tokens")
+        if not self.enable_adain or self.adain_mode != "attn_norm":
+            raise bad(f"enable_adain={self.enable_adain}, adain_mode={self.adain_mode!r} not supported; S2V-14B uses enable_adain=true, adain_mode='attn_norm'")
+        if not self.zero_timestep:
+            raise bad("zero_timestep=false is not supported; S2V-14B uses zero_timestep=true")
+        if not self.add_last_motion:
+            raise bad("add_last_motion=false is not supported; S2V-14B uses add_last_motion=true")
+        if not self.qk_norm or not self.cross_attn_norm:
+            raise bad("qk_norm and cross_attn_norm must be true (as in S2V-14B)")
+        if tuple(self.window_size) != (-1, -1):
+            raise bad(f"window_size={list(self.window_size)} (local attention) is not supported; use [-1, -1]")
+        if self.cond_dim <= 0:
+            raise bad("cond_dim must be > 0 (the pose cond_encoder is part of S2V-14B)")
+        for name in ("dim", "ffn_dim", "num_heads", "num_layers", "in_dim", "out_dim", "freq_dim", "text_dim",
+                     "text_len", "audio_dim", "num_audio_token"):
+            if getattr(self, name) <= 0:
+                raise bad(f"{name} must be positive, got {getattr(self, name)}")
+        if self.dim % self.num_heads or self.head_dim % 2:
+            raise bad(f"dim={self.dim} must split into num_heads={self.num_heads} heads of even size")
+        if self.head_dim < 6:
+            raise bad(f"head_dim={self.head_dim} too small for 3-axis RoPE")
+        if self.freq_dim % 2:
+            raise bad(f"freq_dim={self.freq_dim} must be even")
+        if self.dim % 4:
+            raise bad(f"dim={self.dim} must be divisible by 4 (audio encoder widths dim/4, dim/2)")
+        if tuple(self.patch_size) != (1, 2, 2):
+            raise bad(f"patch_size={list(self.patch_size)} not supported; S2V uses [1, 2, 2]")
+        layers = list(self.audio_inject_layers)
+        if not layers or sorted(set(layers)) != layers or layers[0] < 0 or layers[-1] >= self.num_layers:
+            raise bad(f"audio_inject_layers={layers} must be strictly increasing block indices in [0, {self.num_layers})")
+        if tuple(self.zip_frame_buckets) != (1, 2, 16):
+            raise bad("zip_frame_buckets must be [1, 2, 16] (frame-pack layout of S2V)")

@@ -1,0 +1,511 @@
+"""The Wan2.2-S2V diffusion transformer, written for export and graph capture.
+
+Parameter names equal the official ``WanModel_S2V`` state dict (including the upstream spelling
+``casual_audio_encoder``), so official shards load without renaming. The math follows the official
+model; the form differs where export and speed need it:
+
+* batched tensors instead of lists; first clip (no motion tokens) vs later clips is a matter of the
+  static shape of ``extra`` tokens, not of Python branches on values;
+* RoPE as real cos/sin tables built once per clip shape (``runtime.models.rope``);
+* per-clip work (text MLP, audio encoder, reference/motion/pose embeddings) is split from the per-step
+  work: ``prepare`` runs once per clip and CFG branch, ``step`` once per denoising step;
+* the two-segment modulation (noisy tokens use timestep t, reference/motion tokens timestep 0) uses the
+  static boundary L = frames·h·w instead of a host sync;
+* precision islands as in the official autocast map: the residual stream, norms, modulation, the
+  time embedding, the head and the audio encoder are float32; linear layers, convolutions and attention
+  run in the parameter dtype (bf16 or fp16).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from runtime.config import DiTConfig
+from runtime.models.attention import attention
+from runtime.models.rope import rope_tables, s2v_token_groups
+
+# Parameters kept in float32 whatever the model dtype: the official code computes these modules under
+# an fp32 autocast (or adds them to fp32 tensors), so holding them in fp32 is exact and avoids per-step casts.
+FP32_PREFIXES = ("time_embedding.", "time_projection.", "head.", "casual_audio_encoder.")
+FP32_SUFFIXES = (".modulation", ".norm3.weight", ".norm3.bias")
+
+
+def keeps_fp32(name: str) -> bool:
+    return name.startswith(FP32_PREFIXES) or name.endswith(FP32_SUFFIXES)
+
+
+# --------------------------------------------------------------------------------------------- pieces
+def layer_norm(x: torch.Tensor, eps: float, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """LayerNorm over the last dim, computed in float32."""
+    return F.layer_norm(x.float(), (x.shape[-1],), weight, bias, eps)
+
+
+class RMSNorm(nn.Module):
+    """Wan RMSNorm: normalise in float32, cast back, then scale by the gain in the input dtype."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype) * self.weight
+
+
+def apply_rope(x: torch.Tensor, heads: int, cos: torch.Tensor, sin: torch.Tensor, fused: bool = False) -> torch.Tensor:
+    """Rotate interleaved (even, odd) channel pairs of each head in float32. x: [B, S, H·D]; cos/sin: [S, D/2].
+
+    ``fused`` uses one complex64 multiply (3x fewer memory passes in eager CUDA); the real form is what
+    exports to ONNX. Both compute (x0·c − x1·s, x0·s + x1·c)."""
+    b, s, hd = x.shape
+    xr = x.float().view(b, s, heads, hd // heads // 2, 2)
+    if fused:
+        rot = torch.view_as_complex(xr) * torch.complex(cos, sin)[None, :, None, :]
+        return torch.view_as_real(rot).view(b, s, hd).to(x.dtype)
+    x0, x1 = xr[..., 0], xr[..., 1]
+    c, sn = cos[None, :, None, :], sin[None, :, None, :]
+    out = torch.stack((x0 * c - x1 * sn, x0 * sn + x1 * c), dim=-1)
+    return out.view(b, s, hd).to(x.dtype)
+
+
+def modulate(xn: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, split: int) -> torch.Tensor:
+    """xn·(1+scale)+shift with segment 0 for tokens [0, split) and segment 1 after. shift/scale: [B, 2, D].
+
+    Updates ``xn`` (a fresh float32 norm output) in place: two memory passes instead of three plus a cat."""
+    xn[:, :split].mul_(1 + scale[:, 0:1]).add_(shift[:, 0:1])
+    xn[:, split:].mul_(1 + scale[:, 1:2]).add_(shift[:, 1:2])
+    return xn
+
+
+def add_gated(x: torch.Tensor, y: torch.Tensor, g: torch.Tensor, split: int) -> torch.Tensor:
+    """x + y·gate per segment in float32 (the official fp32 autocast region), accumulated into ``x`` in place."""
+    x[:, :split].addcmul_(y[:, :split], g[:, 0:1])
+    x[:, split:].addcmul_(y[:, split:], g[:, 1:2])
+    return x
+
+
+def _in(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    """Cast an activation to a layer's parameter dtype (what autocast does at every linear/conv)."""
+    return x.to(layer.weight.dtype)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, heads: int, eps: float):
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, impl: str) -> torch.Tensor:
+        x = _in(x, self.q)
+        fused = impl == "sdpa" and x.is_cuda
+        q = apply_rope(self.norm_q(self.q(x)), self.heads, cos, sin, fused)
+        k = apply_rope(self.norm_k(self.k(x)), self.heads, cos, sin, fused)
+        return self.o(attention(q, k, self.v(x), self.heads, impl))
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, dim: int, heads: int, eps: float):
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, impl: str) -> torch.Tensor:
+        x, context = _in(x, self.q), _in(context, self.q)
+        q = self.norm_q(self.q(x))
+        k = self.norm_k(self.k(context))
+        return self.o(attention(q, k, self.v(context), self.heads, impl))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        d = cfg.dim
+        self.eps = cfg.eps
+        self.self_attn = SelfAttention(d, cfg.num_heads, cfg.eps)
+        self.norm3 = nn.LayerNorm(d, eps=cfg.eps, elementwise_affine=True)
+        self.cross_attn = CrossAttention(d, cfg.num_heads, cfg.eps)
+        self.ffn = nn.Sequential(nn.Linear(d, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, d))
+        self.modulation = nn.Parameter(torch.zeros(1, 6, d))
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor, split: int, context: torch.Tensor,
+                cos: torch.Tensor, sin: torch.Tensor, impl: str) -> torch.Tensor:
+        # e: [B, 6, 2, D] fp32 (six modulation vectors for the two segments)
+        m = self.modulation.float().unsqueeze(2) + e
+        y = self.self_attn(modulate(layer_norm(x, self.eps), m[:, 0], m[:, 1], split), cos, sin, impl)
+        x = add_gated(x, y, m[:, 2], split)
+        x = x + self.cross_attn(layer_norm(x, self.eps, self.norm3.weight, self.norm3.bias), context, impl)
+        y = self.ffn(_in(modulate(layer_norm(x, self.eps), m[:, 3], m[:, 4], split), self.ffn[0]))
+        return add_gated(x, y, m[:, 5], split)
+
+
+class CausalConv1d(nn.Module):
+    """Conv1d with (kernel-1) frames of left padding that replicate the first frame."""
+
+    def __init__(self, cin: int, cout: int, kernel: int = 3, stride: int = 1):
+        super().__init__()
+        self.pad = kernel - 1
+        self.conv = nn.Conv1d(cin, cout, kernel, stride=stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([x[..., :1].expand(-1, -1, self.pad), x], dim=-1)
+        return self.conv(x)
+
+
+class AudioConvEncoder(nn.Module):
+    """Causal conv stack turning per-frame audio features into local tokens and a global vector."""
+
+    def __init__(self, in_dim: int, dim: int, num_tokens: int):
+        super().__init__()
+        self.num_tokens = num_tokens
+        self.conv1_local = CausalConv1d(in_dim, dim // 4 * num_tokens)
+        self.conv1_global = CausalConv1d(in_dim, dim // 4)
+        self.conv2 = CausalConv1d(dim // 4, dim // 2, stride=2)
+        self.conv3 = CausalConv1d(dim // 2, dim, stride=2)
+        self.final_linear = nn.Linear(dim, dim)
+        self.padding_tokens = nn.Parameter(torch.zeros(1, 1, 1, dim))
+
+    @staticmethod
+    def _norm_act(x: torch.Tensor) -> torch.Tensor:  # [N, C, T] -> LN over C, SiLU, back to [N, C, T]
+        x = x.transpose(1, 2)
+        return F.silu(F.layer_norm(x, (x.shape[-1],), eps=1e-6)).transpose(1, 2)
+
+    def _tail(self, x: torch.Tensor) -> torch.Tensor:  # shared conv2/conv3 -> [N, T', dim]
+        x = self._norm_act(self.conv2(self._norm_act(x)))
+        return self._norm_act(self.conv3(x)).transpose(1, 2)
+
+    def forward(self, feat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """feat [B, C_a, T] → (local [B, T', tokens+1, dim], global [B, T', dim])."""
+        b, _, t = feat.shape
+        n = self.num_tokens
+        loc = self.conv1_local(feat)                                   # [B, n·c, T], channel = token·c + i
+        loc = loc.view(b, n, -1, t).reshape(b * n, -1, t)
+        loc = self._tail(loc)                                          # [B·n, T', dim]
+        loc = loc.view(b, n, loc.shape[1], -1).transpose(1, 2)         # [B, T', n, dim]
+        loc = torch.cat([loc, self.padding_tokens.expand(b, loc.shape[1], 1, -1)], dim=2)
+        glob = self.final_linear(self._tail(self.conv1_global(feat)))  # [B, T', dim]
+        return loc, glob
+
+
+class CausalAudioEncoder(nn.Module):
+    """Learned mix of the wav2vec2 hidden states followed by the causal conv encoder (all in fp32)."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.weights = nn.Parameter(torch.full((1, cfg.audio_layers, 1, 1), 0.01))
+        self.encoder = AudioConvEncoder(cfg.audio_dim, cfg.dim, cfg.num_audio_token)
+
+    def forward(self, audio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        w = F.silu(self.weights.float())
+        feat = (audio.float() * w / w.sum(dim=1, keepdim=True)).sum(dim=1)  # [B, C_a, T]
+        return self.encoder(feat)
+
+
+class AudioInjector(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        n = len(cfg.audio_inject_layers)
+        self.injector = nn.ModuleList(CrossAttention(cfg.dim, cfg.num_heads, cfg.eps) for _ in range(n))
+        self.injector_adain_layers = nn.ModuleList(AdaLayerNormLinear(cfg.dim) for _ in range(n))
+
+
+class AdaLayerNormLinear(nn.Module):
+    """SiLU → Linear producing (shift, scale) — the parameter layout of diffusers' AdaLayerNorm."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.linear = nn.Linear(dim, 2 * dim)
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.linear(_in(F.silu(temb), self.linear)).unsqueeze(1).chunk(2, dim=-1)
+        return layer_norm(x, 1e-5) * (1 + scale) + shift
+
+
+class FramePacker(nn.Module):
+    """Motion history → tokens: newest latent at full res, next 2 at 1/2, oldest 16 at 1/4 resolution."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        d, c = cfg.dim, cfg.in_dim
+        self.buckets = cfg.zip_frame_buckets
+        self.proj = nn.Conv3d(c, d, (1, 2, 2), stride=(1, 2, 2))
+        self.proj_2x = nn.Conv3d(c, d, (2, 4, 4), stride=(2, 4, 4))
+        self.proj_4x = nn.Conv3d(c, d, (4, 8, 8), stride=(4, 8, 8))
+
+    def forward(self, motion: torch.Tensor) -> torch.Tensor:
+        """motion [B, C, T_m, h, w] (any T_m) → [B, tokens, D]."""
+        total = sum(self.buckets)
+        t_m = motion.shape[2]
+        if t_m >= total:
+            buf = motion[:, :, t_m - total:]
+        else:  # right-aligned in a zero buffer, as the official packer does for short histories
+            buf = F.pad(motion, (0, 0, 0, 0, total - t_m, 0))
+        n_post, n_2x, n_4x = self.buckets
+        old, mid, new = buf[:, :, :n_4x], buf[:, :, n_4x:n_4x + n_2x], buf[:, :, n_4x + n_2x:]
+        toks = [conv(_in(z, conv)).flatten(2).transpose(1, 2)
+                for conv, z in ((self.proj, new), (self.proj_2x, mid), (self.proj_4x, old))]
+        return torch.cat(toks, dim=1)
+
+
+class Head(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.eps = cfg.eps
+        self.head = nn.Linear(cfg.dim, cfg.out_dim * 4)
+        self.modulation = nn.Parameter(torch.zeros(1, 2, cfg.dim))
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        shift, scale = (self.modulation.float() + e.unsqueeze(1)).chunk(2, dim=1)
+        return F.linear(layer_norm(x, self.eps) * (1 + scale) + shift, self.head.weight.float(), self.head.bias.float())
+
+
+# --------------------------------------------------------------------------------------------- inputs
+@dataclass
+class ClipConditions:
+    """Per-clip, per-CFG-branch tensors that stay fixed over all denoising steps of a clip."""
+
+    context: torch.Tensor       # [B, text_len, D]   text_embedding of the zero-padded prompt embedding
+    audio_tokens: torch.Tensor  # [B, F, tokens+1, D] local audio tokens per latent frame
+    audio_global: torch.Tensor  # [B, F, D]          global audio vector per latent frame (fp32)
+    pose: torch.Tensor          # [B, L, D]          cond_encoder(pose) + cond-type embedding 0
+    extra: torch.Tensor         # [B, S-L, D]        reference (+ motion) tokens incl. their cond-type embedding
+    rope_cos: torch.Tensor      # [S, head_dim/2]    fp32
+    rope_sin: torch.Tensor      # [S, head_dim/2]    fp32
+
+    def as_tuple(self) -> tuple[torch.Tensor, ...]:
+        return tuple(getattr(self, f.name) for f in fields(self))
+
+    @staticmethod
+    def names() -> tuple[str, ...]:
+        return tuple(f.name for f in fields(ClipConditions))
+
+    @staticmethod
+    def cat(items: list["ClipConditions"]) -> "ClipConditions":
+        """Stack CFG branches along the batch (the RoPE tables are shared)."""
+        first = items[0]
+        return ClipConditions(*(torch.cat([getattr(c, n) for c in items]) for n in ClipConditions.names()[:5]),
+                              first.rope_cos, first.rope_sin)
+
+
+def timestep_frequencies(t: torch.Tensor | float | list[float], dim: int) -> torch.Tensor:
+    """Sinusoidal timestep features [N, dim] (cos first), computed in float64 and cast to float32."""
+    t = torch.as_tensor(t, dtype=torch.float64).reshape(-1)
+    half = dim // 2
+    freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64).div(half))
+    arg = torch.outer(t.cpu(), freqs)
+    return torch.cat([arg.cos(), arg.sin()], dim=1).float()
+
+
+# --------------------------------------------------------------------------------------------- model
+class WanS2VDiT(nn.Module):
+    def __init__(self, cfg: DiTConfig, attention_impl: str = "sdpa"):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.attention_impl = attention_impl
+        d = cfg.dim
+        self.patch_embedding = nn.Conv3d(cfg.in_dim, d, cfg.patch_size, stride=cfg.patch_size)
+        self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, d), nn.GELU(approximate="tanh"), nn.Linear(d, d))
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, d), nn.SiLU(), nn.Linear(d, d))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.head = Head(cfg)
+        self.cond_encoder = nn.Conv3d(cfg.cond_dim, d, cfg.patch_size, stride=cfg.patch_size)
+        self.casual_audio_encoder = CausalAudioEncoder(cfg)
+        self.audio_injector = AudioInjector(cfg)
+        self.trainable_cond_mask = nn.Embedding(3, d)
+        self.frame_packer = FramePacker(cfg)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.patch_embedding.weight.dtype
+
+    def set_attention(self, impl: str) -> None:
+        self.attention_impl = impl
+
+    # ----------------------------------------------------------------- per clip
+    def prepare(self, context: torch.Tensor, ref_latents: torch.Tensor, motion_latents: torch.Tensor | None,
+                cond_states: torch.Tensor | None, audio_input: torch.Tensor, frames: int, motion_frames: int = 73
+                ) -> ClipConditions:
+        """Everything that is constant over the denoising steps of one clip.
+
+        context: [B, L_text ≤ text_len, text_dim] (zero-padded here to text_len, as official);
+        ref_latents: [B, C, 1, h, w]; motion_latents: [B, C, T_m, h, w] or None for a clip without motion
+        tokens (first clip); cond_states: [B, C, frames, h, w] pose latents or None (all zeros: only the
+        cond_encoder bias remains); audio_input: [B, layers, C_a, 4·frames] this clip's audio features;
+        motion_frames: pixel frames of history (73), whose audio is replaced by the first frame repeated.
+        """
+        cfg = self.cfg
+        b, _, _, lat_h, lat_w = ref_latents.shape
+        dt = self.dtype
+        if context.shape[1] > cfg.text_len:
+            raise ValueError(f"context has {context.shape[1]} tokens, more than text_len={cfg.text_len}")
+        ctx = F.pad(context.to(dt), (0, 0, 0, cfg.text_len - context.shape[1]))
+        ctx = self.text_embedding(ctx)
+
+        lat_motion = (motion_frames + 3) // 4
+        audio = torch.cat([audio_input[..., :1].expand(-1, -1, -1, motion_frames), audio_input], dim=-1)
+        loc, glob = self.casual_audio_encoder(audio)
+        loc, glob = loc[:, lat_motion:], glob[:, lat_motion:]
+        if loc.shape[1] != frames:
+            raise ValueError(f"audio_input gives {loc.shape[1]} latent frames, expected {frames}: pass 4·frames audio frames")
+
+        ph, pw = cfg.patch_size[1], cfg.patch_size[2]
+        n_tok = frames * (lat_h // ph) * (lat_w // pw)
+        if cond_states is None:
+            pose = self.cond_encoder.bias.to(dt).view(1, 1, -1).expand(b, n_tok, -1)
+        else:
+            pose = self.cond_encoder(_in(cond_states, self.cond_encoder)).flatten(2).transpose(1, 2)
+        mask = self.trainable_cond_mask.weight.to(dt)
+        pose = pose + mask[0]
+
+        extra = [self.patch_embedding(_in(ref_latents, self.patch_embedding)).flatten(2).transpose(1, 2) + mask[1]]
+        if motion_latents is not None:
+            extra.append(self.frame_packer(motion_latents) + mask[2])
+        groups = s2v_token_groups(cfg, frames, lat_h, lat_w, motion=motion_latents is not None)
+        cos, sin = rope_tables(cfg, groups, device=ref_latents.device)
+        return ClipConditions(ctx, loc.to(dt), glob, pose, torch.cat(extra, dim=1), cos, sin)
+
+    # ----------------------------------------------------------------- per step
+    def step(self, x: torch.Tensor, t_freq: torch.Tensor, context: torch.Tensor, audio_tokens: torch.Tensor,
+             audio_global: torch.Tensor, pose: torch.Tensor, extra: torch.Tensor, rope_cos: torch.Tensor,
+             rope_sin: torch.Tensor) -> torch.Tensor:
+        """One DiT evaluation. x: [B, C, F, h, w] noisy latent; t_freq: [B, freq_dim] from
+        ``timestep_frequencies``; the rest from ``prepare``. Returns the velocity [B, C_out, F, h, w] in fp32."""
+        cfg = self.cfg
+        impl = self.attention_impl
+        b, _, f, lat_h, lat_w = x.shape
+        gh, gw = lat_h // cfg.patch_size[1], lat_w // cfg.patch_size[2]
+        split = f * gh * gw
+
+        tokens = self.patch_embedding(_in(x, self.patch_embedding)).flatten(2).transpose(1, 2) + pose
+        h = torch.cat([tokens, extra], dim=1).float()  # the residual stream: fp32, owned here (blocks update it in place)
+
+        # timestep t for the noisy tokens, timestep 0 for reference/motion tokens (zero_timestep)
+        t0 = torch.cat([torch.ones_like(t_freq[:, : cfg.freq_dim // 2]), torch.zeros_like(t_freq[:, cfg.freq_dim // 2:])], 1)
+        e = F.linear(F.silu(F.linear(torch.cat([t_freq, t0]).float(), *self._fp32(self.time_embedding[0]))),
+                     *self._fp32(self.time_embedding[2]))                        # [2B, D]
+        e0 = F.linear(F.silu(e), *self._fp32(self.time_projection[1])).unflatten(1, (6, cfg.dim))
+        e_blocks = torch.stack([e0[:b], e0[b:]], dim=2)                           # [B, 6, 2, D]
+
+        inject = cfg.inject_map
+        for i, block in enumerate(self.blocks):
+            h = block(h, e_blocks, split, context, rope_cos, rope_sin, impl)
+            if i in inject:
+                h = self._inject_audio(h, inject[i], audio_tokens, audio_global, split, f)
+
+        out = self.head(h[:, :split], e[:b])                                      # [B, L, 4·C]
+        c = cfg.out_dim
+        out = out.view(b, f, gh, gw, 1, 2, 2, c).permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return out.reshape(b, c, f, lat_h, lat_w)
+
+    @staticmethod
+    def _fp32(layer: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
+        return layer.weight.float(), layer.bias.float()
+
+    def _inject_audio(self, h: torch.Tensor, j: int, audio_tokens: torch.Tensor, audio_global: torch.Tensor,
+                      split: int, frames: int) -> torch.Tensor:
+        """Frame-local audio cross-attention on the noisy tokens (no gate); reference/motion untouched."""
+        b, _, d = h.shape
+        per_frame = split // frames
+        x = h[:, :split].reshape(b * frames, per_frame, d)
+        a = self.audio_injector.injector_adain_layers[j](x, audio_global.reshape(b * frames, d))
+        r = self.audio_injector.injector[j](a, audio_tokens.reshape(b * frames, -1, d), self.attention_impl)
+        return torch.cat([h[:, :split] + r.reshape(b, split, d), h[:, split:]], dim=1)
+
+    # ----------------------------------------------------------------- official-style call
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor, ref_latents: torch.Tensor,
+                motion_latents: torch.Tensor | None, cond_states: torch.Tensor | None, audio_input: torch.Tensor,
+                motion_frames: int = 73) -> torch.Tensor:
+        """Convenience: ``prepare`` + ``step`` for one call (``motion_latents=None`` = first clip)."""
+        cond = self.prepare(context, ref_latents, motion_latents, cond_states, audio_input, x.shape[2], motion_frames)
+        t_freq = timestep_frequencies(t, self.cfg.freq_dim).to(x.device).expand(x.shape[0], -1)
+        return self.step(x, t_freq, *cond.as_tuple())
+
+
+# --------------------------------------------------------------------------------------------- loading
+def build_dit(cfg: DiTConfig, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+              seed: int | None = 0, std: float = 0.02) -> WanS2VDiT:
+    """A randomly initialised model (tests, the built-in tiny model, full-size speed runs).
+
+    Built on the meta device and filled tensor by tensor in the target dtype, so a 14B bf16 model never
+    exists in float32 (which would need 65 GB)."""
+    with torch.device("meta"):
+        model = WanS2VDiT(cfg)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(0 if seed is None else seed)
+    state = {}
+    for name, p in model.state_dict().items():
+        t = torch.empty(p.shape, dtype=torch.float32 if keeps_fp32(name) else dtype, device=device)
+        if name.endswith(("norm_q.weight", "norm_k.weight", "norm3.weight")):
+            t.fill_(1.0)
+        elif name.endswith(".weights"):
+            t.fill_(0.01)
+        else:
+            t.normal_(0.0, std, generator=gen)
+        state[name] = t
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
+
+
+def load_dit(path: str | Path, dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
+             config: DiTConfig | None = None) -> WanS2VDiT:
+    """Load the DiT from the official folder or a single ``.safetensors`` file (strict, memory-mapped).
+
+    dtype None keeps the checkpoint's dtype (bf16 for the official shards); the fp32 islands
+    (``keeps_fp32``) are held in float32 either way.
+    """
+    from runtime import checkpoint as ckpt
+    from runtime.errors import CheckpointError
+
+    path = Path(path)
+    if path.is_dir():
+        cfg = config or DiTConfig.from_json(path / ckpt.DIT_CONFIG)
+        files = ckpt.dit_weight_files(path)
+    elif path.suffix == ".safetensors":
+        cfg = config or DiTConfig.from_json(path.with_name(ckpt.DIT_CONFIG))
+        files = ckpt.single_file_map(path)
+    else:
+        raise CheckpointError(f"{path}: not a checkpoint folder or .safetensors file; point --ckpt_dir at the Wan2.2-S2V-14B folder")
+    with torch.device("meta"):
+        model = WanS2VDiT(cfg)
+    ckpt.assign_strict(model, ckpt.iter_tensors(files), str(path),
+                       lambda name: torch.float32 if keeps_fp32(name) else dtype, device)
+    return model.eval().requires_grad_(False)
+
+
+def save_dit(model: WanS2VDiT, folder: str | Path, shards: int = 1, dtype: torch.dtype | None = None) -> Path:
+    """Write ``model`` in the official layout (config.json + safetensors shards + index); used by tests
+    and the tiny built-in checkpoint."""
+    import json as _json
+
+    from safetensors.torch import save_file
+
+    from runtime import checkpoint as ckpt
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = model.cfg.to_dict()
+    for k in ("audio_layers", "zip_frame_buckets", "ref_time_position", "rope_theta"):
+        cfg.pop(k)
+    cfg.update({"_class_name": "WanModel_S2V", "model_type": "s2v"})
+    (folder / ckpt.DIT_CONFIG).write_text(_json.dumps(cfg, indent=2))
+    state = {k: (v.to(dtype) if dtype else v).contiguous() for k, v in model.state_dict().items()}
+    names = list(state)
+    if shards <= 1:
+        save_file(state, str(folder / ckpt.DIT_SINGLE))
+        return folder
+    per = -(-len(names) // shards)
+    weight_map = {}
+    for i in range(shards):
+        fname = f"diffusion_pytorch_model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = {k: state[k] for k in names[i * per:(i + 1) * per]}
+        save_file(part, str(folder / fname))
+        weight_map.update({k: fname for k in part})
+    (folder / ckpt.DIT_INDEX).write_text(_json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
+    return folder

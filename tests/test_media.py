@@ -1,0 +1,678 @@
+"""Tests for runtime.media: image/audio/pose loading and the MP4 writer (CPU, a few seconds)."""
+from __future__ import annotations
+
+import errno
+import io
+import math
+import os
+import struct
+import subprocess
+import sys
+import textwrap
+import zlib
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from runtime import media
+from runtime.errors import InputError, OutputError
+from runtime.media import AudioClip, load_audio, load_image, probe_mp4, read_pose_frames, write_mp4
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+SAMPLES = SHARED / "samples"
+GOLDEN = SHARED / "golden"
+FRAME_S = 1 / 16
+
+
+def sample(name: str) -> Path:
+    path = SAMPLES / name
+    if not path.is_file():
+        pytest.skip(f"sample media {path} not found (needs the project's shared/ folder)")
+    return path
+
+
+def golden(name: str) -> Path:
+    path = GOLDEN / name
+    if not path.is_file():
+        pytest.skip(f"golden file {path} not found (needs the project's shared/ folder)")
+    return path
+
+
+# ------------------------------------------------------------------------------------------
+# synthetic media helpers
+
+
+def tone(seconds: float, rate: int, channels: int = 1, freq: float = 440.0) -> np.ndarray:
+    """float32 [channels, n]; channel c at freq*(c+1) so channels differ."""
+    t = np.arange(int(round(seconds * rate))) / rate
+    return np.stack([0.5 * np.sin(2 * np.pi * freq * (c + 1) * t) for c in range(channels)]).astype(np.float32)
+
+
+def encode_audio(path: Path, pcm: np.ndarray, rate: int, codec: str, fmt: str | None = None,
+                 video: bool = False) -> Path:
+    """Encode float [C, n] with PyAV (optionally next to a small video stream)."""
+    layout = "mono" if pcm.shape[0] == 1 else "stereo"
+    with av.open(str(path), "w", format=fmt) as out:
+        v = None
+        if video:
+            v = out.add_stream("mpeg4", rate=16)
+            v.width, v.height, v.pix_fmt = 64, 64, "yuv420p"
+        a = out.add_stream(codec, rate=rate, layout=layout)
+        sample_fmt = a.codec_context.codec.audio_formats[0].name
+        if v is not None:
+            for i in range(int(pcm.shape[1] / rate * 16)):
+                f = av.VideoFrame.from_ndarray(np.full((64, 64, 3), 8 * i % 256, np.uint8), format="rgb24")
+                f.pts = i
+                out.mux(v.encode(f))
+            out.mux(v.encode(None))
+        resampler = av.AudioResampler(format=sample_fmt, layout=layout, rate=rate)
+        src = av.AudioFrame.from_ndarray(np.ascontiguousarray(pcm), format="fltp", layout=layout)
+        src.sample_rate, src.pts = rate, 0
+        for f in resampler.resample(src) + resampler.resample(None):
+            out.mux(a.encode(f))
+        out.mux(a.encode(None))
+    return path
+
+
+def wav_bytes(pcm: np.ndarray, rate: int) -> bytes:
+    buf = io.BytesIO()
+    layout = "mono" if pcm.shape[0] == 1 else "stereo"
+    with av.open(buf, "w", format="wav") as out:
+        a = out.add_stream("pcm_s16le", rate=rate, layout=layout)
+        if pcm.shape[1]:
+            f = av.AudioFrame.from_ndarray((np.clip(pcm.T, -1, 1) * 32767).astype(np.int16).reshape(1, -1),
+                                           format="s16", layout=layout)
+            f.sample_rate, f.pts = rate, 0
+            out.mux(a.encode(f))
+        out.mux(a.encode(None))
+    return buf.getvalue()
+
+
+def gray_jpeg(w: int, h: int, with_data: bool = True) -> bytes:
+    """A valid mid-grey baseline JPEG of any size, built without holding its pixels.
+
+    One-symbol Huffman tables make every 8x8 block two bits (DC diff 0, EOB), so the entropy
+    data is just zero bytes: a 12000x9000 image is 422 kB to build, and decodes to grey 128.
+    """
+    def seg(marker: int, payload: bytes) -> bytes:
+        return bytes([0xFF, marker]) + struct.pack(">H", len(payload) + 2) + payload
+
+    one_symbol = bytes([1] + [0] * 15) + b"\x00"
+    head = (b"\xff\xd8" + seg(0xDB, b"\x00" + b"\x01" * 64)
+            + seg(0xC0, struct.pack(">BHHB", 8, h, w, 1) + b"\x01\x11\x00")
+            + seg(0xC4, b"\x00" + one_symbol + b"\x10" + one_symbol)
+            + seg(0xDA, b"\x01\x01\x00\x00\x3f\x00"))
+    blocks = ((w + 7) // 8) * ((h + 7) // 8)
+    return head + (b"\x00" * ((2 * blocks + 7) // 8) + b"\xff\xd9" if with_data else b"")
+
+
+def png_header_only(w: int, h: int) -> bytes:
+    """PNG signature + IHDR + a stub IDAT: enough for Pillow to report the size, nothing to decode."""
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    chunk = struct.pack(">I", len(ihdr)) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    idat = struct.pack(">I", 4) + b"IDAT" + b"\x00" * 4 + struct.pack(">I", zlib.crc32(b"IDAT\x00\x00\x00\x00"))
+    return b"\x89PNG\r\n\x1a\n" + chunk + idat
+
+
+def empty_wav(rate: int = 16000) -> bytes:
+    """A well-formed PCM wav header with a zero-length data chunk."""
+    fmt = struct.pack("<HHIIHH", 1, 1, rate, rate * 2, 2, 16)
+    return (b"RIFF" + struct.pack("<I", 36) + b"WAVE" + b"fmt " + struct.pack("<I", 16) + fmt
+            + b"data" + struct.pack("<I", 0))
+
+
+def png_bytes(im: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# ------------------------------------------------------------------------------------------
+# images
+
+
+@pytest.mark.parametrize("name", ["i2v_input.JPG", "pose.png", "../golden/e2e_ref.png"])
+def test_load_image_sample_files(name):
+    path = sample(name)
+    im = load_image(path)
+    with Image.open(path) as ref:
+        expected = np.asarray(ref.convert("RGB"))
+    assert im.mode == "RGB"
+    assert np.array_equal(np.asarray(im), expected)
+    # bytes and str paths give the same pixels
+    assert np.array_equal(np.asarray(load_image(path.read_bytes())), expected)
+    assert np.array_equal(np.asarray(load_image(str(path))), expected)
+
+
+def test_load_image_arrays():
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    assert np.array_equal(np.asarray(load_image(rgb)), rgb)
+    gray = rng.integers(0, 256, (20, 30), dtype=np.uint8)
+    assert np.array_equal(np.asarray(load_image(gray)), np.repeat(gray[..., None], 3, axis=2))
+    assert np.array_equal(np.asarray(load_image(gray[..., None])), np.repeat(gray[..., None], 3, axis=2))
+    rgba = rng.integers(0, 256, (20, 30, 4), dtype=np.uint8)
+    assert np.array_equal(np.asarray(load_image(rgba)), rgba[..., :3])  # alpha dropped, as official
+    # a non-contiguous view works too
+    assert np.array_equal(np.asarray(load_image(rgb[:, ::-1])), rgb[:, ::-1])
+
+
+@pytest.mark.parametrize("mode,fill,expected", [
+    ("CMYK", (0, 255, 255, 0), (255, 0, 0)),
+    ("RGBA", (10, 20, 30, 0), (10, 20, 30)),
+    ("LA", (77, 5), (77, 77, 77)),
+    ("L", 200, (200, 200, 200)),
+    ("1", 1, (255, 255, 255)),
+    ("I;16", 40000, (156, 156, 156)),  # 16-bit scaled to 8 bits, not clipped to white
+    ("I", 51400, (200, 200, 200)),
+    ("La", (90, 255), (90, 90, 90)),
+])
+def test_load_image_pil_modes(mode, fill, expected):
+    im = load_image(Image.new(mode, (17, 19), fill))
+    assert im.mode == "RGB" and im.size == (17, 19)
+    assert im.getpixel((3, 4)) == expected
+
+
+def test_load_image_palette_png_roundtrip():
+    pal = Image.new("P", (32, 32))
+    pal.putpalette([0, 0, 0, 250, 10, 20] + [0] * (256 * 3 - 6))
+    pal.paste(1, (0, 0, 16, 32))
+    im = load_image(png_bytes(pal))
+    assert im.getpixel((1, 1)) == (250, 10, 20) and im.getpixel((20, 1)) == (0, 0, 0)
+
+
+def test_load_image_minimum_side_boundary():
+    assert load_image(np.zeros((16, 16, 3), np.uint8)).size == (16, 16)
+    with pytest.raises(InputError, match="15x100 px"):
+        load_image(png_bytes(Image.new("RGB", (15, 100))))
+    with pytest.raises(InputError, match="minimum"):
+        load_image(np.zeros((8, 8, 3), np.uint8))
+
+
+def test_load_image_errors(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        load_image(tmp_path / "nope.png")
+    with pytest.raises(InputError, match="directory"):
+        load_image(tmp_path)
+    (tmp_path / "empty.png").write_bytes(b"")
+    with pytest.raises(InputError, match="empty"):
+        load_image(tmp_path / "empty.png")
+    (tmp_path / "text.png").write_text("hello, not an image")
+    with pytest.raises(InputError, match="not a readable image"):
+        load_image(tmp_path / "text.png")
+    with pytest.raises(InputError, match="empty"):
+        load_image(b"")
+    with pytest.raises(InputError, match="dtype"):
+        load_image(np.zeros((32, 32, 3), np.float32))
+    with pytest.raises(InputError, match="shape"):
+        load_image(np.zeros((32, 32, 2), np.uint8))
+    with pytest.raises(InputError, match="unsupported image source"):
+        load_image(12345)
+
+
+def test_load_image_truncated_jpeg():
+    data = gray_jpeg(640, 640)
+    assert load_image(data).size == (640, 640)
+    with pytest.raises(InputError, match="corrupt or truncated"):
+        load_image(data[:400])
+
+
+def test_load_image_truncated_sample():
+    data = sample("i2v_input.JPG").read_bytes()
+    with pytest.raises(InputError, match="corrupt or truncated"):
+        load_image(data[: len(data) // 3])
+
+
+def test_load_image_one_line_messages(tmp_path):
+    for bad in (tmp_path / "missing.jpg", b"garbage" * 10, np.zeros((4, 4), np.uint8)):
+        with pytest.raises(InputError) as info:
+            load_image(bad)
+        assert "\n" not in str(info.value) and ";" in str(info.value)  # problem; fix
+
+
+def test_load_image_huge_12000x9000(tmp_path):
+    path = tmp_path / "huge.jpg"
+    path.write_bytes(gray_jpeg(12000, 9000))
+    im = load_image(path, draft=(1280, 720))  # 1/8 DCT scale still covers the request
+    assert im.size == (1500, 1125) and im.mode == "RGB" and im.getpixel((700, 500)) == (128, 128, 128)
+    im = load_image(path)  # full size is accepted too (~430 MB while it lives)
+    assert im.size == (12000, 9000) and im.getpixel((11999, 8999)) == (128, 128, 128)
+    del im
+
+
+def test_load_image_bomb_refused_before_decoding():
+    # Between our limit (160 MP) and Pillow's own error (179 MP): our check must fire.
+    with pytest.raises(InputError, match="13000x13000 px, more than"):
+        load_image(png_header_only(13000, 13000))
+    # Above Pillow's limit its DecompressionBombError is translated too. No pixel data is given,
+    # so reaching the decoder would be a "truncated" error instead.
+    with pytest.raises(InputError, match="larger than|more than"):
+        load_image(gray_jpeg(20000, 10000, with_data=False))
+    with pytest.raises(InputError, match="more than"):
+        load_image(Image.new("1", (16, 10_000_001)))
+
+
+# ------------------------------------------------------------------------------------------
+# audio
+
+
+def container_duration(path: Path) -> float:
+    with av.open(str(path)) as c:
+        return c.duration / av.time_base
+
+
+@pytest.mark.parametrize("name,seconds", [("talk.wav", 5.0), ("sing.MP3", 18.8), ("zero_shot_prompt.wav", 3.5)])
+def test_load_audio_samples(name, seconds):
+    path = sample(name)
+    clip = load_audio(path)
+    assert clip.samples.dtype == np.float32 and clip.samples.ndim == 1 and clip.sample_rate == 16000
+    assert abs(clip.duration_s - seconds) < 0.1
+    assert abs(clip.duration_s - container_duration(path)) <= FRAME_S
+    assert abs(clip.native_duration_s - container_duration(path)) <= FRAME_S
+    assert len(clip.samples) == math.ceil(clip.native.shape[1] * 16000 / clip.native_rate)
+    assert clip.source == path
+    assert 0.01 < float(np.abs(clip.samples).max()) <= 1.0
+    assert not clip.samples.flags.writeable  # frozen clip: shared arrays cannot be mutated
+
+
+def test_load_audio_16k_mono_is_exact():
+    path = sample("zero_shot_prompt.wav")
+    clip = load_audio(path)
+    assert clip.native_rate == 16000 and clip.channels == 1
+    assert np.array_equal(clip.samples, clip.native[0])
+    assert np.array_equal(load_audio(path.read_bytes()).samples, clip.samples)
+
+
+def test_load_audio_downmix_is_channel_mean():
+    left = tone(0.5, 16000, 1)[0]
+    pcm = np.stack([left, np.zeros_like(left)])
+    clip = load_audio(wav_bytes(pcm, 16000))
+    expected = (left * 32767).astype(np.int16) / 32768 / 2  # int16 as written, then (L + R) / 2
+    np.testing.assert_allclose(clip.samples, expected, atol=1e-6)
+
+
+def test_load_audio_resamples_a_tone():
+    clip = load_audio(tone(1.0, 44100, 2, freq=300.0), src_rate=44100)
+    assert len(clip.samples) == 16000
+    spectrum = np.abs(np.fft.rfft(clip.samples[1000:15000]))
+    peak_hz = np.argmax(spectrum) * 16000 / 14000
+    assert abs(peak_hz - 300) < 3 or abs(peak_hz - 600) < 3  # the two channels' tones survive
+
+
+def test_load_audio_arrays():
+    pcm = tone(0.25, 16000, 2)
+    a = load_audio(pcm, src_rate=16000)
+    b = load_audio(pcm.T.copy(), src_rate=16000)  # [n, C] layout
+    c = load_audio((pcm * 32767).astype(np.int16), src_rate=16000)
+    assert np.array_equal(a.samples, b.samples)
+    np.testing.assert_allclose(a.samples, pcm.mean(axis=0), atol=1e-7)
+    np.testing.assert_allclose(c.samples, a.samples, atol=1e-4)
+    assert a.source is None and a.channels == 2
+    assert load_audio(a) is a
+    with pytest.raises(InputError, match="src_rate"):
+        load_audio(pcm)
+    with pytest.raises(InputError, match="NaN"):
+        load_audio(np.full(4000, np.nan, np.float32), src_rate=16000)
+    with pytest.raises(InputError, match="dtype"):
+        load_audio(np.zeros(4000, np.complex64), src_rate=16000)
+
+
+@pytest.mark.parametrize("codec,fmt,suffix", [
+    ("aac", "ipod", "m4a"), ("flac", "flac", "flac"), ("libopus", "ogg", "ogg"),
+    ("libmp3lame", "mp3", "mp3"), ("pcm_s16le", "wav", "wav"),
+])
+def test_load_audio_formats(tmp_path, codec, fmt, suffix):
+    rate = 48000 if codec == "libopus" else 44100
+    path = encode_audio(tmp_path / f"a.{suffix}", tone(0.75, rate, 2), rate, codec, fmt)
+    clip = load_audio(path)
+    assert abs(clip.duration_s - 0.75) <= FRAME_S
+    assert clip.native_rate == rate and clip.channels == 2
+    assert float(np.abs(clip.samples).max()) > 0.2
+
+
+def test_load_audio_from_video_file(tmp_path):
+    path = encode_audio(tmp_path / "clip.mkv", tone(1.0, 22050, 1), 22050, "pcm_s16le", "matroska", video=True)
+    with av.open(str(path)) as c:
+        assert len(c.streams.video) == 1 and len(c.streams.audio) == 1
+    clip = load_audio(path)
+    assert abs(clip.duration_s - 1.0) <= FRAME_S and clip.native_rate == 22050
+
+
+def test_load_audio_errors(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        load_audio(tmp_path / "missing.wav")
+    with pytest.raises(InputError, match="not decodable"):
+        load_audio(b"\x00\x01garbage" * 100)
+    with pytest.raises(InputError, match="empty"):
+        load_audio(b"")
+    (tmp_path / "zero.wav").write_bytes(b"")
+    with pytest.raises(InputError, match="empty"):
+        load_audio(tmp_path / "zero.wav")
+    with pytest.raises(InputError, match="no audio samples"):
+        load_audio(empty_wav())
+    with pytest.raises(InputError, match="shorter than one video frame"):
+        load_audio(wav_bytes(tone(0.05, 16000), 16000))
+    with pytest.raises(InputError, match="no audio stream"):
+        load_audio(sample("pose.mp4"))
+
+
+def test_load_audio_one_frame_is_enough():
+    clip = load_audio(wav_bytes(tone(1 / 16, 16000), 16000))
+    assert len(clip.samples) == 1000
+
+
+# ------------------------------------------------------------------------------------------
+# pose video
+
+
+def indexed_video(path: Path, fps, n: int) -> Path:
+    """Lossless video whose frame i is filled with value i (so sampled indices are visible)."""
+    with av.open(str(path), "w", format="matroska") as out:
+        s = out.add_stream("ffv1", rate=Fraction(fps))
+        s.width, s.height, s.pix_fmt = 32, 32, "bgr0"
+        for i in range(n):
+            f = av.VideoFrame.from_ndarray(np.full((32, 32, 3), i, np.uint8), format="rgb24")
+            f.pts = i
+            out.mux(s.encode(f))
+        out.mux(s.encode(None))
+    return path
+
+
+@pytest.mark.parametrize("fps,interval", [(16, 1), (24, 2), (25, 2), (30, 2), (40, 2), (50, 3), (56, 4), (8, 1)])
+def test_read_pose_interval(tmp_path, fps, interval):
+    # round() is Python's half-to-even: 24/16 = 1.5 -> 2, 40/16 = 2.5 -> 2, 56/16 = 3.5 -> 4.
+    path = indexed_video(tmp_path / "v.mkv", fps, 60)
+    frames = read_pose_frames(path, 1000)
+    expected = list(range(0, 60, interval))
+    assert [int(f[0, 0, 0]) for f in frames] == expected
+    capped = read_pose_frames(path, 5)
+    assert [int(f[0, 0, 0]) for f in capped] == expected[:5]
+
+
+def test_read_pose_sample_mp4():
+    path = sample("pose.mp4")  # 350 frames at 50 fps -> interval 3 -> 117 frames
+    frames = read_pose_frames(path, 1000)
+    assert frames.shape == (117, 540, 960, 3) and frames.dtype == np.uint8
+    with av.open(str(path)) as c:
+        decoded = [f.to_ndarray(format="rgb24") for _, f in zip(range(7), c.decode(video=0))]
+    assert np.array_equal(frames[0], decoded[0]) and np.array_equal(frames[2], decoded[6])
+    assert not np.array_equal(frames[1], decoded[1])
+    assert read_pose_frames(path, 80).shape[0] == 80
+
+
+def test_read_pose_golden_mkv():
+    path = golden("e2e_pose.mkv")  # lossless, 16 fps, 40 frames
+    frames = read_pose_frames(path, 64)
+    assert frames.shape == (40, 100, 140, 3)
+    with av.open(str(path)) as c:
+        last = list(c.decode(video=0))[-1].to_ndarray(format="rgb24")
+    assert np.array_equal(frames[-1], last)
+
+
+def test_read_pose_errors(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        read_pose_frames(tmp_path / "missing.mp4", 10)
+    with pytest.raises(InputError, match="no video stream"):
+        read_pose_frames(sample("talk.wav"), 10)
+    (tmp_path / "bad.mp4").write_bytes(os.urandom(5000))
+    with pytest.raises(InputError, match="not a readable video"):
+        read_pose_frames(tmp_path / "bad.mp4", 10)
+    with pytest.raises(InputError, match="at least one"):
+        read_pose_frames(indexed_video(tmp_path / "v.mkv", 16, 3), 0)
+
+
+# ------------------------------------------------------------------------------------------
+# MP4 writer
+
+
+def ramp_frames(n: int, h: int = 64, w: int = 64) -> np.ndarray:
+    """Frame i is a flat grey of level 10 + 12*i (distinct after lossy coding)."""
+    return np.stack([np.full((h, w, 3), 10 + 12 * (i % 20), np.uint8) for i in range(n)])
+
+
+def clip_of(seconds: float, rate: int = 44100, channels: int = 2) -> AudioClip:
+    rng = np.random.default_rng(1)
+    pcm = (0.3 * rng.standard_normal((channels, int(round(seconds * rate))))).astype(np.float32)
+    return load_audio(pcm, src_rate=rate)
+
+
+def only_file(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir())
+
+
+def test_write_mp4_audio_shorter_than_video(tmp_path):
+    out = tmp_path / "out.mp4"
+    audio = clip_of(0.75)
+    assert write_mp4(out, ramp_frames(16), audio=audio) == out
+    info = probe_mp4(out)
+    v, a = info["video"], info["audio"]
+    assert [s["type"] for s in info["streams"]] == ["video", "audio"]
+    assert (v["codec"], v["pix_fmt"], v["fps"], v["width"], v["height"]) == ("h264", "yuv420p", 16.0, 64, 64)
+    assert v["frames"] == 12  # floor(0.75 * 16)
+    assert (a["codec"], a["sample_rate"], a["channels"], a["layout"]) == ("aac", 44100, 2, "stereo")
+    assert abs(a["duration_s"] - 0.75) <= FRAME_S and abs(v["duration_s"] - 0.75) <= FRAME_S
+    assert 150_000 < a["bit_rate"] < 240_000
+    assert only_file(tmp_path) == ["out.mp4"]
+
+
+def test_write_mp4_video_shorter_than_audio(tmp_path):
+    out = tmp_path / "out.mp4"
+    write_mp4(out, ramp_frames(8), audio=clip_of(1.0, 48000, 1))
+    info = probe_mp4(out)
+    assert info["video"]["frames"] == 8
+    a = info["audio"]
+    assert (a["sample_rate"], a["channels"], a["layout"]) == (48000, 1, "mono")
+    assert abs(a["duration_s"] - 0.5) <= FRAME_S  # trimmed like ffmpeg -shortest
+    assert a["samples"] < 0.5 * 48000 + 1024
+
+
+def test_write_mp4_frames_in_order_and_accurate(tmp_path):
+    out = tmp_path / "out.mp4"
+    frames = ramp_frames(10)
+    write_mp4(out, frames)
+    info = probe_mp4(out)
+    assert info["audio"] is None and info["video"]["frames"] == 10
+    with av.open(str(out)) as c:
+        decoded = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+    assert np.abs(decoded.astype(int) - frames).max() <= 3  # crf 10: near-lossless flat frames
+
+
+def test_write_mp4_profile_and_crf_matter(tmp_path):
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)
+    write_mp4(tmp_path / "hq.mp4", frames)
+    write_mp4(tmp_path / "lq.mp4", frames, crf=40)
+    assert probe_mp4(tmp_path / "hq.mp4")["video"]["profile"] == "High"
+    assert (tmp_path / "hq.mp4").stat().st_size > 2 * (tmp_path / "lq.mp4").stat().st_size
+
+
+@pytest.mark.parametrize("rate,channels,out_rate,out_channels", [(37000, 1, 48000, 1), (16000, 6, 16000, 2)])
+def test_write_mp4_unusual_audio(tmp_path, rate, channels, out_rate, out_channels):
+    out = tmp_path / "out.mp4"
+    write_mp4(out, ramp_frames(8), audio=clip_of(0.5, rate, channels))
+    a = probe_mp4(out)["audio"]
+    assert (a["sample_rate"], a["channels"]) == (out_rate, out_channels)
+    assert abs(a["duration_s"] - 0.5) <= FRAME_S
+
+
+def test_write_mp4_keeps_sample_audio(tmp_path):
+    out = tmp_path / "talk.mp4"
+    audio = load_audio(sample("talk.wav"))
+    write_mp4(out, ramp_frames(100, 32, 32), audio=audio)  # 6.25 s of video, 5.02 s of audio
+    info = probe_mp4(out)
+    assert info["video"]["frames"] == 80
+    assert (info["audio"]["sample_rate"], info["audio"]["channels"]) == (44100, 2)
+    assert abs(info["audio"]["duration_s"] - 5.0) <= FRAME_S
+    with av.open(str(out)) as c:
+        got = np.concatenate([f.to_ndarray() for f in c.decode(audio=0)], axis=1)
+    # The edit list removes AAC priming, so the decoded signal lines up with the source.
+    n = 80 * 44100 // 16
+    err = np.linalg.norm(got[:, :n] - audio.native[:, :n]) / np.linalg.norm(audio.native[:, :n])
+    assert err < 0.2
+
+
+def test_write_mp4_overwrite(tmp_path):
+    out = tmp_path / "out.mp4"
+    out.write_bytes(b"precious")
+    with pytest.raises(OutputError, match="already exists"):
+        write_mp4(out, ramp_frames(2))
+    assert out.read_bytes() == b"precious" and only_file(tmp_path) == ["out.mp4"]
+    write_mp4(out, ramp_frames(2), overwrite=True)
+    assert probe_mp4(out)["video"]["frames"] == 2 and only_file(tmp_path) == ["out.mp4"]
+
+
+def test_write_mp4_bad_destinations(tmp_path):
+    with pytest.raises(OutputError, match="does not exist"):
+        write_mp4(tmp_path / "no" / "such" / "dir.mp4", ramp_frames(2))
+    (tmp_path / "d.mp4").mkdir()
+    with pytest.raises(OutputError, match="is a directory"):
+        write_mp4(tmp_path / "d.mp4", ramp_frames(2), overwrite=True)
+    assert only_file(tmp_path) == ["d.mp4"]
+
+
+def test_write_mp4_unwritable_dir(tmp_path):
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        # root ignores permission bits; sysfs refuses new files even for root
+        if not Path("/sys/kernel").is_dir():
+            pytest.skip("running as root and no /sys to provide an unwritable directory")
+        with pytest.raises(OutputError, match="permission"):
+            write_mp4(Path("/sys") / "out.mp4", ramp_frames(2))
+        return
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        with pytest.raises(OutputError, match="not writable"):
+            write_mp4(ro / "out.mp4", ramp_frames(2))
+    finally:
+        ro.chmod(0o700)
+
+
+def test_write_mp4_bad_frames(tmp_path):
+    out = tmp_path / "out.mp4"
+    for bad, msg in [(np.zeros((2, 64, 64, 3), np.float32), "uint8"), (np.zeros((2, 64, 64), np.uint8), "uint8"),
+                     (np.zeros((0, 64, 64, 3), np.uint8), "no video frames"), (np.zeros((2, 63, 64, 3), np.uint8), "even")]:
+        with pytest.raises(InputError, match=msg):
+            write_mp4(out, bad)
+    assert only_file(tmp_path) == []
+
+
+@pytest.mark.parametrize("exc,expected", [
+    (OSError(errno.ENOSPC, "No space left on device"), OutputError),
+    (KeyboardInterrupt(), KeyboardInterrupt),
+    (av.error.InvalidDataError(errno.EINVAL, "boom"), OutputError),
+])
+def test_write_mp4_failure_midway_leaves_nothing(tmp_path, monkeypatch, exc, expected):
+    calls = {"n": 0}
+    real_mux = media._mux
+
+    def failing_mux(out, packets):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise exc
+        real_mux(out, packets)
+
+    monkeypatch.setattr(media, "_mux", failing_mux)
+    out = tmp_path / "out.mp4"
+    with pytest.raises(expected) as info:
+        write_mp4(out, ramp_frames(16), audio=clip_of(1.0))
+    assert calls["n"] == 6
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        assert "disk full" in str(info.value)
+    assert only_file(tmp_path) == []
+
+
+def test_write_mp4_failure_keeps_existing_file(tmp_path, monkeypatch):
+    out = tmp_path / "out.mp4"
+    out.write_bytes(b"old")
+
+    def failing_mux(out_, packets):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(media, "_mux", failing_mux)
+    with pytest.raises(OutputError, match="disk full"):
+        write_mp4(out, ramp_frames(4), overwrite=True)
+    assert out.read_bytes() == b"old" and only_file(tmp_path) == ["out.mp4"]
+
+
+def test_write_mp4_real_write_error_in_ffmpeg(tmp_path):
+    """A real failing write() inside FFmpeg (file size limit -> EFBIG) is cleaned up too."""
+    if sys.platform != "linux":
+        pytest.skip("uses RLIMIT_FSIZE")
+    script = textwrap.dedent(f"""
+        import resource, signal, sys
+        import numpy as np
+        sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+        from runtime.media import write_mp4
+        from runtime.errors import OutputError
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        frames = np.random.default_rng(0).integers(0, 256, (32, 128, 128, 3), dtype=np.uint8)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20000, resource.RLIM_INFINITY))
+        try:
+            write_mp4({str(tmp_path / "out.mp4")!r}, frames)
+        except OutputError as e:
+            print("OutputError:", e)
+    """)
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert "OutputError: disk full or file too large" in res.stdout, res.stdout + res.stderr
+    assert only_file(tmp_path) == []
+
+
+def test_probe_errors(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        probe_mp4(tmp_path / "x.mp4")
+    (tmp_path / "x.mp4").write_bytes(b"not a movie" * 50)
+    with pytest.raises(InputError, match="not a readable media file"):
+        probe_mp4(tmp_path / "x.mp4")
+
+
+# ------------------------------------------------------------------------------------------
+# fuzz: any bytes either decode or raise InputError, nothing else
+
+
+FUZZ = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def _mutate(seed_bytes: bytes, data) -> bytes:
+    buf = bytearray(seed_bytes)
+    for _ in range(data.draw(st.integers(1, 20))):
+        i = data.draw(st.integers(0, len(buf) - 1))
+        buf[i] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(1, len(buf)))
+    return bytes(buf[:cut])
+
+
+_PNG_SEED = png_bytes(Image.fromarray(np.random.default_rng(0).integers(0, 256, (24, 24, 3), dtype=np.uint8)))
+_JPEG_SEED = gray_jpeg(32, 32)
+_WAV_SEED = wav_bytes(tone(0.2, 16000, 2), 16000)
+
+
+@FUZZ
+@given(st.binary(max_size=4096))
+def test_fuzz_random_bytes(blob):
+    for fn in (load_image, load_audio):
+        try:
+            fn(blob)
+        except InputError:
+            pass
+
+
+@FUZZ
+@given(st.data())
+def test_fuzz_mutated_files(data):
+    for seed, fn in ((_PNG_SEED, load_image), (_JPEG_SEED, load_image), (_WAV_SEED, load_audio)):
+        blob = _mutate(seed, data)
+        try:
+            out = fn(blob)
+        except InputError:
+            continue
+        if fn is load_image:
+            assert out.mode == "RGB"
+        else:
+            assert out.samples.dtype == np.float32 and np.isfinite(out.samples).all()
