@@ -147,6 +147,7 @@ def _to_rgb(im: Image.Image, name: str) -> Image.Image:
         if im.mode == "La":  # premultiplied alpha has no direct path to RGB in Pillow
             im = im.convert("LA")
         if im.mode == "RGB":
+            # fromarray() images share the caller's numpy buffer (readonly); detach them.
             return im.copy() if im.readonly else im
         return im.convert("RGB")
     except MemoryError:
@@ -375,7 +376,7 @@ def read_pose_frames(path: PathLike, num_frames: int, fps: int = VIDEO_FPS) -> n
 
 
 def write_mp4(path: PathLike, frames: np.ndarray, fps: int = VIDEO_FPS,
-              audio: AudioClip | None = None, overwrite: bool = False, crf: int = 10) -> Path:
+              audio: AudioClip | PathLike | bytes | None = None, overwrite: bool = False, crf: int = 10) -> Path:
     """Write H.264 (libx264, yuv420p, crf 10) + AAC 192 kb/s to ``path``, atomically.
 
     Equivalent to the official imageio encode (quality 8 = crf 10) followed by the ffmpeg mux
@@ -395,6 +396,8 @@ def write_mp4(path: PathLike, frames: np.ndarray, fps: int = VIDEO_FPS,
     n_video = frames.shape[0]
     pcm = rate_a = None
     if audio is not None:
+        if not isinstance(audio, AudioClip):
+            audio = load_audio(audio)  # a path or bytes works too
         pcm, rate_a = _mux_audio(audio)
         n_video = min(n_video, int(Fraction(pcm.shape[1]) * rate_v / rate_a))
         if n_video == 0:

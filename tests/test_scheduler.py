@@ -66,7 +66,7 @@ def ref_unipc(sigmas: list[float], x: torch.Tensor, v_fn) -> list[torch.Tensor]:
                 rho = torch.linalg.solve(R, b)
                 x = base - a * B * (rho[0] * D1 + rho[1] * (m - ms[-1]))
         ms.append(m)
-        order = min(2, n - i, prev_order + 1)
+        order = min(2, n - i, i + 1)  # spec: min(2, N - i, steps taken so far + 1)
         last = x
         h = _lam(sig[i + 1]) - _lam(sig[i])
         phi = torch.expm1(-h)

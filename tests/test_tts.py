@@ -79,8 +79,12 @@ def test_espeak_ignores_prompt_with_a_note(tmp_path, caplog):
 
 @needs_espeak
 def test_espeak_chinese_text_uses_mandarin():
-    wav, rate = EspeakTTS().synthesize("收到好友从远方寄来的生日礼物。")
+    text = "收到好友从远方寄来的生日礼物。"
+    wav, rate = EspeakTTS().synthesize(text)
     assert len(wav) / rate > 0.5 and speech_fraction(wav, rate) > 0.3
+    assert np.array_equal(wav, EspeakTTS(voice="cmn").synthesize(text)[0])
+    english = EspeakTTS(voice="en-us").synthesize(text)[0]
+    assert english.shape != wav.shape or not np.array_equal(english, wav)
 
 
 @needs_espeak

@@ -78,8 +78,7 @@ class Wav2Vec2Features:
             # does not touch the hidden states.
             is_ctc = "Wav2Vec2ForCTC" in (config.architectures or [])
             model_cls = Wav2Vec2ForCTC if is_ctc else Wav2Vec2Model
-            model, info = model_cls.from_pretrained(str(folder), local_files_only=True, dtype=dtype,
-                                                    output_loading_info=True)
+            model, info = model_cls.from_pretrained(str(folder), local_files_only=True, output_loading_info=True)
         except Exception as err:
             first = (str(err).strip().splitlines() or [""])[0]
             raise CheckpointError(f"{folder}: cannot load wav2vec2 ({type(err).__name__}: {first})") from err
@@ -94,7 +93,7 @@ class Wav2Vec2Features:
         base = model.wav2vec2 if is_ctc else model
         if base.config.add_adapter:  # would make last_hidden_state differ from the encoder output
             raise CheckpointError(f"{folder}: wav2vec2 configs with add_adapter=true are not supported")
-        base = base.to(device).eval().requires_grad_(False)
+        base = base.to(device=device, dtype=dtype).eval().requires_grad_(False)
         return cls(base, extractor, device, dtype)
 
     @classmethod
