@@ -1,0 +1,202 @@
+"""``python -m runtime.generate``: the official ``generate.py --task s2v-14B`` command line, faster.
+
+Flag names and defaults follow the official script; ``--ckpt_dir tiny`` (the default) runs a built-in toy
+model with inputs the project makes itself, so the whole pipeline can be tried anywhere.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import random
+import signal
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+EXIT_SIGINT, EXIT_SIGTERM = 130, 143
+
+
+def str2bool(v: str) -> bool:
+    if isinstance(v, bool):
+        return v
+    if v.lower() in ("yes", "true", "t", "y", "1"):
+        return True
+    if v.lower() in ("no", "false", "f", "n", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {v!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m runtime.generate",
+                                description="Wan2.2-S2V-14B speech-to-video (official flags) on this engine.")
+    p.add_argument("--task", default="s2v-14B", help="only s2v-14B is supported")
+    p.add_argument("--size", default=None, help="area as H*W, e.g. 1024*704 (default 1280*720; 64*64 for the tiny model)")
+    p.add_argument("--frame_num", type=int, default=None, help="ignored by s2v (use --infer_frames), kept for compatibility")
+    p.add_argument("--ckpt_dir", default="tiny", help="the Wan2.2-S2V-14B folder, or 'tiny' for the built-in toy model")
+    p.add_argument("--offload_model", type=str2bool, default=None,
+                   help="keep UMT5/wav2vec2 on the CPU between uses to save GPU memory (default false: everything resident)")
+    p.add_argument("--ulysses_size", type=int, default=1, help="sequence parallelism (only 1 is supported)")
+    p.add_argument("--t5_fsdp", action="store_true", default=False, help="not supported (single GPU)")
+    p.add_argument("--dit_fsdp", action="store_true", default=False, help="not supported (single GPU)")
+    p.add_argument("--t5_cpu", action="store_true", default=False, help="run UMT5 on the CPU")
+    p.add_argument("--convert_model_dtype", action="store_true", default=False,
+                   help="accepted for compatibility: the DiT is always held in its compute dtype")
+    p.add_argument("--save_file", default=None, help="output .mp4 (default: official naming in the current folder)")
+    p.add_argument("--prompt", default=None, help="text prompt (default: the official S2V example prompt)")
+    p.add_argument("--use_prompt_extend", action="store_true", default=False, help="not supported (needs online models)")
+    p.add_argument("--base_seed", type=int, default=-1, help="seed; -1 picks one at random and prints it")
+    p.add_argument("--image", default=None, help="reference image (default for --ckpt_dir tiny: a generated face)")
+    p.add_argument("--sample_solver", default="unipc", choices=["unipc", "dpm++"])
+    p.add_argument("--sample_steps", type=int, default=None, help="denoising steps (default 40)")
+    p.add_argument("--sample_shift", type=float, default=None, help="flow shift (default 3.0)")
+    p.add_argument("--sample_guide_scale", type=float, default=None, help="CFG scale (default 4.5)")
+    p.add_argument("--num_clip", type=int, default=None, help="number of clips (default: follow the audio length)")
+    p.add_argument("--audio", default=None, help="driving audio: wav/mp3/m4a/flac/ogg or a video with an audio track")
+    p.add_argument("--enable_tts", action="store_true", default=False, help="synthesize the audio from --tts_text")
+    p.add_argument("--tts_prompt_audio", default=None, help="voice prompt for CosyVoice")
+    p.add_argument("--tts_prompt_text", default=None, help="transcript of --tts_prompt_audio (CosyVoice zero-shot)")
+    p.add_argument("--tts_text", default=None, help="text to speak with --enable_tts")
+    p.add_argument("--pose_video", default=None, help="DW-pose video driving the body")
+    p.add_argument("--start_from_ref", action="store_true", default=False, help="start the video from the reference image")
+    p.add_argument("--infer_frames", type=int, default=80, help="frames per clip, a multiple of 4 (48 or 80)")
+    # this project
+    p.add_argument("--backend", default="torch", help="DiT backend: torch, torch-graph, onnxruntime, tensorrt")
+    p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
+    p.add_argument("--overwrite", action="store_true", default=False, help="replace --save_file if it exists")
+    p.add_argument("--debug", action="store_true", default=False, help="show tracebacks")
+    return p
+
+
+EXAMPLE_PROMPT = ("Summer beach vacation style, a white cat wearing sunglasses sits on a surfboard. The fluffy-furred "
+                  "feline gazes directly at the camera with a relaxed expression. Blurred beach scenery forms the "
+                  "background featuring crystal-clear waters, distant green hills, and a blue sky dotted with white "
+                  "clouds. The cat assumes a naturally relaxed posture, as if savoring the sea breeze and warm sunlight. "
+                  "A close-up shot highlights the feline's intricate details and the refreshing atmosphere of the seaside.")
+
+
+def validate(args) -> None:
+    from runtime.errors import InputError
+    from runtime.preprocess import parse_size
+
+    if args.task != "s2v-14B":
+        raise InputError(f"--task {args.task}: this engine runs only s2v-14B")
+    if args.ulysses_size != 1 or args.t5_fsdp or args.dit_fsdp:
+        raise InputError("--ulysses_size/--t5_fsdp/--dit_fsdp: multi-GPU is not supported; run on one GPU")
+    if args.use_prompt_extend:
+        raise InputError("--use_prompt_extend needs online prompt-extension models; write the prompt out instead")
+    if args.infer_frames <= 0 or args.infer_frames % 4:
+        raise InputError(f"--infer_frames {args.infer_frames}: must be a positive multiple of 4 (e.g. 48 or 80)")
+    if args.num_clip is not None and args.num_clip <= 0:
+        raise InputError(f"--num_clip {args.num_clip}: must be a positive integer (or omit it to follow the audio)")
+    if args.sample_steps is not None and args.sample_steps <= 0:
+        raise InputError(f"--sample_steps {args.sample_steps}: must be a positive integer")
+    if args.size is not None:
+        parse_size(args.size)
+    if args.enable_tts and not args.tts_text:
+        raise InputError("--enable_tts needs --tts_text (the words to speak)")
+    if args.ckpt_dir != "tiny" and (args.image is None or (args.audio is None and not args.enable_tts)):
+        raise InputError("--image and --audio are required with a real checkpoint (or use --enable_tts with --tts_text)")
+
+
+def default_save_file(args, size: str) -> Path:
+    prompt = (args.prompt or "").replace(" ", "_").replace("/", "_")[:50]
+    stamp = datetime.now().strftime("%Y%m%d_%H%M%S")
+    return Path(f"{args.task}_{size}_{args.ulysses_size}_{prompt}_{stamp}.mp4")
+
+
+def run(args) -> Path:
+    import torch
+
+    from runtime.pipeline import S2VPipeline, TINY, TINY_SIZE, DEFAULT_SIZE
+
+    tiny = args.ckpt_dir == TINY
+    size = args.size or (TINY_SIZE if tiny else DEFAULT_SIZE)
+    if args.prompt is None:
+        args.prompt = EXAMPLE_PROMPT
+    seed = args.base_seed if args.base_seed >= 0 else random.randint(0, 2**31 - 1)
+    save = Path(args.save_file) if args.save_file else default_save_file(args, size)
+    if save.exists() and not args.overwrite:  # refuse before spending minutes on generation
+        from runtime.errors import OutputError
+
+        raise OutputError(f"{save}: already exists; pass --overwrite to replace it or choose another --save_file")
+
+    image, audio = args.image, args.audio
+    tmp_audio = None
+    if tiny and image is None:
+        from runtime.demo import demo_image
+
+        image = demo_image()
+    if args.enable_tts:
+        from runtime.tts import select_tts, synthesize_to_file
+
+        backend = select_tts(cosyvoice_dir=Path("CosyVoice2-0.5B"))
+        tmp_audio = save.with_name(save.stem + ".tts.wav")
+        audio = synthesize_to_file(backend, args.tts_text, tmp_audio, prompt_audio=args.tts_prompt_audio,
+                                   prompt_text=args.tts_prompt_text)
+        logging.info("TTS audio written to %s", tmp_audio)
+    elif tiny and audio is None:
+        from runtime.demo import demo_speech
+
+        audio = demo_speech()
+
+    t0 = time.perf_counter()
+    pipe = S2VPipeline.from_pretrained(args.ckpt_dir, device=args.device, backend=args.backend, t5_cpu=args.t5_cpu,
+                                       offload_model=bool(args.offload_model))
+    logging.info("loaded %s on %s in %.1fs (backend %s)", args.ckpt_dir, pipe.device, time.perf_counter() - t0, args.backend)
+    logging.info("seed %d", seed)
+    t0 = time.perf_counter()
+    try:
+        result = pipe.generate(image, audio, prompt=args.prompt, seed=seed, infer_frames=args.infer_frames,
+                               sample_steps=args.sample_steps or 40, num_clip=args.num_clip, pose_video=args.pose_video,
+                               size=size, sample_shift=args.sample_shift if args.sample_shift is not None else 3.0,
+                               guide_scale=args.sample_guide_scale if args.sample_guide_scale is not None else 4.5,
+                               sample_solver=args.sample_solver, start_from_ref=args.start_from_ref)
+    except torch.cuda.OutOfMemoryError:
+        from runtime.errors import S2VError
+
+        raise S2VError(f"GPU out of memory at --size {size}, --infer_frames {args.infer_frames}; try a smaller --size "
+                       "(e.g. 832*480), --infer_frames 48, --offload_model true or --t5_cpu") from None
+    out = result.save(save, overwrite=args.overwrite)
+    logging.info("generated %d frames (%dx%d, %d clips) in %.1fs → %s", result.frames.shape[0], result.frames.shape[2],
+                 result.frames.shape[1], result.info["clips"], time.perf_counter() - t0, out)
+    return out
+
+
+class _Terminated(BaseException):
+    pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(levelname)s: %(message)s", stream=sys.stderr)
+    if not args.debug:
+        logging.getLogger("transformers").setLevel(logging.ERROR)
+
+    def on_term(signum, frame):
+        raise _Terminated()
+
+    signal.signal(signal.SIGTERM, on_term)
+    from runtime.errors import S2VError
+
+    try:
+        validate(args)
+        out = run(args)
+        print(out)
+        return 0
+    except S2VError as err:
+        if args.debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("interrupted: no output written", file=sys.stderr)
+        return EXIT_SIGINT
+    except _Terminated:
+        print("terminated: no output written", file=sys.stderr)
+        return EXIT_SIGTERM
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,216 @@
+"""``S2VPipeline``: the embeddable entry point. Load once, call ``generate`` many times.
+
+    from runtime import S2VPipeline
+    pipe = S2VPipeline.from_pretrained("Wan2.2-S2V-14B")        # or "tiny"
+    result = pipe.generate("face.jpg", "speech.wav", prompt="a person talking", seed=0)
+    result.save("out.mp4")
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from runtime.errors import CheckpointError, InputError
+
+log = logging.getLogger(__name__)
+
+FPS = 16
+TINY = "tiny"
+DEFAULT_SIZE = "1280*720"   # the official --size default (only its area is used)
+TINY_SIZE = "64*64"
+
+
+@dataclass
+class S2VResult:
+    """Frames exactly as they go into the MP4 (already trimmed to the audio, like ffmpeg ``-shortest``)."""
+
+    frames: np.ndarray            # uint8 [T, H, W, 3]
+    fps: int
+    audio: Any                    # runtime.media.AudioClip (waveform at 16 kHz + the original for muxing)
+    seed: int
+    info: dict = field(default_factory=dict)
+
+    @property
+    def duration_s(self) -> float:
+        return self.frames.shape[0] / self.fps
+
+    def save(self, path: str | Path, overwrite: bool = False) -> Path:
+        from runtime.media import write_mp4
+
+        return write_mp4(path, self.frames, fps=self.fps, audio=self.audio, overwrite=overwrite)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def video_to_uint8(video: torch.Tensor) -> np.ndarray:
+    """[3, T, H, W] in [−1, 1] → uint8 [T, H, W, 3]; truncation, as the official writer (255 only at 1.0)."""
+    x = ((video.clamp(-1, 1) + 1) / 2 * 255).to(torch.uint8)
+    return x.permute(1, 2, 3, 0).contiguous().numpy()
+
+
+class S2VPipeline:
+    def __init__(self, dit, vae, text_encoder, audio_encoder, device: torch.device, backend: str = "torch",
+                 t5_cpu: bool = False, offload_model: bool = False, name: str = ""):
+        from runtime.backends import make_backend
+        from runtime.sampler import S2VSampler
+
+        self.dit, self.vae, self.text_encoder, self.audio_encoder = dit, vae, text_encoder, audio_encoder
+        self.device = device
+        self.t5_cpu, self.offload_model = t5_cpu, offload_model
+        self.name = name
+        self.backend = make_backend(backend, dit)
+        self.sampler = S2VSampler(self.backend, vae, device)
+        self._lock = threading.Lock()
+
+    # ----------------------------------------------------------------- loading
+    @classmethod
+    def from_pretrained(cls, path: str | Path = TINY, device: str | torch.device | None = None,
+                        dtype: torch.dtype | None = None, backend: str = "torch", t5_cpu: bool = False,
+                        offload_model: bool = False) -> "S2VPipeline":
+        """Load the official ``Wan2.2-S2V-14B/`` folder unchanged, or ``"tiny"`` (built-in random toy model).
+
+        dtype: DiT parameter dtype (default bf16 on CUDA, float32 on CPU). The VAE runs in float32, wav2vec2
+        in float32, UMT5 in bf16 (float32 on CPU), as the official pipeline.
+        """
+        device = torch.device(device) if device is not None else default_device()
+        if dtype is None:
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        if str(path) == TINY:
+            from runtime import tiny
+
+            t5_dev = "cpu" if (t5_cpu or offload_model) else device
+            return cls(tiny.tiny_dit(dtype, device), tiny.tiny_vae(device), tiny.tiny_text_encoder(t5_dev),
+                       tiny.tiny_audio_encoder(device), device, backend, t5_cpu, offload_model, name=TINY)
+        return cls._from_folder(Path(path), device, dtype, backend, t5_cpu, offload_model)
+
+    @classmethod
+    def _from_folder(cls, folder: Path, device, dtype, backend, t5_cpu, offload_model) -> "S2VPipeline":
+        from runtime import checkpoint as ck
+        from runtime.models.audio import Wav2Vec2Features
+        from runtime.models.dit import load_dit
+        from runtime.models.text import TextEncoder
+        from runtime.models.vae import load_vae
+
+        if not folder.is_dir():
+            raise CheckpointError(f"{folder}: checkpoint folder not found; pass --ckpt_dir pointing at Wan2.2-S2V-14B "
+                                  "(or 'tiny' for the built-in test model)")
+        for rel in (ck.DIT_CONFIG, ck.VAE_FILE, ck.T5_FILE, ck.T5_TOKENIZER, ck.WAV2VEC_DIR):
+            if not (folder / rel).exists():
+                raise CheckpointError(f"{folder / rel}: missing from the checkpoint folder; download the complete "
+                                      "Wan2.2-S2V-14B folder")
+        t5_dtype = torch.bfloat16 if device.type == "cuda" and not t5_cpu else torch.float32
+        t5_dev = "cpu" if (t5_cpu or offload_model) else device
+        text = TextEncoder.from_checkpoint(folder, device=t5_dev, dtype=t5_dtype if t5_dev != "cpu" else torch.bfloat16)
+        audio = Wav2Vec2Features.from_checkpoint(folder, device="cpu" if offload_model else device)
+        vae = load_vae(folder / ck.VAE_FILE, device=device)
+        dit = load_dit(folder, dtype=dtype, device=device)
+        return cls(dit, vae, text, audio, device, backend, t5_cpu, offload_model, name=str(folder))
+
+    # ----------------------------------------------------------------- encoders
+    def encode_prompts(self, prompt: str, negative_prompt: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+        from runtime.models.text import resolve_negative_prompt
+
+        enc = self.text_encoder
+        moved = self.offload_model and not self.t5_cpu and self.device.type == "cuda"
+        if moved:
+            enc.model.to(self.device)
+        try:
+            # one call per prompt, as official (batching could change the last bf16 bit)
+            context = enc.encode([prompt])[0]
+            context_null = enc.encode([resolve_negative_prompt(negative_prompt)])[0]
+        finally:
+            if moved:
+                enc.model.to("cpu")
+        return context.to(self.device), context_null.to(self.device)
+
+    def encode_audio(self, clip, infer_frames: int) -> tuple[torch.Tensor, int]:
+        """AudioClip → ([1, layers, C, clips·infer_frames] features, official clip count)."""
+        from runtime.models.audio import bucket_audio, interpolate_50_to_30
+
+        feats = self.audio_encoder(clip.samples)                       # [layers, T50, C]
+        buckets, clips = bucket_audio(interpolate_50_to_30(feats.float()), fps=FPS, batch_frames=infer_frames)
+        return buckets.permute(1, 2, 0).unsqueeze(0), clips            # [1, layers, C, frames]
+
+    # ----------------------------------------------------------------- generate
+    def generate(self, image, audio, prompt: str = "", seed: int = 0, infer_frames: int = 80, sample_steps: int = 40,
+                 num_clip: int | None = None, pose_video: str | Path | None = None, size: str | None = None,
+                 sample_shift: float = 3.0, guide_scale: float = 4.5, sample_solver: str = "unipc",
+                 negative_prompt: str = "", start_from_ref: bool = False,
+                 progress: bool | Callable[[int, int, int, int], None] | None = None) -> S2VResult:
+        """Reference image + audio (+ prompt, pose video) → S2VResult. Thread-safe: calls are serialized.
+
+        image: path, bytes, numpy array or PIL image; audio: path, bytes, AudioClip or (array, rate).
+        num_clip None = as many clips as the audio needs (official rule); clips whose frames would all be cut
+        by the audio length are not rendered. progress: None/True = tqdm bars, False = silent, or a callable
+        ``(clip, clips, step, steps)``.
+        """
+        from runtime.media import load_audio, load_image, read_pose_frames
+        from runtime.preprocess import parse_size, prepare_pose_frames, prepare_reference, target_size
+        from runtime.sampler import SampleOptions
+
+        opts = SampleOptions(infer_frames=infer_frames, sample_steps=sample_steps, sample_shift=sample_shift,
+                             guide_scale=guide_scale, solver=sample_solver, seed=seed, start_from_ref=start_from_ref)
+        if num_clip is not None and num_clip <= 0:
+            raise InputError(f"num_clip={num_clip}: must be a positive integer (or omit it to follow the audio length)")
+        area = parse_size(size or (TINY_SIZE if self.name == TINY else DEFAULT_SIZE))
+        img = load_image(image)
+        clip = load_audio(audio[0], src_rate=audio[1]) if isinstance(audio, tuple) else load_audio(audio)
+
+        with self._lock, torch.no_grad():
+            height, width = target_size(img.height, img.width, area)
+            ref = prepare_reference(img, height, width)
+            audio_emb, official_clips = self.encode_audio(clip, infer_frames)
+            clips = official_clips if num_clip is None else min(num_clip, official_clips)
+            keep = int(np.floor(clip.native_duration_s * FPS + 1e-9))   # frames that survive the mux
+            drop = 0 if start_from_ref else 3
+            while clips > 1 and (clips - 1) * infer_frames - drop >= keep:
+                clips -= 1                                              # fully cut by -shortest: skip the work
+            context, context_null = self.encode_prompts(prompt, negative_prompt)
+            pose = None
+            if pose_video is not None:
+                frames = read_pose_frames(pose_video, infer_frames * clips, fps=FPS)
+                pose = prepare_pose_frames(frames, height, width)[None]
+                pad = infer_frames * clips - pose.shape[2]
+                pose = torch.cat([pose, -torch.ones(1, 3, pad, height, width)], dim=2)
+            with _progress(progress, clips, sample_steps) as cb:
+                video = self.sampler.sample(ref, context, context_null, audio_emb, clips, opts, pose_pixels=pose, progress=cb)
+        frames = video_to_uint8(video)[:max(keep, 1)]
+        info = {"size": (height, width), "clips": clips, "official_clips": official_clips, "steps": sample_steps,
+                "backend": self.backend.name, "dtype": str(self.dit.dtype)}
+        return S2VResult(frames, FPS, clip, seed, info)
+
+
+class _progress:
+    """tqdm bars per clip (default), nothing (False), or a user callback."""
+
+    def __init__(self, progress, clips: int, steps: int):
+        self.progress, self.clips, self.steps, self.bar = progress, clips, steps, None
+
+    def __enter__(self):
+        if callable(self.progress):
+            return self.progress
+        if self.progress is False:
+            return None
+        from tqdm.auto import tqdm
+
+        def cb(clip, clips, step, steps):
+            if self.bar is None or step == 1:
+                if self.bar is not None:
+                    self.bar.close()
+                self.bar = tqdm(total=steps, desc=f"clip {clip + 1}/{clips}", unit="step", leave=True)
+            self.bar.update(1)
+
+        return cb
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.close()
+        return False
