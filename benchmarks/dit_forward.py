@@ -103,7 +103,7 @@ def main(argv=None) -> int:
             compile_blocks(model)
         for kind in ("later", "first"):
             c = conds[kind]
-            seq = c.rope_cos.shape[0]
+            seq = c.num_tokens
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             try:
@@ -123,7 +123,7 @@ def main(argv=None) -> int:
 
     sdpa = []
     if args.sdpa and device.type == "cuda":
-        seq = conds["later"].rope_cos.shape[0]
+        seq = conds["later"].num_tokens
         del model, conds
         torch.cuda.empty_cache()
         sdpa = sdpa_rows(cfg, seq, device, repeat=3)

@@ -104,7 +104,8 @@ def test_first_clip_has_no_motion_tokens_and_pose_none_is_bias(tiny_model):
     later = tiny_model.prepare(a["context"], a["ref_latents"], a["motion_latents"], None, a["audio_input"], 4)
     per_frame = (8 // 2) * (8 // 2)
     assert first.extra.shape[1] == per_frame and later.extra.shape[1] == per_frame + 16 + 4 + 1 * 4  # ref | post | 2x | 4x
-    assert first.rope_cos.shape[0] == 4 * per_frame + first.extra.shape[1]
+    assert first.num_tokens == 4 * per_frame + first.extra.shape[1]
+    assert later.rope_extra.shape[0] == later.extra.shape[1] and later.rope_t.shape[0] == 4
     zeros = tiny_model.prepare(a["context"], a["ref_latents"], None, torch.zeros_like(a["cond_states"]), a["audio_input"], 4)
     torch.testing.assert_close(zeros.pose, first.pose, atol=0, rtol=0)
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from runtime.config import DiTConfig
 from runtime.models.attention import attention
-from runtime.models.rope import rope_tables, s2v_token_groups
+from runtime.models.rope import expand_rope, rope_inputs, s2v_token_groups
 
 # Parameters kept in float32 whatever the model dtype: the official code computes these modules under
 # an fp32 autocast (or adds them to fp32 tensors), so holding them in fp32 is exact and avoids per-step casts.
@@ -72,17 +72,23 @@ def apply_rope(x: torch.Tensor, heads: int, cos: torch.Tensor, sin: torch.Tensor
     return out.view(b, s, hd).to(x.dtype)
 
 
-def modulate(xn: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, split: int) -> torch.Tensor:
+def modulate(xn: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, split: int, inplace: bool = True) -> torch.Tensor:
     """xn·(1+scale)+shift with segment 0 for tokens [0, split) and segment 1 after. shift/scale: [B, 2, D].
 
-    Updates ``xn`` (a fresh float32 norm output) in place: two memory passes instead of three plus a cat."""
+    ``inplace`` updates ``xn`` (a fresh float32 norm output) in place: two memory passes instead of three plus
+    a cat in eager mode. Export uses the functional form (slice updates would become ScatterND nodes)."""
+    if not inplace:
+        return torch.cat([xn[:, :split] * (1 + scale[:, 0:1]) + shift[:, 0:1],
+                          xn[:, split:] * (1 + scale[:, 1:2]) + shift[:, 1:2]], dim=1)
     xn[:, :split].mul_(1 + scale[:, 0:1]).add_(shift[:, 0:1])
     xn[:, split:].mul_(1 + scale[:, 1:2]).add_(shift[:, 1:2])
     return xn
 
 
-def add_gated(x: torch.Tensor, y: torch.Tensor, g: torch.Tensor, split: int) -> torch.Tensor:
-    """x + y·gate per segment in float32 (the official fp32 autocast region), accumulated into ``x`` in place."""
+def add_gated(x: torch.Tensor, y: torch.Tensor, g: torch.Tensor, split: int, inplace: bool = True) -> torch.Tensor:
+    """x + y·gate per segment in float32 (the official fp32 autocast region); in place on ``x`` unless exporting."""
+    if not inplace:
+        return x + torch.cat([y[:, :split] * g[:, 0:1], y[:, split:] * g[:, 1:2]], dim=1)
     x[:, :split].addcmul_(y[:, :split], g[:, 0:1])
     x[:, split:].addcmul_(y[:, split:], g[:, 1:2])
     return x
@@ -137,11 +143,12 @@ class Block(nn.Module):
                 cos: torch.Tensor, sin: torch.Tensor, impl: str) -> torch.Tensor:
         # e: [B, 6, 2, D] fp32 (six modulation vectors for the two segments)
         m = self.modulation.float().unsqueeze(2) + e
-        y = self.self_attn(modulate(layer_norm(x, self.eps), m[:, 0], m[:, 1], split), cos, sin, impl)
-        x = add_gated(x, y, m[:, 2], split)
+        ip = impl != "onnx"  # in-place segment updates in eager/compiled PyTorch, functional for export
+        y = self.self_attn(modulate(layer_norm(x, self.eps), m[:, 0], m[:, 1], split, ip), cos, sin, impl)
+        x = add_gated(x, y, m[:, 2], split, ip)
         x = x + self.cross_attn(layer_norm(x, self.eps, self.norm3.weight, self.norm3.bias), context, impl)
-        y = self.ffn(_in(modulate(layer_norm(x, self.eps), m[:, 3], m[:, 4], split), self.ffn[0]))
-        return add_gated(x, y, m[:, 5], split)
+        y = self.ffn(_in(modulate(layer_norm(x, self.eps), m[:, 3], m[:, 4], split, ip), self.ffn[0]))
+        return add_gated(x, y, m[:, 5], split, ip)
 
 
 class CausalConv1d(nn.Module):
@@ -222,8 +229,9 @@ class AdaLayerNormLinear(nn.Module):
         self.linear = nn.Linear(dim, 2 * dim)
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.linear(_in(F.silu(temb), self.linear)).unsqueeze(1).chunk(2, dim=-1)
-        return layer_norm(x, 1e-5) * (1 + scale) + shift
+        ada = self.linear(_in(F.silu(temb), self.linear)).unsqueeze(1)
+        d = ada.shape[-1] // 2
+        return layer_norm(x, 1e-5) * (1 + ada[..., d:]) + ada[..., :d]  # (shift, scale) = halves, shift first
 
 
 class FramePacker(nn.Module):
@@ -260,22 +268,29 @@ class Head(nn.Module):
         self.modulation = nn.Parameter(torch.zeros(1, 2, cfg.dim))
 
     def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        shift, scale = (self.modulation.float() + e.unsqueeze(1)).chunk(2, dim=1)
-        return F.linear(layer_norm(x, self.eps) * (1 + scale) + shift, self.head.weight.float(), self.head.bias.float())
+        m = self.modulation.float() + e.unsqueeze(1)  # [B, 2, D]: shift, scale
+        return F.linear(layer_norm(x, self.eps) * (1 + m[:, 1:2]) + m[:, 0:1], self.head.weight.float(), self.head.bias.float())
 
 
 # --------------------------------------------------------------------------------------------- inputs
 @dataclass
 class ClipConditions:
-    """Per-clip, per-CFG-branch tensors that stay fixed over all denoising steps of a clip."""
+    """Per-clip, per-CFG-branch tensors that stay fixed over all denoising steps of a clip.
+
+    Every shape is a function of (batch, latent frames F, patch grid gh × gw, extra tokens E), so a graph
+    exported with those as dynamic axes accepts any clip shape."""
 
     context: torch.Tensor       # [B, text_len, D]   text_embedding of the zero-padded prompt embedding
     audio_tokens: torch.Tensor  # [B, F, tokens+1, D] local audio tokens per latent frame
     audio_global: torch.Tensor  # [B, F, D]          global audio vector per latent frame (fp32)
-    pose: torch.Tensor          # [B, L, D]          cond_encoder(pose) + cond-type embedding 0
-    extra: torch.Tensor         # [B, S-L, D]        reference (+ motion) tokens incl. their cond-type embedding
-    rope_cos: torch.Tensor      # [S, head_dim/2]    fp32
-    rope_sin: torch.Tensor      # [S, head_dim/2]    fp32
+    pose: torch.Tensor          # [B, F, gh, gw, D]  cond_encoder(pose) + cond-type embedding 0
+    extra: torch.Tensor         # [B, E, D]          reference (+ motion) tokens incl. their cond-type embedding
+    rope_t: torch.Tensor        # [F, n_t, 2]        fp32 (cos, sin) per temporal position
+    rope_h: torch.Tensor        # [gh, n_h, 2]
+    rope_w: torch.Tensor        # [gw, n_w, 2]
+    rope_extra: torch.Tensor    # [E, head_dim/2, 2] fp32 (cos, sin) of the extra tokens
+
+    BATCHED = ("context", "audio_tokens", "audio_global", "pose", "extra")
 
     def as_tuple(self) -> tuple[torch.Tensor, ...]:
         return tuple(getattr(self, f.name) for f in fields(self))
@@ -288,8 +303,13 @@ class ClipConditions:
     def cat(items: list["ClipConditions"]) -> "ClipConditions":
         """Stack CFG branches along the batch (the RoPE tables are shared)."""
         first = items[0]
-        return ClipConditions(*(torch.cat([getattr(c, n) for c in items]) for n in ClipConditions.names()[:5]),
-                              first.rope_cos, first.rope_sin)
+        return ClipConditions(**{n: (torch.cat([getattr(c, n) for c in items]) if n in ClipConditions.BATCHED
+                                     else getattr(first, n)) for n in ClipConditions.names()})
+
+    @property
+    def num_tokens(self) -> int:
+        _, f, gh, gw, _ = self.pose.shape
+        return f * gh * gw + self.extra.shape[1]
 
 
 def timestep_frequencies(t: torch.Tensor | float | list[float], dim: int) -> torch.Tensor:
@@ -356,11 +376,11 @@ class WanS2VDiT(nn.Module):
             raise ValueError(f"audio_input gives {loc.shape[1]} latent frames, expected {frames}: pass 4·frames audio frames")
 
         ph, pw = cfg.patch_size[1], cfg.patch_size[2]
-        n_tok = frames * (lat_h // ph) * (lat_w // pw)
+        grid = (frames, lat_h // ph, lat_w // pw)
         if cond_states is None:
-            pose = self.cond_encoder.bias.to(dt).view(1, 1, -1).expand(b, n_tok, -1)
+            pose = self.cond_encoder.bias.to(dt).view(1, 1, 1, 1, -1).expand(b, *grid, -1)
         else:
-            pose = self.cond_encoder(_in(cond_states, self.cond_encoder)).flatten(2).transpose(1, 2)
+            pose = self.cond_encoder(_in(cond_states, self.cond_encoder)).permute(0, 2, 3, 4, 1)
         mask = self.trainable_cond_mask.weight.to(dt)
         pose = pose + mask[0]
 
@@ -368,13 +388,13 @@ class WanS2VDiT(nn.Module):
         if motion_latents is not None:
             extra.append(self.frame_packer(motion_latents) + mask[2])
         groups = s2v_token_groups(cfg, frames, lat_h, lat_w, motion=motion_latents is not None)
-        cos, sin = rope_tables(cfg, groups, device=ref_latents.device)
-        return ClipConditions(ctx, loc.to(dt), glob, pose, torch.cat(extra, dim=1), cos, sin)
+        rope = rope_inputs(cfg, groups, device=ref_latents.device)
+        return ClipConditions(ctx, loc.to(dt), glob, pose, torch.cat(extra, dim=1), *rope)
 
     # ----------------------------------------------------------------- per step
     def step(self, x: torch.Tensor, t_freq: torch.Tensor, context: torch.Tensor, audio_tokens: torch.Tensor,
-             audio_global: torch.Tensor, pose: torch.Tensor, extra: torch.Tensor, rope_cos: torch.Tensor,
-             rope_sin: torch.Tensor) -> torch.Tensor:
+             audio_global: torch.Tensor, pose: torch.Tensor, extra: torch.Tensor, rope_t: torch.Tensor,
+             rope_h: torch.Tensor, rope_w: torch.Tensor, rope_extra: torch.Tensor) -> torch.Tensor:
         """One DiT evaluation. x: [B, C, F, h, w] noisy latent; t_freq: [B, freq_dim] from
         ``timestep_frequencies``; the rest from ``prepare``. Returns the velocity [B, C_out, F, h, w] in fp32."""
         cfg = self.cfg
@@ -383,7 +403,7 @@ class WanS2VDiT(nn.Module):
         gh, gw = lat_h // cfg.patch_size[1], lat_w // cfg.patch_size[2]
         split = f * gh * gw
 
-        tokens = self.patch_embedding(_in(x, self.patch_embedding)).flatten(2).transpose(1, 2) + pose
+        tokens = self.patch_embedding(_in(x, self.patch_embedding)).flatten(2).transpose(1, 2) + pose.flatten(1, 3)
         h = torch.cat([tokens, extra], dim=1).float()  # the residual stream: fp32, owned here (blocks update it in place)
 
         # timestep t for the noisy tokens, timestep 0 for reference/motion tokens (zero_timestep)
@@ -393,6 +413,7 @@ class WanS2VDiT(nn.Module):
         e0 = F.linear(F.silu(e), *self._fp32(self.time_projection[1])).unflatten(1, (6, cfg.dim))
         e_blocks = torch.stack([e0[:b], e0[b:]], dim=2)                           # [B, 6, 2, D]
 
+        rope_cos, rope_sin = expand_rope(rope_t, rope_h, rope_w, rope_extra)
         inject = cfg.inject_map
         for i, block in enumerate(self.blocks):
             h = block(h, e_blocks, split, context, rope_cos, rope_sin, impl)

@@ -85,3 +85,38 @@ def rope_tables(cfg: DiTConfig, groups: list[TokenGroup], dtype: torch.dtype = t
     angles = torch.cat([pos[:, i:i + 1] * f[None, :] for i, f in enumerate(axis_frequencies(cfg.head_dim, cfg.rope_theta))],
                        dim=1)
     return angles.cos().to(device=device, dtype=dtype), angles.sin().to(device=device, dtype=dtype)
+
+
+def _table(positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """[N] positions × [n] frequencies → [N, n, 2] (cos, sin), angles in float64."""
+    angles = positions.to(torch.float64)[:, None] * inv_freq[None, :]
+    return torch.stack([angles.cos(), angles.sin()], dim=-1)
+
+
+def rope_inputs(cfg: DiTConfig, groups: list[TokenGroup], dtype: torch.dtype = torch.float32,
+                device: torch.device | str | None = None) -> tuple[torch.Tensor, ...]:
+    """The RoPE inputs of ``WanS2VDiT.step``: (rope_t [F, n_t, 2], rope_h [gh, n_h, 2], rope_w [gw, n_w, 2],
+    rope_extra [E, head_dim/2, 2]).
+
+    The noisy grid is separable (t, h, w positions are 0..F-1, 0..gh-1, 0..gw-1), so it travels as three small
+    per-axis tables that the step expands; this keeps every input shape a function of the latent shape and the
+    number of extra tokens, which is what dynamic ONNX axes need.
+    """
+    noisy, extra = groups[0], groups[1:]
+    assert noisy.start == (0, 0, 0) and noisy.extent == noisy.grid, "noisy tokens must start at the origin"
+    freqs = axis_frequencies(cfg.head_dim, cfg.rope_theta)
+    axes = [_table(torch.arange(n), f) for n, f in zip(noisy.grid, freqs)]
+    cos, sin = rope_tables(cfg, extra, dtype=torch.float64)
+    rope_extra = torch.stack([cos, sin], dim=-1)
+    return tuple(t.to(device=device, dtype=dtype) for t in (*axes, rope_extra))
+
+
+def expand_rope(rope_t: torch.Tensor, rope_h: torch.Tensor, rope_w: torch.Tensor,
+                rope_extra: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-axis tables + extra-token table → cos, sin [S, head_dim/2] in token order."""
+    f, gh, gw = rope_t.shape[0], rope_h.shape[0], rope_w.shape[0]
+    noisy = torch.cat([rope_t[:, None, None].expand(f, gh, gw, -1, 2),
+                       rope_h[None, :, None].expand(f, gh, gw, -1, 2),
+                       rope_w[None, None, :].expand(f, gh, gw, -1, 2)], dim=3)
+    table = torch.cat([noisy.reshape(f * gh * gw, -1, 2), rope_extra], dim=0)
+    return table[..., 0], table[..., 1]
