@@ -1,0 +1,271 @@
+"""``python -m export.build --precision fp16``: ONNX export, validation, TensorRT engines with manifests.
+
+    python -m export.build --precision fp16 --ckpt_dir Wan2.2-S2V-14B --out engines
+    python -m export.build --precision fp16 --ckpt_dir tiny --out /tmp/e --onnx-only
+
+Steps: (1) load the DiT and audit the BF16 → FP16 conversion, (2) export the DiT step to one FP16 graph with
+dynamic axes, and the VAE encoder/decoder (first-chunk and step graphs) to FP32 graphs, (3) check every
+graph against TensorRT's ONNX op list and run it in ONNX Runtime against PyTorch, (4) unless --onnx-only,
+build TensorRT engines into ``OUT/<component>/<key>/`` with a manifest. Without TensorRT, it stops after
+step 3 with one line saying how to install it (exit code 3).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger("export.build")
+EXIT_NO_TRT = 3
+
+
+def _rebuild_cmd(args) -> str:
+    return f"python -m export.build --precision {args.precision} --ckpt_dir {args.ckpt_dir} --out {args.out}"
+
+
+def load_dit(ckpt: str, device: torch.device):
+    from runtime.models.dit import load_dit as _load
+    from runtime.tiny import tiny_dit
+
+    if ckpt == "tiny":
+        return tiny_dit(torch.float32, device)
+    return _load(ckpt, dtype=torch.bfloat16, device=device)
+
+
+def load_vae(ckpt: str, device: torch.device):
+    from runtime.checkpoint import VAE_FILE
+    from runtime.models.vae import load_vae as _load
+    from runtime.tiny import tiny_vae
+
+    return tiny_vae(device) if ckpt == "tiny" else _load(Path(ckpt) / VAE_FILE, device=device)
+
+
+def mean_rel(out: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.abs(out.astype(np.float64) - ref).mean() / max(np.abs(ref).mean(), 1e-30))
+
+
+def ort_providers(device: torch.device) -> list[str]:
+    import onnxruntime as ort
+
+    have = ort.get_available_providers()
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.type == "cuda" and "CUDAExecutionProvider" in have \
+        else ["CPUExecutionProvider"]
+
+
+def _half_inputs(names, tensors, model):
+    from export.onnx_dit import INPUT_NAMES  # noqa: F401  (documents the order)
+
+    fp16 = {"context", "audio_tokens", "pose", "extra"}  # per-clip activations in the model's compute dtype
+    return tuple(t.half() if n in fp16 else t.float() for n, t in zip(names, tensors))
+
+
+def export_and_check_dit(args, device, report: dict) -> Path:
+    from export.onnx_dit import INPUT_NAMES, example_inputs, export_dit, fp16_audit, to_fp16
+    from export.trt_ops import check_graph
+    import onnx
+
+    model = load_dit(args.ckpt_dir, device)
+    cfg = model.cfg
+    frames, lat_h, lat_w = args.check_shape
+    ex = example_inputs(model, frames, lat_h, lat_w, motion=True, batch=2)
+    audit = fp16_audit(model, *ex[:2], __import__("runtime.models.dit", fromlist=["ClipConditions"]).ClipConditions(*ex[2:]))
+    log.info("FP16 audit: %s", audit.summary())
+    report["fp16_audit"] = audit.to_dict()
+
+    # FP32 reference on the validation shape, before the model is converted
+    ref = None
+    if not args.no_validate:
+        ref_model = model if model.dtype == torch.float32 else None
+        if ref_model is None:  # bf16 checkpoint: an FP32 copy of the same weights is the reference
+            from runtime.models.dit import WanS2VDiT
+            with torch.device("meta"):
+                ref_model = WanS2VDiT(cfg)
+            ref_model.load_state_dict({k: v.float() for k, v in model.state_dict().items()}, assign=True)
+        ref_ex = tuple(t.float() for t in ex)
+        ref = ref_model.step(*ref_ex).float().cpu().numpy()
+        if ref_model is not model:
+            del ref_model
+            torch.cuda.empty_cache() if device.type == "cuda" else None
+
+    to_fp16(model, audit.keep_fp32)
+    onnx_path = Path(args.out) / "onnx" / "dit" / "model.onnx"
+    stats = export_dit(model, onnx_path, _half_inputs(INPUT_NAMES, ex, model))
+    log.info("DiT ONNX: %s", stats)
+    report["dit_export"] = stats
+    graph = onnx.load(str(onnx_path), load_external_data=False)
+    ops = check_graph(graph)
+    report["dit_ops"] = ops.describe()
+    if not ops.ok:
+        raise SystemExit(f"error: {onnx_path}: {ops.describe()}")
+    if ref is not None:
+        import onnxruntime as ort
+
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        t0 = time.perf_counter()
+        sess = ort.InferenceSession(str(onnx_path), providers=ort_providers(device))
+        feeds = {n: t.cpu().numpy() for n, t in zip(INPUT_NAMES, _half_inputs(INPUT_NAMES, ex, None))}
+        out = sess.run(None, feeds)[0]
+        rel = mean_rel(out, ref)
+        report["dit_ort"] = {"mean_rel": rel, "provider": sess.get_providers()[0], "shape": list(out.shape),
+                             "session_plus_run_s": round(time.perf_counter() - t0, 1)}
+        log.info("DiT ONNX Runtime (%s) vs PyTorch fp32: mean rel %.2e", sess.get_providers()[0], rel)
+        if not rel <= 1e-2:
+            raise SystemExit(f"error: DiT FP16 ONNX differs from PyTorch fp32 (mean rel {rel:.3g} > 1e-2)")
+    return onnx_path
+
+
+def export_and_check_vae(args, device, report: dict) -> list[Path]:
+    import onnx
+    import onnxruntime as ort
+
+    from export.onnx_vae import GRAPHS, _Graph, example, export_vae_graph
+    from export.trt_ops import check_graph
+
+    vae = load_vae(args.ckpt_dir, device)
+    paths = []
+    h, w = args.vae_check_size
+    for kind in GRAPHS:
+        path = Path(args.out) / "onnx" / "vae" / f"{kind}.onnx"
+        stats = export_vae_graph(vae, kind, path, h, w)
+        ops = check_graph(onnx.load(str(path), load_external_data=False))
+        if not ops.ok:
+            raise SystemExit(f"error: {path}: {ops.describe()}")
+        if not args.no_validate:
+            xs = example(vae, kind, h, w, seed=1)
+            with torch.no_grad():
+                ref = [t.float().cpu().numpy() for t in _Graph(vae, kind)(*xs)]
+            sess = ort.InferenceSession(str(path), providers=ort_providers(device))
+            out = sess.run(None, {i.name: x.cpu().numpy() for i, x in zip(sess.get_inputs(), xs)})
+            rel = max(float(np.linalg.norm(o - r) / max(np.linalg.norm(r), 1e-30)) for o, r in zip(out, ref))
+            stats["ort_rel_l2"] = rel
+            if not rel <= 1e-4:
+                raise SystemExit(f"error: VAE {kind} ONNX differs from PyTorch (rel-L2 {rel:.3g} > 1e-4)")
+        log.info("VAE %s: %s", kind, stats)
+        report.setdefault("vae", []).append(stats)
+        paths.append(path)
+    return paths
+
+
+def build_engines(args, dit_onnx: Path | None, vae_onnx: list[Path], report: dict) -> None:
+    import torch
+
+    from export import trt as trtw
+    from export.manifest import checkpoint_identity, engine_key, onnx_sha256, write_manifest
+    from export.profiles import dit_profiles, vae_profile
+    from runtime.config import DiTConfig
+
+    trt = trtw.import_trt()
+    props = torch.cuda.get_device_properties(0)
+    common = {"tensorrt_version": trt.__version__, "gpu": props.name, "compute_capability": f"{props.major}.{props.minor}",
+              "checkpoint": checkpoint_identity(args.ckpt_dir)}
+    out = Path(args.out)
+    cache = out / "timing.cache"
+    if dit_onnx is not None:
+        cfg = DiTConfig.tiny() if args.ckpt_dir == "tiny" else DiTConfig.from_json(Path(args.ckpt_dir) / "config.json")
+        profiles = dit_profiles(cfg)
+        fields = {**common, "component": "dit", "precision": args.precision, "onnx_sha256": onnx_sha256(dit_onnx),
+                  "profiles": [p.to_dict() for p in profiles],
+                  "flags": {"opt_level": args.opt_level, "strip_plan": args.strip_plan, "strongly_typed": True}}
+        folder = out / "dit" / engine_key(fields)
+        folder.mkdir(parents=True, exist_ok=True)
+        stats = trtw.build_engine(dit_onnx, folder / "engine.plan", [p.shapes(cfg) for p in profiles],
+                                  opt_level=args.opt_level, timing_cache=cache, strip_plan=args.strip_plan)
+        write_manifest(folder, {**fields, **stats, "onnx_path": str(dit_onnx)})
+        report["dit_engine"] = {"folder": str(folder), **stats}
+    vp = vae_profile()
+    for path in vae_onnx:
+        kind = path.stem
+        fields = {**common, "component": f"vae_{kind}", "precision": "fp32", "onnx_sha256": onnx_sha256(path),
+                  "profiles": [{k: v.__dict__ for k, v in vp.items()}], "flags": {"tf32": args.vae_tf32, "opt_level": args.opt_level}}
+        folder = out / f"vae_{kind}" / engine_key(fields)
+        folder.mkdir(parents=True, exist_ok=True)
+        stats = trtw.build_engine(path, folder / "engine.plan", [vae_shapes(args, kind, vp)], opt_level=args.opt_level,
+                                  timing_cache=cache, tf32=args.vae_tf32)
+        write_manifest(folder, {**fields, **stats, "onnx_path": str(path)})
+        report.setdefault("vae_engines", []).append({"folder": str(folder), **stats})
+
+
+def vae_shapes(args, kind: str, vp) -> dict:
+    """min/opt/max of every VAE graph input: spatial sizes scale linearly with the pixel size."""
+    from export.onnx_vae import example, io_names
+    from runtime.tiny import tiny_vae
+
+    vae = load_vae(args.ckpt_dir, torch.device("cpu")) if args.ckpt_dir != "tiny" else tiny_vae()
+    base = example(vae, kind, 64, 64)
+    names, _ = io_names(vae, kind, len(base))
+    shapes = {}
+    for name, t in zip(names, base):
+        sh, sw = 64 // t.shape[-2], 64 // t.shape[-1]
+        dims = lambda H, W: (*t.shape[:-2], H // sh, W // sw)  # noqa: E731
+        h, w = vp["height"], vp["width"]
+        shapes[name] = (dims(h.min, w.min), dims(h.opt, w.opt), dims(h.max, w.max))
+    return shapes
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m export.build", description=__doc__.splitlines()[0])
+    ap.add_argument("--precision", default="fp16", choices=["fp16"], help="DiT engine precision (the VAE is always fp32)")
+    ap.add_argument("--ckpt_dir", default="tiny", help="Wan2.2-S2V-14B folder, or 'tiny'")
+    ap.add_argument("--out", default="engines", help="output folder (ONNX under OUT/onnx, engines under OUT/<component>/<key>)")
+    ap.add_argument("--onnx-only", action="store_true", help="stop after the ONNX export and checks")
+    ap.add_argument("--components", default="dit,vae", help="comma list of dit,vae")
+    ap.add_argument("--opt-level", type=int, default=3, help="TensorRT builder optimization level 0-5")
+    ap.add_argument("--strip-plan", action="store_true", help="weightless plan, refitted from the ONNX at load")
+    ap.add_argument("--vae-tf32", action="store_true", help="allow TF32 in the FP32 VAE engines (default: off, exact FP32)")
+    ap.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime parity runs")
+    ap.add_argument("--check-shape", type=int, nargs=3, default=None, metavar=("FRAMES", "LAT_H", "LAT_W"),
+                    help="DiT validation shape in latent units (default: 3 8 12 for tiny, 12 56 104 = 448x832/48 frames)")
+    ap.add_argument("--vae-check-size", type=int, nargs=2, default=(64, 96), metavar=("H", "W"))
+    ap.add_argument("--device", default=None)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="[%(asctime)s] %(message)s", stream=sys.stderr)
+    log.setLevel(logging.INFO)
+    if args.check_shape is None:
+        args.check_shape = (3, 8, 12) if args.ckpt_dir == "tiny" else (12, 56, 104)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.set_grad_enabled(False)
+    comps = {c.strip() for c in args.components.split(",") if c.strip()}
+    report: dict = {"command": "python -m export.build " + " ".join(sys.argv[1:] if argv is None else argv)}
+    from runtime.errors import S2VError
+
+    try:
+        t0 = time.perf_counter()
+        dit_onnx = export_and_check_dit(args, device, report) if "dit" in comps else None
+        vae_onnx = export_and_check_vae(args, device, report) if "vae" in comps else []
+        report["onnx_total_s"] = round(time.perf_counter() - t0, 1)
+        if device.type == "cuda":
+            report["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "export_report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+        if args.onnx_only:
+            print(f"ONNX written to {out / 'onnx'} (report: {out / 'export_report.json'})")
+            return 0
+        from export import trt as trtw
+
+        ok, why = trtw.available()
+        if not ok:
+            print(f"ONNX written to {out / 'onnx'}; engines not built: {why}", file=sys.stderr)
+            return EXIT_NO_TRT
+        build_engines(args, dit_onnx, vae_onnx, report)
+        (out / "export_report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+        print(f"engines written under {out}")
+        return 0
+    except S2VError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("interrupted: partial files removed", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
