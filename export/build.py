@@ -29,20 +29,29 @@ def _rebuild_cmd(args) -> str:
     return f"python -m export.build --precision {args.precision} --ckpt_dir {args.ckpt_dir} --out {args.out}"
 
 
+RANDOM_14B = "random-14b"  # the real architecture with random weights (speed/size work without the checkpoint)
+
+
 def load_dit(ckpt: str, device: torch.device):
-    from runtime.models.dit import load_dit as _load
+    from runtime.config import DiTConfig
+    from runtime.models.dit import build_dit, load_dit as _load
     from runtime.tiny import tiny_dit
 
     if ckpt == "tiny":
         return tiny_dit(torch.float32, device)
+    if ckpt == RANDOM_14B:
+        return build_dit(DiTConfig.s2v_14b(), dtype=torch.bfloat16, device=device)
     return _load(ckpt, dtype=torch.bfloat16, device=device)
 
 
 def load_vae(ckpt: str, device: torch.device):
     from runtime.checkpoint import VAE_FILE
-    from runtime.models.vae import load_vae as _load
+    from runtime.models.vae import VAEConfig, WanVAE, load_vae as _load
     from runtime.tiny import tiny_vae
 
+    if ckpt == RANDOM_14B:
+        with torch.device(device):
+            return WanVAE(VAEConfig.wan21()).eval().requires_grad_(False)
     return tiny_vae(device) if ckpt == "tiny" else _load(Path(ckpt) / VAE_FILE, device=device)
 
 
@@ -80,7 +89,7 @@ def export_and_check_dit(args, device, report: dict) -> Path:
 
     # FP32 reference on the validation shape, before the model is converted
     ref = None
-    if not args.no_validate:
+    if not args.no_validate or args.save_check:
         ref_model = model if model.dtype == torch.float32 else None
         if ref_model is None:  # bf16 checkpoint: an FP32 copy of the same weights is the reference
             from runtime.models.dit import WanS2VDiT
@@ -89,6 +98,10 @@ def export_and_check_dit(args, device, report: dict) -> Path:
             ref_model.load_state_dict({k: v.float() for k, v in model.state_dict().items()}, assign=True)
         ref_ex = tuple(t.float() for t in ex)
         ref = ref_model.step(*ref_ex).float().cpu().numpy()
+        if args.save_check:  # validate later (e.g. in another process with onnxruntime-gpu)
+            Path(args.save_check).parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"inputs": [t.cpu() for t in _half_inputs(INPUT_NAMES, ex, None)], "ref": torch.from_numpy(ref),
+                        "names": list(INPUT_NAMES)}, args.save_check)
         if ref_model is not model:
             del ref_model
             torch.cuda.empty_cache() if device.type == "cuda" else None
@@ -103,7 +116,7 @@ def export_and_check_dit(args, device, report: dict) -> Path:
     report["dit_ops"] = ops.describe()
     if not ops.ok:
         raise SystemExit(f"error: {onnx_path}: {ops.describe()}")
-    if ref is not None:
+    if ref is not None and not args.save_check:
         import onnxruntime as ort
 
         del model
@@ -169,7 +182,8 @@ def build_engines(args, dit_onnx: Path | None, vae_onnx: list[Path], report: dic
     out = Path(args.out)
     cache = out / "timing.cache"
     if dit_onnx is not None:
-        cfg = DiTConfig.tiny() if args.ckpt_dir == "tiny" else DiTConfig.from_json(Path(args.ckpt_dir) / "config.json")
+        cfg = (DiTConfig.tiny() if args.ckpt_dir == "tiny" else DiTConfig.s2v_14b() if args.ckpt_dir == RANDOM_14B
+               else DiTConfig.from_json(Path(args.ckpt_dir) / "config.json"))
         profiles = dit_profiles(cfg)
         fields = {**common, "component": "dit", "precision": args.precision, "onnx_sha256": onnx_sha256(dit_onnx),
                   "profiles": [p.to_dict() for p in profiles],
@@ -224,6 +238,8 @@ def main(argv=None) -> int:
     ap.add_argument("--check-shape", type=int, nargs=3, default=None, metavar=("FRAMES", "LAT_H", "LAT_W"),
                     help="DiT validation shape in latent units (default: 3 8 12 for tiny, 12 56 104 = 448x832/48 frames)")
     ap.add_argument("--vae-check-size", type=int, nargs=2, default=(64, 96), metavar=("H", "W"))
+    ap.add_argument("--save-check", default=None, help="save the DiT validation inputs and FP32 reference here "
+                    "(checked later by benchmarks.ort_fullsize) instead of running ONNX Runtime now")
     ap.add_argument("--device", default=None)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="[%(asctime)s] %(message)s", stream=sys.stderr)
@@ -241,6 +257,9 @@ def main(argv=None) -> int:
         dit_onnx = export_and_check_dit(args, device, report) if "dit" in comps else None
         vae_onnx = export_and_check_vae(args, device, report) if "vae" in comps else []
         report["onnx_total_s"] = round(time.perf_counter() - t0, 1)
+        import resource
+
+        report["peak_host_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
         if device.type == "cuda":
             report["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         out = Path(args.out)

@@ -46,6 +46,8 @@ def checkpoint_identity(ckpt: str | Path) -> str:
         from runtime.tiny import SEED
 
         return f"tiny-builtin-{SEED}"
+    if str(ckpt) == "random-14b":
+        return "random-14b-seed0"
     ckpt = Path(ckpt)
     h = hashlib.sha256()
     files = [ckpt] if ckpt.is_file() else sorted(p for p in ckpt.iterdir() if p.is_file() and

@@ -62,7 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--start_from_ref", action="store_true", default=False, help="start the video from the reference image")
     p.add_argument("--infer_frames", type=int, default=80, help="frames per clip, a multiple of 4 (48 or 80)")
     # this project
-    p.add_argument("--backend", default="torch", help="DiT backend: torch, torch-graph, onnxruntime, tensorrt")
+    p.add_argument("--backend", default="torch",
+                   help="DiT backend: torch, torch-compile, torch-graph (CUDA), onnxruntime, tensorrt")
+    p.add_argument("--engines_dir", default="engines", help="where export.build wrote ONNX graphs and engines")
     p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
     p.add_argument("--overwrite", action="store_true", default=False, help="replace --save_file if it exists")
     p.add_argument("--debug", action="store_true", default=False, help="show tracebacks")
@@ -143,7 +145,7 @@ def run(args) -> Path:
 
     t0 = time.perf_counter()
     pipe = S2VPipeline.from_pretrained(args.ckpt_dir, device=args.device, backend=args.backend, t5_cpu=args.t5_cpu,
-                                       offload_model=bool(args.offload_model))
+                                       offload_model=bool(args.offload_model), engines_dir=args.engines_dir)
     logging.info("loaded %s on %s in %.1fs (backend %s)", args.ckpt_dir, pipe.device, time.perf_counter() - t0, args.backend)
     logging.info("seed %d", seed)
     t0 = time.perf_counter()

@@ -58,7 +58,7 @@ def video_to_uint8(video: torch.Tensor) -> np.ndarray:
 
 class S2VPipeline:
     def __init__(self, dit, vae, text_encoder, audio_encoder, device: torch.device, backend: str = "torch",
-                 t5_cpu: bool = False, offload_model: bool = False, name: str = ""):
+                 t5_cpu: bool = False, offload_model: bool = False, name: str = "", engines_dir: str = "engines"):
         from runtime.backends import make_backend
         from runtime.sampler import S2VSampler
 
@@ -66,7 +66,7 @@ class S2VPipeline:
         self.device = device
         self.t5_cpu, self.offload_model = t5_cpu, offload_model
         self.name = name
-        self.backend = make_backend(backend, dit)
+        self.backend = make_backend(backend, dit, engines_dir=engines_dir, checkpoint=name or None)
         self.sampler = S2VSampler(self.backend, vae, device)
         self._lock = threading.Lock()
 
@@ -74,11 +74,12 @@ class S2VPipeline:
     @classmethod
     def from_pretrained(cls, path: str | Path = TINY, device: str | torch.device | None = None,
                         dtype: torch.dtype | None = None, backend: str = "torch", t5_cpu: bool = False,
-                        offload_model: bool = False) -> "S2VPipeline":
+                        offload_model: bool = False, engines_dir: str = "engines") -> "S2VPipeline":
         """Load the official ``Wan2.2-S2V-14B/`` folder unchanged, or ``"tiny"`` (built-in random toy model).
 
         dtype: DiT parameter dtype (default bf16 on CUDA, float32 on CPU). The VAE runs in float32, wav2vec2
-        in float32, UMT5 in bf16 (float32 on CPU), as the official pipeline.
+        in float32, UMT5 in bf16 (float32 on CPU), as the official pipeline. backend: torch, torch-compile,
+        torch-graph, onnxruntime or tensorrt (the last two read ``engines_dir`` written by ``export.build``).
         """
         device = torch.device(device) if device is not None else default_device()
         if dtype is None:
@@ -88,11 +89,12 @@ class S2VPipeline:
 
             t5_dev = "cpu" if (t5_cpu or offload_model) else device
             return cls(tiny.tiny_dit(dtype, device), tiny.tiny_vae(device), tiny.tiny_text_encoder(t5_dev),
-                       tiny.tiny_audio_encoder(device), device, backend, t5_cpu, offload_model, name=TINY)
-        return cls._from_folder(Path(path), device, dtype, backend, t5_cpu, offload_model)
+                       tiny.tiny_audio_encoder(device), device, backend, t5_cpu, offload_model, name=TINY,
+                       engines_dir=engines_dir)
+        return cls._from_folder(Path(path), device, dtype, backend, t5_cpu, offload_model, engines_dir)
 
     @classmethod
-    def _from_folder(cls, folder: Path, device, dtype, backend, t5_cpu, offload_model) -> "S2VPipeline":
+    def _from_folder(cls, folder: Path, device, dtype, backend, t5_cpu, offload_model, engines_dir) -> "S2VPipeline":
         from runtime import checkpoint as ck
         from runtime.models.audio import Wav2Vec2Features
         from runtime.models.dit import load_dit
@@ -112,7 +114,7 @@ class S2VPipeline:
         audio = Wav2Vec2Features.from_checkpoint(folder, device="cpu" if offload_model else device)
         vae = load_vae(folder / ck.VAE_FILE, device=device)
         dit = load_dit(folder, dtype=dtype, device=device)
-        return cls(dit, vae, text, audio, device, backend, t5_cpu, offload_model, name=str(folder))
+        return cls(dit, vae, text, audio, device, backend, t5_cpu, offload_model, name=str(folder), engines_dir=engines_dir)
 
     # ----------------------------------------------------------------- encoders
     def encode_prompts(self, prompt: str, negative_prompt: str = "") -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from runtime.errors import InputError
+from runtime.backends.torch_backend import TorchDiT  # noqa: F401  (re-exported for callers)
 from runtime.models.dit import ClipConditions, WanS2VDiT, timestep_frequencies
 from runtime.models.vae import WanVAE
 from runtime.scheduler import make_scheduler
@@ -53,18 +54,6 @@ class SampleOptions:
     def latent_frames(self) -> int:
         """Noisy latent frames per clip (20 for 80 pixel frames)."""
         return (self.infer_frames + 3 + self.motion_frames) // 4 - self.lat_motion_frames
-
-
-class TorchDiT:
-    """The eager PyTorch DiT backend: ``forward(x, t_freq, cond) -> velocity``."""
-
-    name = "torch"
-
-    def __init__(self, model: WanS2VDiT):
-        self.model = model
-
-    def forward(self, x: torch.Tensor, t_freq: torch.Tensor, cond: ClipConditions) -> torch.Tensor:
-        return self.model.step(x, t_freq, *cond.as_tuple())
 
 
 class S2VSampler:

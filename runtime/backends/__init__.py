@@ -1,18 +1,40 @@
 """DiT backends behind one interface: ``backend.forward(x, t_freq, cond) -> velocity`` (fp32).
 
 ``backend.model`` is the PyTorch ``WanS2VDiT``; per-clip conditioning (``model.prepare``) always runs in
-PyTorch, only the per-step transformer call is delegated.
+PyTorch (once per clip), only the per-step transformer call is delegated:
+
+- ``torch``: eager reference;
+- ``torch-compile``: blocks under ``torch.compile``;
+- ``torch-graph``: compiled blocks, the whole step captured as a CUDA graph per shape (CUDA only);
+- ``onnxruntime``: the exported FP16 graph in ONNX Runtime (CUDA EP with IO binding and CUDA graphs on a GPU);
+- ``tensorrt``: an engine built by ``python -m export.build`` (imported lazily).
 """
 from __future__ import annotations
 
 from runtime.errors import BackendUnavailable
 
-BACKENDS = ("torch",)
+BACKENDS = ("torch", "torch-compile", "torch-graph", "onnxruntime", "tensorrt")
 
 
-def make_backend(name: str, model):
+def make_backend(name: str, model, engines_dir: str = "engines", checkpoint: str | None = None):
     if name == "torch":
-        from runtime.sampler import TorchDiT
+        from runtime.backends.torch_backend import TorchDiT
 
         return TorchDiT(model)
+    if name == "torch-compile":
+        from runtime.backends.torch_backend import CompiledDiT
+
+        return CompiledDiT(model)
+    if name == "torch-graph":
+        from runtime.backends.torch_backend import GraphDiT
+
+        return GraphDiT(model)
+    if name == "onnxruntime":
+        from runtime.backends.ort_backend import OrtDiT
+
+        return OrtDiT.from_engines(model, engines_dir, checkpoint)
+    if name == "tensorrt":
+        from runtime.backends.trt_backend import TrtDiT
+
+        return TrtDiT.from_engines(model, engines_dir, checkpoint)
     raise BackendUnavailable(f"unknown backend {name!r}; choose one of: {', '.join(BACKENDS)}")

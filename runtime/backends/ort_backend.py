@@ -1,0 +1,90 @@
+"""ONNX Runtime DiT backend: the exported FP16 graph, CUDA EP with IO binding and CUDA graphs on a GPU."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from runtime.errors import BackendUnavailable
+from runtime.models.dit import ClipConditions, WanS2VDiT
+
+_ORT_TO_TORCH = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(bfloat16)": torch.bfloat16,
+                 "tensor(int64)": torch.int64}
+_TORCH_TO_NP = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
+
+
+def onnx_path_in(engines_dir: str | Path) -> Path:
+    return Path(engines_dir) / "onnx" / "dit" / "model.onnx"
+
+
+class OrtDiT:
+    name = "onnxruntime"
+
+    def __init__(self, model: WanS2VDiT, onnx_path: str | Path, cuda_graph: bool = True, optimize: bool = True):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise BackendUnavailable("backend onnxruntime needs the onnxruntime package (onnxruntime-gpu on a GPU); "
+                                     "pip install onnxruntime-gpu") from None
+        self.model = model
+        self.device = model.patch_embedding.weight.device
+        opts = ort.SessionOptions()
+        if not optimize:
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        if self.device.type == "cuda":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise BackendUnavailable("backend onnxruntime on a GPU needs onnxruntime-gpu with the CUDA execution "
+                                         "provider; pip install onnxruntime-gpu")
+            idx = self.device.index or 0
+            providers = [("CUDAExecutionProvider", {"device_id": str(idx), "enable_cuda_graph": "1" if cuda_graph else "0"}),
+                         "CPUExecutionProvider"]
+        else:
+            providers = ["CPUExecutionProvider"]
+        self.cuda_graph = cuda_graph and self.device.type == "cuda"
+        self.session = ort.InferenceSession(str(onnx_path), sess_options=opts, providers=providers)
+        self.inputs = [(i.name, _ORT_TO_TORCH[i.type]) for i in self.session.get_inputs()]
+        self.output = self.session.get_outputs()[0].name
+        self._bindings: dict[tuple, tuple] = {}
+        self._ort = ort
+
+    @classmethod
+    def from_engines(cls, model: WanS2VDiT, engines_dir: str | Path, checkpoint: str | None = None) -> "OrtDiT":
+        path = onnx_path_in(engines_dir)
+        if not path.is_file():
+            raise BackendUnavailable(f"no exported DiT at {path}; export it with: python -m export.build --precision fp16 "
+                                     f"--ckpt_dir {checkpoint or 'CKPT'} --out {engines_dir} --onnx-only")
+        return cls(model, path)
+
+    def _feeds(self, x, t_freq, cond) -> list[torch.Tensor]:
+        tensors = (x, t_freq, *cond.as_tuple())
+        return [t.to(dtype) for (_, dtype), t in zip(self.inputs, tensors)]
+
+    def forward(self, x: torch.Tensor, t_freq: torch.Tensor, cond: ClipConditions) -> torch.Tensor:
+        feeds = self._feeds(x, t_freq, cond)
+        if self.device.type != "cuda":
+            out = self.session.run([self.output], {n: f.contiguous().numpy() for (n, _), f in zip(self.inputs, feeds)})[0]
+            return torch.from_numpy(out)
+        key = tuple(tuple(f.shape) for f in feeds)
+        if key not in self._bindings:
+            self._bindings[key] = self._bind(feeds, len(self._bindings) + 1)
+        io, bufs, out, run_opts = self._bindings[key]
+        for b, f in zip(bufs, feeds):  # the captured graph reads these addresses
+            b.copy_(f)
+        self.session.run_with_iobinding(io, run_opts)
+        return out.clone()
+
+    def _bind(self, feeds, graph_id: int):
+        bufs = [f.clone().contiguous() for f in feeds]
+        b, c, f, h, w = feeds[0].shape
+        out = torch.empty((b, self.model.cfg.out_dim, f, h, w), dtype=torch.float32, device=self.device)
+        io = self.session.io_binding()
+        idx = self.device.index or 0
+        for (name, dtype), t in zip(self.inputs, bufs):
+            io.bind_input(name, "cuda", idx, _TORCH_TO_NP[dtype], tuple(t.shape), t.data_ptr())
+        io.bind_output(self.output, "cuda", idx, np.float32, tuple(out.shape), out.data_ptr())
+        run_opts = self._ort.RunOptions()
+        if self.cuda_graph:
+            run_opts.add_run_config_entry("gpu_graph_id", str(graph_id))
+        torch.cuda.synchronize(self.device)  # ORT runs on its own stream: inputs must be ready
+        return io, bufs, out, run_opts

@@ -1,0 +1,95 @@
+"""PyTorch DiT backends: eager, compiled blocks, and compiled blocks replayed as a CUDA graph."""
+from __future__ import annotations
+
+import torch
+
+from runtime.errors import BackendUnavailable
+from runtime.models.dit import ClipConditions, WanS2VDiT
+
+
+class TorchDiT:
+    """Eager reference: ``forward(x, t_freq, cond) -> velocity`` (fp32)."""
+
+    name = "torch"
+
+    def __init__(self, model: WanS2VDiT):
+        self.model = model
+
+    def forward(self, x: torch.Tensor, t_freq: torch.Tensor, cond: ClipConditions) -> torch.Tensor:
+        return self.model.step(x, t_freq, *cond.as_tuple())
+
+
+def compile_blocks(model: WanS2VDiT) -> None:
+    """``torch.compile`` each transformer block (fusing norm/modulation/RoPE/gating elementwise work).
+
+    With nn-module inlining the parameters are graph inputs, so all blocks share one compiled graph per
+    shape. Measured on an H200 at 704×1024: 9.21 s → 8.09 s per later-clip forward."""
+    cfg = torch._dynamo.config
+    for knob in ("recompile_limit", "cache_size_limit"):  # renamed across torch versions
+        if hasattr(cfg, knob):
+            setattr(cfg, knob, max(getattr(cfg, knob), 64))
+    for block in model.blocks:
+        if not hasattr(block.forward, "_torchdynamo_orig_callable"):
+            block.forward = torch.compile(block.forward, dynamic=False, fullgraph=True)
+
+
+class CompiledDiT(TorchDiT):
+    name = "torch-compile"
+
+    def __init__(self, model: WanS2VDiT):
+        super().__init__(model)
+        compile_blocks(model)
+
+
+class _Captured:
+    """Static buffers and one CUDA graph for one (x shape, condition shapes) key."""
+
+    def __init__(self, model: WanS2VDiT, x: torch.Tensor, t_freq: torch.Tensor, cond: ClipConditions, warmup: int):
+        self.x, self.t = x.clone(), t_freq.clone()
+        self.cond = ClipConditions(*(c.clone() for c in cond.as_tuple()))
+        self.bound: ClipConditions | None = None  # held, not an id(): a freed object's id can be reused
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up (and compilation) outside the capture
+            for _ in range(warmup):
+                model.step(self.x, self.t, *self.cond.as_tuple())
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = model.step(self.x, self.t, *self.cond.as_tuple())
+
+    def load_cond(self, cond: ClipConditions) -> None:
+        if self.bound is not cond:  # new clip or CFG branch set: refresh the per-clip inputs (once per clip)
+            for dst, src in zip(self.cond.as_tuple(), cond.as_tuple()):
+                dst.copy_(src)
+            self.bound = cond
+
+
+class GraphDiT(TorchDiT):
+    """The step captured as a CUDA graph per (resolution, clip kind, batch), reused across clips and requests.
+
+    Per call it copies x and t_freq into the captured buffers (a few MB) and replays; per clip it copies the
+    clip conditions once. Blocks are compiled first (``compile=True``) so the graph replays fused kernels."""
+
+    name = "torch-graph"
+
+    def __init__(self, model: WanS2VDiT, compile: bool = True, warmup: int = 2):
+        if not torch.cuda.is_available() or model.patch_embedding.weight.device.type != "cuda":
+            raise BackendUnavailable("backend torch-graph needs the model on a CUDA device; use --backend torch on the CPU")
+        super().__init__(model)
+        if compile:
+            compile_blocks(model)
+        self.warmup = warmup
+        self.graphs: dict[tuple, _Captured] = {}
+
+    def forward(self, x: torch.Tensor, t_freq: torch.Tensor, cond: ClipConditions) -> torch.Tensor:
+        key = (tuple(x.shape), x.dtype) + tuple((tuple(t.shape), t.dtype) for t in cond.as_tuple())
+        cap = self.graphs.get(key)
+        if cap is None:
+            cap = self.graphs[key] = _Captured(self.model, x, t_freq, cond, self.warmup)
+            cap.bound = cond
+        cap.load_cond(cond)
+        cap.x.copy_(x)
+        cap.t.copy_(t_freq)
+        cap.graph.replay()
+        return cap.out.clone()  # the captured output is overwritten by the next replay
