@@ -25,6 +25,7 @@ def main(argv=None) -> int:
     ap.add_argument("--engines_dir", default="engines")
     ap.add_argument("--check", default=None)
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--no-cuda-graph", action="store_true")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
     torch.set_grad_enabled(False)
@@ -36,7 +37,7 @@ def main(argv=None) -> int:
 
     t0 = time.perf_counter()
     model = build_dit(DiTConfig.s2v_14b(), dtype=torch.bfloat16, device=device)  # for prepare() only
-    backend = OrtDiT(model, onnx_path_in(args.engines_dir))
+    backend = OrtDiT(model, onnx_path_in(args.engines_dir), cuda_graph=not args.no_cuda_graph)
     session_s = time.perf_counter() - t0
     print(f"session ready in {session_s:.0f}s: {backend.session.get_providers()}", flush=True)
     result = {"session_s": round(session_s, 1), "providers": backend.session.get_providers()}

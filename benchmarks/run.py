@@ -88,8 +88,19 @@ def clip_conditions(model, scn: Scenario, device, dtype):
     return r(1, 16, f, h, w), c, u, ClipConditions.cat([c, u])
 
 
-def stage_rows(scn: Scenario, device, repeat: int) -> list[dict]:
+def stage_rows(scn: Scenario, device, repeat: int, stages: set[str]) -> list[dict]:
     """Encoders and VAE (independent of the DiT backend), random weights at the real sizes."""
+    rows = []
+    if "vae" in stages:
+        rows += vae_rows(scn, device, repeat)
+    if "encoders" in stages:
+        rows += encoder_rows(scn, device, repeat)
+    for r in rows:
+        print(r, flush=True)
+    return rows
+
+
+def vae_rows(scn: Scenario, device, repeat: int) -> list[dict]:
     rows = []
     from runtime.models.vae import VAEConfig, WanVAE
 
@@ -105,7 +116,11 @@ def stage_rows(scn: Scenario, device, repeat: int) -> list[dict]:
         ts = time_fn(fn, device, warmup=1 if scn.model == "tiny" else 0, repeat=max(1, repeat - 1))
         rows.append({"variant": "common", "stage": stage, "seconds": median(ts),
                      "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None})
-    del vae
+    return rows
+
+
+def encoder_rows(scn: Scenario, device, repeat: int) -> list[dict]:
+    rows = []
     if scn.model == "tiny":
         from runtime.tiny import tiny_audio_encoder, tiny_text_encoder
 
@@ -201,7 +216,7 @@ def main(argv=None) -> int:
             for stage, fn in calls.items():
                 for v, b in backends.items():
                     times.setdefault((v, stage), []).extend(time_fn(lambda: fn(b), device, warmup=0, repeat=1))
-    common = stage_rows(scn, device, args.repeat) if stages & {"vae", "encoders"} else []
+    common = stage_rows(scn, device, args.repeat, stages) if stages & {"vae", "encoders"} else []
     common = [r for r in common if (r["stage"].startswith("vae") and "vae" in stages) or
               (not r["stage"].startswith("vae") and "encoders" in stages)]
     vae_s = sum(r["seconds"] for r in common if r["stage"].startswith("vae"))
@@ -211,6 +226,8 @@ def main(argv=None) -> int:
     for v in variants:
         if v in errors:
             rows.append({"device": device_slug(device), "variant": v, "scenario": scn.name, "error": errors[v]})
+            continue
+        if "dit" not in stages:
             continue
         fwd, step = median(times[(v, "dit_forward")]), median(times[(v, "dit_step")])
         row = {"device": device_slug(device), "variant": v, "scenario": scn.name, "dit_forward_s": fwd, "step_s": step,
