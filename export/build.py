@@ -252,6 +252,15 @@ def main(argv=None) -> int:
     report: dict = {"command": "python -m export.build " + " ".join(sys.argv[1:] if argv is None else argv)}
     from runtime.errors import S2VError
 
+    class Terminated(BaseException):
+        pass
+
+    def on_term(signum, frame):
+        raise Terminated()
+
+    import signal
+
+    signal.signal(signal.SIGTERM, on_term)  # unwind through the cleanup of partial ONNX/engine files
     try:
         t0 = time.perf_counter()
         dit_onnx = export_and_check_dit(args, device, report) if "dit" in comps else None
@@ -284,6 +293,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted: partial files removed", file=sys.stderr)
         return 130
+    except Terminated:
+        print("terminated: partial files removed", file=sys.stderr)
+        return 143
 
 
 if __name__ == "__main__":

@@ -109,9 +109,7 @@ def default_save_file(args, size: str) -> Path:
 
 
 def run(args) -> Path:
-    import torch
-
-    from runtime.pipeline import S2VPipeline, TINY, TINY_SIZE, DEFAULT_SIZE
+    from runtime.pipeline import DEFAULT_SIZE, TINY, TINY_SIZE
 
     tiny = args.ckpt_dir == TINY
     size = args.size or (TINY_SIZE if tiny else DEFAULT_SIZE)
@@ -142,6 +140,18 @@ def run(args) -> Path:
         from runtime.demo import demo_speech
 
         audio = demo_speech()
+
+    try:
+        return _generate(args, image, audio, seed, size, save)
+    finally:
+        if tmp_audio is not None:
+            Path(tmp_audio).unlink(missing_ok=True)  # an intermediate: the MP4 carries the speech
+
+
+def _generate(args, image, audio, seed: int, size: str, save: Path) -> Path:
+    import torch
+
+    from runtime.pipeline import S2VPipeline
 
     t0 = time.perf_counter()
     pipe = S2VPipeline.from_pretrained(args.ckpt_dir, device=args.device, backend=args.backend, t5_cpu=args.t5_cpu,
