@@ -80,3 +80,16 @@ def test_graph_replay_equals_eager():
         torch.testing.assert_close(g.forward(x, t, cond), eager, atol=1e-4, rtol=1e-4)
     x2, t2, cond2 = step_inputs(model, seed=5)
     torch.testing.assert_close(g.forward(x2, t2, cond2), make_backend("torch", model).forward(x2, t2, cond2), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA-graph loop needs a GPU (checked on the GPU machine)")
+def test_graph_backend_pipeline_end_to_end_on_gpu():
+    kw = dict(seed=2, sample_steps=4, infer_frames=16, progress=False)
+    eager = S2VPipeline.from_pretrained("tiny", device="cuda", dtype=torch.bfloat16)
+    graph = S2VPipeline.from_pretrained("tiny", device="cuda", dtype=torch.bfloat16, backend="torch-graph")
+    a = eager.generate(demo_image(), demo_speech(1.5), **kw)
+    b = graph.generate(demo_image(), demo_speech(1.5), **kw)   # 2 clips: first and later graphs, reused
+    c = graph.generate(demo_image(), demo_speech(1.5), **kw)   # a second request replays the same graphs
+    assert a.info["clips"] == 2 and len(graph.backend.graphs) == 2
+    assert np.array_equal(b.frames, c.frames)
+    assert np.abs(a.frames.astype(np.float64) - b.frames).mean() < 2.0

@@ -455,21 +455,22 @@ def build_dit(cfg: DiTConfig, dtype: torch.dtype = torch.float32, device: torch.
     """A randomly initialised model (tests, the built-in tiny model, full-size speed runs).
 
     Built on the meta device and filled tensor by tensor in the target dtype, so a 14B bf16 model never
-    exists in float32 (which would need 65 GB)."""
+    exists in float32 (which would need 65 GB). Values are drawn in float32 and then rounded, so the same
+    seed gives the same weights in every dtype (on one device: CUDA and CPU generators differ)."""
     with torch.device("meta"):
         model = WanS2VDiT(cfg)
     gen = torch.Generator(device=device)
     gen.manual_seed(0 if seed is None else seed)
     state = {}
     for name, p in model.state_dict().items():
-        t = torch.empty(p.shape, dtype=torch.float32 if keeps_fp32(name) else dtype, device=device)
+        t = torch.empty(p.shape, dtype=torch.float32, device=device)
         if name.endswith(("norm_q.weight", "norm_k.weight", "norm3.weight")):
             t.fill_(1.0)
         elif name.endswith(".weights"):
             t.fill_(0.01)
         else:
             t.normal_(0.0, std, generator=gen)
-        state[name] = t
+        state[name] = t if keeps_fp32(name) else t.to(dtype)
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)
 

@@ -1,0 +1,50 @@
+"""The FLOP model against PyTorch's FLOP counter, and the benchmark runner as a CPU smoke test."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from benchmarks.flops import dit_forward_flops
+from benchmarks.run import main as run_main
+from export.onnx_dit import example_inputs
+from runtime.config import DiTConfig
+from runtime.tiny import tiny_dit
+
+
+@pytest.mark.parametrize("frames,lat_h,lat_w,motion,batch", [(3, 8, 12, True, 2), (5, 16, 8, False, 1)])
+def test_flop_model_matches_the_counter(frames, lat_h, lat_w, motion, batch):
+    model = tiny_dit()
+    ex = example_inputs(model, frames, lat_h, lat_w, motion=motion, batch=batch)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:  # MATH: attention as counted bmm
+        model.step(*ex)
+    counts = {str(k): v for k, v in fc.get_flop_counts()["Global"].items()}
+    f = dit_forward_flops(model.cfg, frames, lat_h // 2, lat_w // 2, ex[6].shape[1], batch)
+    assert f.linear == counts["aten.addmm"] + counts["aten.convolution"]
+    assert f.attention == counts["aten.bmm"]
+
+
+def test_flop_model_full_size_hand_count():
+    cfg = DiTConfig.s2v_14b()
+    f = dit_forward_flops(cfg, 20, 44, 64, 7040)
+    S, d = 63360, 5120
+    assert f.attention >= 40 * 4 * S * S * d  # the S² term dominates: 3.29 PFLOP
+    assert 4.85e15 < f.total < 4.95e15      # ≈ 4.9 PFLOP per later-clip forward, as the spec counts
+    assert f.floor_s(785, 613) == pytest.approx(f.linear / 785e12 + f.attention / 613e12)
+
+
+def test_runner_cpu_smoke(tmp_path):
+    assert run_main(["--scenario", "tiny-cpu", "--variants", "torch,torch-graph", "--repeat", "1", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "run_tiny-cpu.json").read_text())
+    rows = {r.get("variant"): r for r in data["rows"] if "stage" not in r}
+    assert rows["torch"]["dit_forward_s"] > 0 and rows["torch"]["step_s"] > 0 and rows["torch"]["clip_s"] > 0
+    if not torch.cuda.is_available():
+        assert "CUDA" in rows["torch-graph"]["error"]
+    stages = {r["stage"] for r in data["rows"] if "stage" in r}
+    assert stages == {"vae_decode", "vae_encode", "umt5", "wav2vec2"}
+    assert data["meta"]["command"].startswith("python -m benchmarks.run")
+    assert (tmp_path / "run_tiny-cpu.md").read_text().startswith("| device")
+    assert (tmp_path / "run_tiny-cpu.png").stat().st_size > 1000
