@@ -25,10 +25,6 @@ log = logging.getLogger("export.build")
 EXIT_NO_TRT = 3
 
 
-def _rebuild_cmd(args) -> str:
-    return f"python -m export.build --precision {args.precision} --ckpt_dir {args.ckpt_dir} --out {args.out}"
-
-
 RANDOM_14B = "random-14b"  # the real architecture with random weights (speed/size work without the checkpoint)
 
 
@@ -68,9 +64,8 @@ def ort_providers(device: torch.device) -> list[str]:
 
 
 def _half_inputs(names, tensors, model):
-    from export.onnx_dit import INPUT_NAMES  # noqa: F401  (documents the order)
-
-    fp16 = {"context", "audio_tokens", "pose", "extra"}  # per-clip activations in the model's compute dtype
+    """Graph-input dtypes: the per-clip activations in FP16 (the model's compute dtype), the rest FP32."""
+    fp16 = {"context", "audio_tokens", "pose", "extra"}
     return tuple(t.half() if n in fp16 else t.float() for n, t in zip(names, tensors))
 
 

@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from runtime.config import DiTConfig
 from runtime.models.dit import ClipConditions, WanS2VDiT, keeps_fp32, timestep_frequencies
 
 FP16_MAX = 65504.0
@@ -184,6 +183,3 @@ def export_dit(model: WanS2VDiT, path: str | Path, example: tuple[torch.Tensor, 
     size = sum(f.stat().st_size for f in path.parent.iterdir() if f.name.startswith(path.name))
     return {"export_s": round(export_s, 2), "onnx_bytes": size, "nodes": len(graph.graph.node), "opset": opset}
 
-
-def config_for(model: WanS2VDiT) -> DiTConfig:
-    return model.cfg
