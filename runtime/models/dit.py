@@ -45,15 +45,21 @@ def layer_norm(x: torch.Tensor, eps: float, weight: torch.Tensor | None = None, 
 
 
 class RMSNorm(nn.Module):
-    """Wan RMSNorm: normalise in float32, cast back, then scale by the gain in the input dtype."""
+    """Wan RMSNorm: normalise in float32, cast back, then scale by the gain in the input dtype.
+
+    ``F.rms_norm`` on a bf16/fp16 input already computes in float32 and rounds once (bit-identical to the
+    explicit ``x.float()`` form, without the float32 copy); export keeps the explicit casts so that a strongly
+    typed TensorRT network sees an FP32 normalization."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.explicit_fp32 = False  # set by WanS2VDiT.set_attention("onnx")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype) * self.weight
+        xin = x.float() if self.explicit_fp32 else x
+        return F.rms_norm(xin, (x.shape[-1],), eps=self.eps).to(x.dtype) * self.weight
 
 
 def apply_rope(x: torch.Tensor, heads: int, cos: torch.Tensor, sin: torch.Tensor, fused: bool = False) -> torch.Tensor:
@@ -72,17 +78,21 @@ def apply_rope(x: torch.Tensor, heads: int, cos: torch.Tensor, sin: torch.Tensor
     return out.view(b, s, hd).to(x.dtype)
 
 
-def modulate(xn: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, split: int, inplace: bool = True) -> torch.Tensor:
+def modulate(xn: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, split: int, inplace: bool = True,
+             out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """xn·(1+scale)+shift with segment 0 for tokens [0, split) and segment 1 after. shift/scale: [B, 2, D].
 
-    ``inplace`` updates ``xn`` (a fresh float32 norm output) in place: two memory passes instead of three plus
-    a cat in eager mode. Export uses the functional form (slice updates would become ScatterND nodes)."""
-    if not inplace:
-        return torch.cat([xn[:, :split] * (1 + scale[:, 0:1]) + shift[:, 0:1],
-                          xn[:, split:] * (1 + scale[:, 1:2]) + shift[:, 1:2]], dim=1)
-    xn[:, :split].mul_(1 + scale[:, 0:1]).add_(shift[:, 0:1])
-    xn[:, split:].mul_(1 + scale[:, 1:2]).add_(shift[:, 1:2])
-    return xn
+    Computed in float32 (``xn`` is a float32 norm output). In eager mode the result is written in one pass,
+    directly in ``out_dtype`` (the next linear layer's dtype, one rounding as autocast would do) or in place;
+    export and compilation use the functional form (slice updates would become ScatterND nodes)."""
+    if not inplace or torch.compiler.is_compiling():
+        out = torch.cat([xn[:, :split] * (1 + scale[:, 0:1]) + shift[:, 0:1],
+                         xn[:, split:] * (1 + scale[:, 1:2]) + shift[:, 1:2]], dim=1)
+        return out if out_dtype is None else out.to(out_dtype)
+    out = xn if out_dtype is None else torch.empty(xn.shape, dtype=out_dtype, device=xn.device)
+    for seg, src, dst in ((0, xn[:, :split], out[:, :split]), (1, xn[:, split:], out[:, split:])):
+        torch.addcmul(shift[:, seg:seg + 1], src, 1 + scale[:, seg:seg + 1], out=dst)
+    return out
 
 
 def add_gated(x: torch.Tensor, y: torch.Tensor, g: torch.Tensor, split: int, inplace: bool = True) -> torch.Tensor:
@@ -144,10 +154,12 @@ class Block(nn.Module):
         # e: [B, 6, 2, D] fp32 (six modulation vectors for the two segments)
         m = self.modulation.float().unsqueeze(2) + e
         ip = impl != "onnx"  # in-place segment updates in eager/compiled PyTorch, functional for export
-        y = self.self_attn(modulate(layer_norm(x, self.eps), m[:, 0], m[:, 1], split, ip), cos, sin, impl)
+        dt = self.ffn[0].weight.dtype
+        y = self.self_attn(modulate(layer_norm(x, self.eps), m[:, 0], m[:, 1], split, ip, dt), cos, sin, impl)
         x = add_gated(x, y, m[:, 2], split, ip)
-        x = x + self.cross_attn(layer_norm(x, self.eps, self.norm3.weight, self.norm3.bias), context, impl)
-        y = self.ffn(_in(modulate(layer_norm(x, self.eps), m[:, 3], m[:, 4], split, ip), self.ffn[0]))
+        y = self.cross_attn(layer_norm(x, self.eps, self.norm3.weight, self.norm3.bias), context, impl)
+        x = x.add_(y) if ip else x + y
+        y = self.ffn(modulate(layer_norm(x, self.eps), m[:, 3], m[:, 4], split, ip, dt))
         return add_gated(x, y, m[:, 5], split, ip)
 
 
@@ -346,7 +358,11 @@ class WanS2VDiT(nn.Module):
         return self.patch_embedding.weight.dtype
 
     def set_attention(self, impl: str) -> None:
+        """"sdpa" (PyTorch) or "onnx" (export: ONNX Attention nodes, functional updates, explicit FP32 casts)."""
         self.attention_impl = impl
+        for m in self.modules():
+            if isinstance(m, RMSNorm):
+                m.explicit_fp32 = impl == "onnx"
 
     # ----------------------------------------------------------------- per clip
     def prepare(self, context: torch.Tensor, ref_latents: torch.Tensor, motion_latents: torch.Tensor | None,
