@@ -207,7 +207,11 @@ def main(argv=None) -> int:
                     fn(b)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
-                    peaks[v] = torch.cuda.max_memory_allocated(device) / 2**30
+                    # two weight copies are resident when eager and compiled variants run side by side:
+                    # count only the copy this variant uses
+                    other = (model if b.model is compiled_model else compiled_model) if compiled_model is not None else None
+                    other_b = sum(p.numel() * p.element_size() for p in other.parameters()) if other is not None else 0
+                    peaks[v] = (torch.cuda.max_memory_allocated(device) - other_b) / 2**30
                 first_call[v] = time.perf_counter() - t0
             except Exception as err:
                 errors[v] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
@@ -216,22 +220,25 @@ def main(argv=None) -> int:
             for stage, fn in calls.items():
                 for v, b in backends.items():
                     times.setdefault((v, stage), []).extend(time_fn(lambda: fn(b), device, warmup=0, repeat=1))
+    del backends, model, compiled_model, x, cond, uncond, both  # free the DiT(s) before the VAE/encoder stages
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     common = stage_rows(scn, device, args.repeat, stages) if stages & {"vae", "encoders"} else []
     common = [r for r in common if (r["stage"].startswith("vae") and "vae" in stages) or
               (not r["stage"].startswith("vae") and "encoders" in stages)]
-    vae_s = sum(r["seconds"] for r in common if r["stage"].startswith("vae"))
+    vae_s = sum(r["seconds"] for r in common if r["stage"].startswith("vae")) if "vae" in stages else None
 
     rows = []
     step_flops = flops1.total * (2 if scn.cfg else 1)
     for v in variants:
-        if v in errors:
+        if v in errors and (v, "dit_forward") not in times:
             rows.append({"device": device_slug(device), "variant": v, "scenario": scn.name, "error": errors[v]})
             continue
         if "dit" not in stages:
             continue
         fwd, step = median(times[(v, "dit_forward")]), median(times[(v, "dit_step")])
         row = {"device": device_slug(device), "variant": v, "scenario": scn.name, "dit_forward_s": fwd, "step_s": step,
-               "clip_s": scn.steps * step + vae_s, "peak_mem_gib": peaks.get(v), "tflops": flops1.total / fwd / 1e12,
+               "clip_s": None if vae_s is None else scn.steps * step + vae_s, "peak_mem_gib": peaks.get(v), "tflops": flops1.total / fwd / 1e12,
                "first_call_s": first_call.get(v), "forward_all_s": times[(v, "dit_forward")], "step_all_s": times[(v, "dit_step")]}
         if ceilings:
             floor = flops1.floor_s(ceilings["gemm_tflops"], ceilings["attention_tflops"])
