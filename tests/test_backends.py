@@ -93,3 +93,19 @@ def test_graph_backend_pipeline_end_to_end_on_gpu():
     assert a.info["clips"] == 2 and len(graph.backend.graphs) == 2
     assert np.array_equal(b.frames, c.frames)
     assert np.abs(a.frames.astype(np.float64) - b.frames).mean() < 2.0
+
+
+def test_static_inputs_copy_conditions_once_per_clip():
+    from runtime.backends.static_inputs import StaticInputs
+
+    model = tiny_dit()
+    x, t, cond = step_inputs(model)
+    static = StaticInputs(x, t, cond)
+    assert all(a.data_ptr() != b.data_ptr() for a, b in zip(static.tensors, (x, t, *cond.as_tuple())))
+    static.tensors[2].zero_()                 # if the same clip's conditions were copied again, this would be undone
+    static.load(x + 1, t, cond)
+    torch.testing.assert_close(static.tensors[0], x + 1)
+    assert not static.tensors[2].any()
+    x2, t2, cond2 = step_inputs(model, seed=7)  # a new clip: its conditions are copied in
+    static.load(x2, t2, cond2)
+    torch.testing.assert_close(static.cond.context, cond2.context)

@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from runtime.backends.static_inputs import StaticInputs, shape_key
 from runtime.errors import BackendUnavailable
 from runtime.models.dit import ClipConditions, WanS2VDiT
 
@@ -56,35 +57,30 @@ class OrtDiT:
                                      f"--ckpt_dir {checkpoint or 'CKPT'} --out {engines_dir} --onnx-only")
         return cls(model, path)
 
-    def _feeds(self, x, t_freq, cond) -> list[torch.Tensor]:
-        tensors = (x, t_freq, *cond.as_tuple())
-        return [t.to(dtype) for (_, dtype), t in zip(self.inputs, tensors)]
-
     def forward(self, x: torch.Tensor, t_freq: torch.Tensor, cond: ClipConditions) -> torch.Tensor:
-        feeds = self._feeds(x, t_freq, cond)
+        dtypes = [dt for _, dt in self.inputs]
         if self.device.type != "cuda":
-            out = self.session.run([self.output], {n: f.contiguous().numpy() for (n, _), f in zip(self.inputs, feeds)})[0]
+            feeds = [t.to(dt).contiguous().numpy() for t, dt in zip((x, t_freq, *cond.as_tuple()), dtypes)]
+            out = self.session.run([self.output], {n: f for (n, _), f in zip(self.inputs, feeds)})[0]
             return torch.from_numpy(out)
-        key = tuple(tuple(f.shape) for f in feeds)
+        key = shape_key(x, t_freq, cond)
         if key not in self._bindings:
-            self._bindings[key] = self._bind(feeds, len(self._bindings) + 1)
-        io, bufs, out, run_opts = self._bindings[key]
-        for b, f in zip(bufs, feeds):  # the captured graph reads these addresses
-            b.copy_(f)
+            self._bindings[key] = self._bind(StaticInputs(x, t_freq, cond, dtypes), len(self._bindings) + 1)
+        io, static, out, run_opts = self._bindings[key]
+        static.load(x, t_freq, cond)  # the bound (and captured) addresses stay the same
+        torch.cuda.synchronize(self.device)  # ORT runs on its own stream: the inputs must be written
         self.session.run_with_iobinding(io, run_opts)
         return out.clone()
 
-    def _bind(self, feeds, graph_id: int):
-        bufs = [f.clone().contiguous() for f in feeds]
-        b, c, f, h, w = feeds[0].shape
+    def _bind(self, static: StaticInputs, graph_id: int):
+        b, _, f, h, w = static.tensors[0].shape
         out = torch.empty((b, self.model.cfg.out_dim, f, h, w), dtype=torch.float32, device=self.device)
         io = self.session.io_binding()
         idx = self.device.index or 0
-        for (name, dtype), t in zip(self.inputs, bufs):
+        for (name, dtype), t in zip(self.inputs, static.tensors):
             io.bind_input(name, "cuda", idx, _TORCH_TO_NP[dtype], tuple(t.shape), t.data_ptr())
         io.bind_output(self.output, "cuda", idx, np.float32, tuple(out.shape), out.data_ptr())
         run_opts = self._ort.RunOptions()
         if self.cuda_graph:
             run_opts.add_run_config_entry("gpu_graph_id", str(graph_id))
-        torch.cuda.synchronize(self.device)  # ORT runs on its own stream: inputs must be ready
-        return io, bufs, out, run_opts
+        return io, static, out, run_opts

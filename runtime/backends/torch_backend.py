@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from runtime.backends.static_inputs import StaticInputs, shape_key
 from runtime.errors import BackendUnavailable
 from runtime.models.dit import ClipConditions, WanS2VDiT
 
@@ -42,27 +43,20 @@ class CompiledDiT(TorchDiT):
 
 
 class _Captured:
-    """Static buffers and one CUDA graph for one (x shape, condition shapes) key."""
+    """Static inputs and one CUDA graph for one input-shape key."""
 
     def __init__(self, model: WanS2VDiT, x: torch.Tensor, t_freq: torch.Tensor, cond: ClipConditions, warmup: int):
-        self.x, self.t = x.clone(), t_freq.clone()
-        self.cond = ClipConditions(*(c.clone() for c in cond.as_tuple()))
-        self.bound: ClipConditions | None = None  # held, not an id(): a freed object's id can be reused
+        self.inputs = StaticInputs(x, t_freq, cond)
+        args = self.inputs.tensors
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up (and compilation) outside the capture
             for _ in range(warmup):
-                model.step(self.x, self.t, *self.cond.as_tuple())
+                model.step(*args)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.out = model.step(self.x, self.t, *self.cond.as_tuple())
-
-    def load_cond(self, cond: ClipConditions) -> None:
-        if self.bound is not cond:  # new clip or CFG branch set: refresh the per-clip inputs (once per clip)
-            for dst, src in zip(self.cond.as_tuple(), cond.as_tuple()):
-                dst.copy_(src)
-            self.bound = cond
+            self.out = model.step(*args)
 
 
 class GraphDiT(TorchDiT):
@@ -83,13 +77,10 @@ class GraphDiT(TorchDiT):
         self.graphs: dict[tuple, _Captured] = {}
 
     def forward(self, x: torch.Tensor, t_freq: torch.Tensor, cond: ClipConditions) -> torch.Tensor:
-        key = (tuple(x.shape), x.dtype) + tuple((tuple(t.shape), t.dtype) for t in cond.as_tuple())
+        key = shape_key(x, t_freq, cond)
         cap = self.graphs.get(key)
         if cap is None:
             cap = self.graphs[key] = _Captured(self.model, x, t_freq, cond, self.warmup)
-            cap.bound = cond
-        cap.load_cond(cond)
-        cap.x.copy_(x)
-        cap.t.copy_(t_freq)
+        cap.inputs.load(x, t_freq, cond)
         cap.graph.replay()
         return cap.out.clone()  # the captured output is overwritten by the next replay

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from runtime.backends.static_inputs import StaticInputs, shape_key
 from runtime.errors import BackendUnavailable
 from runtime.models.dit import ClipConditions, WanS2VDiT
 
@@ -53,17 +54,15 @@ class TrtDiT:
                                  "profiles (python -m export.build)")
 
     def forward(self, x: torch.Tensor, t_freq: torch.Tensor, cond: ClipConditions) -> torch.Tensor:
-        tensors = (x, t_freq, *cond.as_tuple())
-        key = tuple(tuple(t.shape) for t in tensors)
+        key = shape_key(x, t_freq, cond)
         if key not in self._buffers:
-            feeds = {n: t.to(self.engine.torch_dtype(n)).contiguous().clone() for n, t in zip(_INPUTS, tensors)}
+            static = StaticInputs(x, t_freq, cond, [self.engine.torch_dtype(n) for n in _INPUTS])
             b, _, f, h, w = x.shape
             out = {"velocity": torch.empty((b, self.model.cfg.out_dim, f, h, w), device=self.device, dtype=torch.float32)}
-            self.engine.capture(key, feeds, out, profile=self._profile_for(x, cond))
-            self._buffers[key] = (feeds, out)
-        feeds, out = self._buffers[key]
-        for n, t in zip(_INPUTS, tensors):
-            feeds[n].copy_(t)
+            self.engine.capture(key, dict(zip(_INPUTS, static.tensors)), out, profile=self._profile_for(x, cond))
+            self._buffers[key] = (static, out)
+        static, out = self._buffers[key]
+        static.load(x, t_freq, cond)
         self.engine.stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.engine.stream):
             self.engine.replay(key)
