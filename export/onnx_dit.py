@@ -161,7 +161,7 @@ def export_dit(model: WanS2VDiT, path: str | Path, example: tuple[torch.Tensor, 
     tmp_dir = path.parent / f".{path.name}.partial"
     tmp_dir.mkdir(exist_ok=True)
     tmp = tmp_dir / path.name
-    model.set_attention("onnx")
+    model.set_export(True)
     t0 = time.perf_counter()
     try:
         kwargs = dict(input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES), opset_version=opset,
@@ -174,7 +174,7 @@ def export_dit(model: WanS2VDiT, path: str | Path, example: tuple[torch.Tensor, 
         for f in tmp_dir.iterdir():  # graph + its external data, renamed into place together
             f.replace(path.parent / f.name)
     finally:
-        model.set_attention("sdpa")
+        model.set_export(False)
         for f in tmp_dir.iterdir():
             f.unlink()
         tmp_dir.rmdir()

@@ -320,11 +320,11 @@ def test_meta_construction_allocates_nothing():
 
 
 def test_fused_rope_equals_real_form():
-    from runtime.models.dit import apply_rope
+    from runtime.models.dit import apply_rope, rope_operand
 
     x = torch.randn(2, 37, 4 * 16)
     ang = torch.randn(37, 8) * 10
-    real = apply_rope(x, 4, ang.cos(), ang.sin(), fused=False)
-    fused = apply_rope(x, 4, ang.cos(), ang.sin(), fused=True)
+    real = apply_rope(x, 4, rope_operand(ang.cos(), ang.sin(), fused=False))
+    fused = apply_rope(x, 4, rope_operand(ang.cos(), ang.sin(), fused=True))
     torch.testing.assert_close(fused, real, atol=1e-6, rtol=1e-6)
     assert not torch.allclose(real, x)  # it really rotates

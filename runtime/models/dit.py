@@ -55,23 +55,27 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
-        self.explicit_fp32 = False  # set by WanS2VDiT.set_attention("onnx")
+        self.explicit_fp32 = False  # set by WanS2VDiT.set_export(True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xin = x.float() if self.explicit_fp32 else x
         return F.rms_norm(xin, (x.shape[-1],), eps=self.eps).to(x.dtype) * self.weight
 
 
-def apply_rope(x: torch.Tensor, heads: int, cos: torch.Tensor, sin: torch.Tensor, fused: bool = False) -> torch.Tensor:
-    """Rotate interleaved (even, odd) channel pairs of each head in float32. x: [B, S, H·D]; cos/sin: [S, D/2].
+def rope_operand(cos: torch.Tensor, sin: torch.Tensor, fused: bool):
+    """What ``apply_rope`` takes, built once per step: a complex64 table [S, D/2] for the fused eager path
+    (3x fewer memory passes on CUDA), or the real (cos, sin) pair that exports to ONNX."""
+    return torch.complex(cos, sin) if fused else (cos, sin)
 
-    ``fused`` uses one complex64 multiply (3x fewer memory passes in eager CUDA); the real form is what
-    exports to ONNX. Both compute (x0·c − x1·s, x0·s + x1·c)."""
+
+def apply_rope(x: torch.Tensor, heads: int, rope) -> torch.Tensor:
+    """Rotate interleaved (even, odd) channel pairs of each head in float32: (x0·c − x1·s, x0·s + x1·c).
+    x: [B, S, H·D]; rope from ``rope_operand``."""
     b, s, hd = x.shape
     xr = x.float().view(b, s, heads, hd // heads // 2, 2)
-    if fused:
-        rot = torch.view_as_complex(xr) * torch.complex(cos, sin)[None, :, None, :]
-        return torch.view_as_real(rot).view(b, s, hd).to(x.dtype)
+    if isinstance(rope, torch.Tensor):
+        return torch.view_as_real(torch.view_as_complex(xr) * rope[None, :, None, :]).view(b, s, hd).to(x.dtype)
+    cos, sin = rope
     x0, x1 = xr[..., 0], xr[..., 1]
     c, sn = cos[None, :, None, :], sin[None, :, None, :]
     out = torch.stack((x0 * c - x1 * sn, x0 * sn + x1 * c), dim=-1)
@@ -116,11 +120,10 @@ class SelfAttention(nn.Module):
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
         self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, impl: str) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope, impl: str) -> torch.Tensor:
         x = _in(x, self.q)
-        fused = impl == "sdpa" and x.is_cuda
-        q = apply_rope(self.norm_q(self.q(x)), self.heads, cos, sin, fused)
-        k = apply_rope(self.norm_k(self.k(x)), self.heads, cos, sin, fused)
+        q = apply_rope(self.norm_q(self.q(x)), self.heads, rope)
+        k = apply_rope(self.norm_k(self.k(x)), self.heads, rope)
         return self.o(attention(q, k, self.v(x), self.heads, impl))
 
 
@@ -149,13 +152,12 @@ class Block(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(d, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, d))
         self.modulation = nn.Parameter(torch.zeros(1, 6, d))
 
-    def forward(self, x: torch.Tensor, e: torch.Tensor, split: int, context: torch.Tensor,
-                cos: torch.Tensor, sin: torch.Tensor, impl: str) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, e: torch.Tensor, split: int, context: torch.Tensor, rope, impl: str) -> torch.Tensor:
         # e: [B, 6, 2, D] fp32 (six modulation vectors for the two segments)
         m = self.modulation.float().unsqueeze(2) + e
         ip = impl != "onnx"  # in-place segment updates in eager/compiled PyTorch, functional for export
         dt = self.ffn[0].weight.dtype
-        y = self.self_attn(modulate(layer_norm(x, self.eps), m[:, 0], m[:, 1], split, ip, dt), cos, sin, impl)
+        y = self.self_attn(modulate(layer_norm(x, self.eps), m[:, 0], m[:, 1], split, ip, dt), rope, impl)
         x = add_gated(x, y, m[:, 2], split, ip)
         y = self.cross_attn(layer_norm(x, self.eps, self.norm3.weight, self.norm3.bias), context, impl)
         x = x.add_(y) if ip else x + y
@@ -335,11 +337,11 @@ def timestep_frequencies(t: torch.Tensor | float | list[float], dim: int) -> tor
 
 # --------------------------------------------------------------------------------------------- model
 class WanS2VDiT(nn.Module):
-    def __init__(self, cfg: DiTConfig, attention_impl: str = "sdpa"):
+    def __init__(self, cfg: DiTConfig):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
-        self.attention_impl = attention_impl
+        self.attention_impl = "sdpa"  # "onnx" while exporting: see set_export
         d = cfg.dim
         self.patch_embedding = nn.Conv3d(cfg.in_dim, d, cfg.patch_size, stride=cfg.patch_size)
         self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, d), nn.GELU(approximate="tanh"), nn.Linear(d, d))
@@ -357,12 +359,13 @@ class WanS2VDiT(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.patch_embedding.weight.dtype
 
-    def set_attention(self, impl: str) -> None:
-        """"sdpa" (PyTorch) or "onnx" (export: ONNX Attention nodes, functional updates, explicit FP32 casts)."""
-        self.attention_impl = impl
+    def set_export(self, enabled: bool) -> None:
+        """Export form: ONNX ``Attention`` nodes, functional segment updates, explicit FP32 casts around norms.
+        The math is the same as the PyTorch form (``sdpa`` attention, in-place updates)."""
+        self.attention_impl = "onnx" if enabled else "sdpa"
         for m in self.modules():
             if isinstance(m, RMSNorm):
-                m.explicit_fp32 = impl == "onnx"
+                m.explicit_fp32 = enabled
 
     # ----------------------------------------------------------------- per clip
     def prepare(self, context: torch.Tensor, ref_latents: torch.Tensor, motion_latents: torch.Tensor | None,
@@ -429,10 +432,10 @@ class WanS2VDiT(nn.Module):
         e0 = F.linear(F.silu(e), *self._fp32(self.time_projection[1])).unflatten(1, (6, cfg.dim))
         e_blocks = torch.stack([e0[:b], e0[b:]], dim=2)                           # [B, 6, 2, D]
 
-        rope_cos, rope_sin = expand_rope(rope_t, rope_h, rope_w, rope_extra)
+        rope = rope_operand(*expand_rope(rope_t, rope_h, rope_w, rope_extra), fused=impl == "sdpa" and x.is_cuda)
         inject = cfg.inject_map
         for i, block in enumerate(self.blocks):
-            h = block(h, e_blocks, split, context, rope_cos, rope_sin, impl)
+            h = block(h, e_blocks, split, context, rope, impl)
             if i in inject:
                 h = self._inject_audio(h, inject[i], audio_tokens, audio_global, split, f)
 
