@@ -6,7 +6,6 @@ import os
 import platform
 import re
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -66,10 +65,6 @@ def median(xs: list[float]) -> float:
 
 def peak_mem_gib(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-
-
-def command_line() -> str:
-    return "python -m " + Path(sys.argv[0]).with_suffix("").name if sys.argv[0].endswith(".py") else " ".join(sys.argv)
 
 
 def write_results(path: Path, rows: list[dict], meta: dict, table: str) -> None:

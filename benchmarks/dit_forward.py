@@ -20,15 +20,16 @@ import torch.nn.functional as F
 
 from benchmarks.common import (device_description, device_slug, markdown_table, median, peak_mem_gib, time_fn,
                                write_results)
+from runtime.backends.torch_backend import compile_blocks
 from runtime.config import DiTConfig
 from runtime.models.dit import build_dit, timestep_frequencies
-from runtime.models.rope import s2v_token_groups
+from runtime.sampler import latent_frames
 
 SDPA = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION"}
 
 
 def clip_inputs(cfg: DiTConfig, height: int, width: int, infer_frames: int, device, dtype, seed: int = 0):
-    frames = (infer_frames + 3 + 73) // 4 - 19
+    frames = latent_frames(infer_frames)
     h, w = height // 8, width // 8
     g = torch.Generator(device=device).manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g, device=device, dtype=dtype)  # noqa: E731
@@ -50,16 +51,6 @@ def sdpa_rows(cfg: DiTConfig, seq: int, device, repeat: int) -> list[dict]:
         except Exception as err:  # a backend may refuse this shape/dtype on this GPU
             rows.append({"backend": name, "seq": seq, "error": f"{type(err).__name__}: {str(err)[:120]}"})
     return rows
-
-
-def compile_blocks(model) -> None:
-    """Compile the block forward once; parameters are graph inputs, so all blocks share the graph."""
-    cfg = torch._dynamo.config
-    for knob in ("recompile_limit", "cache_size_limit"):  # renamed across torch versions
-        if hasattr(cfg, knob):
-            setattr(cfg, knob, max(getattr(cfg, knob), 64))
-    for block in model.blocks:
-        block.forward = torch.compile(block.forward, dynamic=False, fullgraph=True)
 
 
 def main(argv=None) -> int:

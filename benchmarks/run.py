@@ -22,6 +22,7 @@ import torch
 
 from benchmarks.common import device_description, device_slug, markdown_table, median, time_fn, write_results
 from benchmarks.flops import dit_forward_flops
+from runtime.sampler import latent_frames
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,7 @@ class Scenario:
 
     @property
     def latent_frames(self) -> int:
-        return (self.infer_frames + 3 + 73) // 4 - 19
+        return latent_frames(self.infer_frames)
 
 
 SCENARIOS = {s.name: s for s in [

@@ -63,14 +63,8 @@ def ort_providers(device: torch.device) -> list[str]:
         else ["CPUExecutionProvider"]
 
 
-def _half_inputs(names, tensors, model):
-    """Graph-input dtypes: the per-clip activations in FP16 (the model's compute dtype), the rest FP32."""
-    fp16 = {"context", "audio_tokens", "pose", "extra"}
-    return tuple(t.half() if n in fp16 else t.float() for n, t in zip(names, tensors))
-
-
 def export_and_check_dit(args, device, report: dict) -> Path:
-    from export.onnx_dit import INPUT_NAMES, example_inputs, export_dit, fp16_audit, to_fp16
+    from export.onnx_dit import INPUT_NAMES, example_inputs, export_dit, fp16_audit, graph_inputs, to_fp16
     from export.trt_ops import check_graph
     import onnx
 
@@ -95,7 +89,7 @@ def export_and_check_dit(args, device, report: dict) -> Path:
         ref = ref_model.step(*ref_ex).float().cpu().numpy()
         if args.save_check:  # validate later (e.g. in another process with onnxruntime-gpu)
             Path(args.save_check).parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"inputs": [t.cpu() for t in _half_inputs(INPUT_NAMES, ex, None)], "ref": torch.from_numpy(ref),
+            torch.save({"inputs": [t.cpu() for t in graph_inputs(ex)], "ref": torch.from_numpy(ref),
                         "names": list(INPUT_NAMES)}, args.save_check)
         if ref_model is not model:
             del ref_model
@@ -103,7 +97,7 @@ def export_and_check_dit(args, device, report: dict) -> Path:
 
     to_fp16(model, audit.keep_fp32)
     onnx_path = Path(args.out) / "onnx" / "dit" / "model.onnx"
-    stats = export_dit(model, onnx_path, _half_inputs(INPUT_NAMES, ex, model))
+    stats = export_dit(model, onnx_path, graph_inputs(ex))
     log.info("DiT ONNX: %s", stats)
     report["dit_export"] = stats
     graph = onnx.load(str(onnx_path), load_external_data=False)
@@ -119,7 +113,7 @@ def export_and_check_dit(args, device, report: dict) -> Path:
             torch.cuda.empty_cache()
         t0 = time.perf_counter()
         sess = ort.InferenceSession(str(onnx_path), providers=ort_providers(device))
-        feeds = {n: t.cpu().numpy() for n, t in zip(INPUT_NAMES, _half_inputs(INPUT_NAMES, ex, None))}
+        feeds = {n: t.cpu().numpy() for n, t in zip(INPUT_NAMES, graph_inputs(ex))}
         out = sess.run(None, feeds)[0]
         rel = mean_rel(out, ref)
         report["dit_ort"] = {"mean_rel": rel, "provider": sess.get_providers()[0], "shape": list(out.shape),

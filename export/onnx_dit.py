@@ -23,6 +23,12 @@ from runtime.models.dit import ClipConditions, WanS2VDiT, keeps_fp32, timestep_f
 
 FP16_MAX = 65504.0
 INPUT_NAMES = ("x", "t_freq") + ClipConditions.names()
+FP16_INPUTS = frozenset({"context", "audio_tokens", "pose", "extra"})  # per-clip activations in the compute dtype
+
+
+def graph_inputs(tensors) -> tuple[torch.Tensor, ...]:
+    """Step inputs (``INPUT_NAMES`` order) in the exported graph's dtypes: FP16 activations, FP32 for the rest."""
+    return tuple(t.half() if n in FP16_INPUTS else t.float() for n, t in zip(INPUT_NAMES, tensors))
 OUTPUT_NAMES = ("velocity",)
 
 

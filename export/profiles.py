@@ -12,14 +12,11 @@ from dataclasses import asdict, dataclass
 from runtime.config import DiTConfig
 from runtime.models.rope import s2v_token_groups
 from runtime.preprocess import SIZE_AREAS, target_size
+from runtime.sampler import latent_frames
 
 AREAS = sorted(set(SIZE_AREAS.values()))
 FRAMES = (48, 80)
 OPT_SIZE = (704, 1024)
-
-
-def latent_frames(infer_frames: int, motion_frames: int = 73) -> int:
-    return (infer_frames + 3 + motion_frames) // 4 - (motion_frames + 3) // 4
 
 
 def reachable_sizes(areas=AREAS, ratios: int = 241) -> set[tuple[int, int]]:

@@ -154,8 +154,8 @@ class S2VPipeline:
         by the audio length are not rendered. progress: None/True = tqdm bars, False = silent, or a callable
         ``(clip, clips, step, steps)``.
         """
-        from runtime.media import load_audio, load_image, read_pose_frames
-        from runtime.preprocess import parse_size, prepare_pose_frames, prepare_reference, target_size
+        from runtime.media import load_audio, load_image
+        from runtime.preprocess import load_pose_video, parse_size, prepare_reference, target_size
         from runtime.sampler import SampleOptions
 
         opts = SampleOptions(infer_frames=infer_frames, sample_steps=sample_steps, sample_shift=sample_shift,
@@ -176,12 +176,7 @@ class S2VPipeline:
             while clips > 1 and (clips - 1) * infer_frames - drop >= keep:
                 clips -= 1                                              # fully cut by -shortest: skip the work
             context, context_null = self.encode_prompts(prompt, negative_prompt)
-            pose = None
-            if pose_video is not None:
-                frames = read_pose_frames(pose_video, infer_frames * clips, fps=FPS)
-                pose = prepare_pose_frames(frames, height, width)[None]
-                pad = infer_frames * clips - pose.shape[2]
-                pose = torch.cat([pose, -torch.ones(1, 3, pad, height, width)], dim=2)
+            pose = None if pose_video is None else load_pose_video(pose_video, clips, infer_frames, height, width, FPS)
             with _progress(progress, clips, sample_steps) as cb:
                 video = self.sampler.sample(ref, context, context_null, audio_emb, clips, opts, pose_pixels=pose, progress=cb)
         frames = video_to_uint8(video)[:max(keep, 1)]

@@ -222,3 +222,14 @@ def prepare_pose_frames(frames: np.ndarray, height: int, width: int) -> torch.Te
             x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
         out[:, start : start + x.shape[0]] = center_crop(x, height, width).permute(1, 0, 2, 3)
     return out
+
+
+def load_pose_video(path, clips: int, infer_frames: int, height: int, width: int, fps: int = 16) -> torch.Tensor:
+    """The official pose input: the first ``clips · infer_frames`` frames (sampled at ~``fps``), resized and
+    center-cropped like ``prepare_pose_frames``, padded with −1 frames → [1, 3, clips · infer_frames, H, W]."""
+    from runtime.media import read_pose_frames
+
+    total = clips * infer_frames
+    pose = prepare_pose_frames(read_pose_frames(path, total, fps=fps), height, width)[None]
+    pad = total - pose.shape[2]
+    return torch.cat([pose, -torch.ones(1, 3, pad, height, width, dtype=pose.dtype)], dim=2)

@@ -19,12 +19,16 @@ from dataclasses import dataclass
 import torch
 
 from runtime.errors import InputError
-from runtime.backends.torch_backend import TorchDiT  # noqa: F401  (re-exported for callers)
 from runtime.models.dit import ClipConditions, WanS2VDiT, timestep_frequencies
 from runtime.models.vae import WanVAE
 from runtime.scheduler import make_scheduler
 
 ProgressFn = Callable[[int, int, int, int], None]  # (clip, clips, step, steps) after each step
+
+
+def latent_frames(infer_frames: int, motion_frames: int = 73) -> int:
+    """Noisy latent frames per clip: the official (infer + 3 + motion) // 4 − motion latents (80 → 20, 48 → 12)."""
+    return (infer_frames + 3 + motion_frames) // 4 - (motion_frames + 3) // 4
 
 
 @dataclass(frozen=True)
@@ -53,7 +57,7 @@ class SampleOptions:
     @property
     def latent_frames(self) -> int:
         """Noisy latent frames per clip (20 for 80 pixel frames)."""
-        return (self.infer_frames + 3 + self.motion_frames) // 4 - self.lat_motion_frames
+        return latent_frames(self.infer_frames, self.motion_frames)
 
 
 class S2VSampler:

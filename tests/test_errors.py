@@ -22,7 +22,6 @@ from runtime.generate import main as cli
 from runtime.models.dit import save_dit
 from runtime.tiny import tiny_dit
 
-ROOT = Path(__file__).resolve().parents[1]
 FAST = dict(sample_steps=2, infer_frames=16, progress=False)
 
 

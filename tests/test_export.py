@@ -12,7 +12,7 @@ import torch
 
 from export import manifest as mf
 from export.build import EXIT_NO_TRT, main as build_main, mean_rel
-from export.onnx_dit import INPUT_NAMES, example_inputs, export_dit, fp16_audit, to_fp16
+from export.onnx_dit import INPUT_NAMES, example_inputs, export_dit, fp16_audit, graph_inputs, to_fp16
 from export.onnx_vae import GRAPHS, _Graph, example
 from export.profiles import covers, dit_profiles, extra_tokens, reachable_sizes
 from export.trt_ops import SUPPORTED, check_graph
@@ -21,11 +21,8 @@ from runtime.errors import EngineMismatch
 from runtime.models.dit import ClipConditions, build_dit
 from runtime.tiny import tiny_vae
 
-HALF = {"context", "audio_tokens", "pose", "extra"}
-
-
 def half(ex):
-    return tuple(t.half() if n in HALF else t for n, t in zip(INPUT_NAMES, ex))
+    return graph_inputs(ex)
 
 
 @pytest.fixture(scope="module")

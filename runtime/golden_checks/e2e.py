@@ -9,11 +9,12 @@ from safetensors.torch import load_file
 
 from runtime.config import DiTConfig
 from runtime.golden import Case, compare
-from runtime.media import load_image, read_pose_frames
+from runtime.media import load_image
 from runtime.models.dit import load_dit
 from runtime.models.vae import load_vae
-from runtime.preprocess import prepare_pose_frames, prepare_reference, target_size
-from runtime.sampler import S2VSampler, SampleOptions, TorchDiT
+from runtime.preprocess import load_pose_video, prepare_reference, target_size
+from runtime.backends.torch_backend import TorchDiT
+from runtime.sampler import S2VSampler, SampleOptions
 
 
 def check(golden_dir: Path, manifest: dict, key: str = "e2e") -> list[Case]:
@@ -30,10 +31,7 @@ def check(golden_dir: Path, manifest: dict, key: str = "e2e") -> list[Case]:
     nf, num_clip = int(spec["infer_frames"]), int(spec["num_clip"])
     pose = None
     if spec.get("pose_video"):
-        frames = read_pose_frames(golden_dir / spec["pose_video"], nf * num_clip, fps=int(spec.get("fps", 16)))
-        pose = prepare_pose_frames(frames, height, width)[None]
-        pad = nf * num_clip - pose.shape[2]
-        pose = torch.cat([pose, -torch.ones(1, 3, pad, height, width)], dim=2)
+        pose = load_pose_video(golden_dir / spec["pose_video"], num_clip, nf, height, width, int(spec.get("fps", 16)))
     opts = SampleOptions(infer_frames=nf, sample_steps=int(spec["sample_steps"]), sample_shift=float(spec["sample_shift"]),
                          guide_scale=float(spec["guide_scale"]), solver=spec["sample_solver"], seed=int(spec["seed"]),
                          start_from_ref=bool(spec["start_from_ref"]), motion_frames=int(spec["motion_frames"]),
