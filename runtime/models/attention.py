@@ -1,18 +1,93 @@
-"""Dense multi-head attention on [B, S, heads·head_dim] tensors.
+"""Dense multi-head attention on [B, S, heads·head_dim] tensors, with a choice of kernel.
 
-One function for every attention in the DiT, so the exporter can swap the implementation for an ONNX
-``Attention`` node in the 3-D layout (the layout that ONNX Runtime and the ONNX reference agree on).
+One function for every attention in the DiT, so the exporter can swap in an ONNX ``Attention`` node and the
+runtime can swap in a faster kernel for the long self-attention (two thirds of the DiT's work):
+
+- ``sdpa``: PyTorch's ``scaled_dot_product_attention`` (everywhere; on Hopper it dispatches to cuDNN);
+- ``cudnn``: cuDNN's fused attention called directly (``runtime.kernels.cudnn_sdpa``);
+- ``fa4``: FlashAttention-4's CuTe kernels (``runtime.kernels.fa4``);
+- ``fp8``: cuDNN FP8 attention with per-tensor dynamic scales (``--precision fp8``);
+- ``onnx``: the opset-23 ``Attention`` node (export).
+
+Every kernel reads the [B, S, H, D] view of the projections, so no transpose or copy surrounds it. Under
+Ulysses sequence parallelism, q/k/v are exchanged across ranks (sequence ↔ heads) around the kernel.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-IMPLEMENTATIONS = ("sdpa", "onnx")
+IMPLEMENTATIONS = ("sdpa", "cudnn", "fa4", "fp8", "onnx")
+# "auto": the first kernel of this list that can run, per compute capability major (measured on an H200:
+# benchmarks/results/nvidia-h200/attention_kernels.md); elsewhere SDPA.
+PREFERENCE = {9: ("fa4", "cudnn", "sdpa")}
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, impl: str = "sdpa") -> torch.Tensor:
-    """softmax(q kᵀ / √d) v per head, no mask. q: [B, Sq, H·D], k/v: [B, Sk, H·D] → [B, Sq, H·D]."""
+def unavailable_reason(impl: str, device: torch.device) -> str | None:
+    if impl in ("sdpa", "onnx"):
+        return None
+    if impl == "cudnn":
+        from runtime.kernels import cudnn_sdpa
+
+        return cudnn_sdpa.available(device)
+    if impl == "fa4":
+        from runtime.kernels import fa4
+
+        return fa4.available(device)
+    if impl == "fp8":
+        from runtime.kernels import fp8
+
+        return fp8.unsupported_reason(device)
+    return f"unknown attention kernel {impl!r}; choose one of: auto, {', '.join(IMPLEMENTATIONS[:3])}"
+
+
+def resolve_attention(impl: str, device: torch.device, dtype: torch.dtype) -> str:
+    """``auto`` → the preferred kernel that runs on ``device`` for ``dtype``; a named kernel is checked."""
+    from runtime.errors import BackendUnavailable
+
+    device = torch.device(device)
+    if impl == "auto":
+        if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+            return "sdpa"
+        major = torch.cuda.get_device_capability(device)[0]
+        for cand in PREFERENCE.get(major, ("sdpa",)):
+            if unavailable_reason(cand, device) is None:
+                return cand
+        return "sdpa"
+    why = unavailable_reason(impl, device)
+    if why:
+        raise BackendUnavailable(f"attention kernel {impl!r} cannot run here: {why}; use --attention auto or sdpa")
+    if impl in ("cudnn", "fa4") and dtype not in (torch.bfloat16, torch.float16):
+        raise BackendUnavailable(f"attention kernel {impl!r} needs a bf16/fp16 model, not {dtype}; use --attention sdpa")
+    return impl
+
+
+def _kernel(q4: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor, impl: str) -> torch.Tensor:
+    """[B, Sq, H, D] × [B, Sk, H, D] → [B, Sq, H, D]."""
+    if impl == "cudnn":
+        from runtime.kernels import cudnn_sdpa
+
+        return cudnn_sdpa.sdpa(q4, k4, v4)
+    if impl == "fa4":
+        from runtime.kernels import fa4
+
+        return fa4.attention(q4, k4, v4)
+    if impl == "fp8":
+        from runtime.kernels import cudnn_sdpa
+        from runtime.kernels.fp8 import quantize_tensor
+
+        (q8, dq), (k8, dk), (v8, dv) = quantize_tensor(q4), quantize_tensor(k4), quantize_tensor(v4)
+        return cudnn_sdpa.sdpa_fp8(q8, k8, v8, dq, dk, dv)
+    out = F.scaled_dot_product_attention(q4.transpose(1, 2), k4.transpose(1, 2), v4.transpose(1, 2))
+    return out.transpose(1, 2)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, impl: str = "sdpa",
+              ulysses: tuple[str, tuple[int, ...]] | None = None) -> torch.Tensor:
+    """softmax(q kᵀ / √d) v per head, no mask. q: [B, Sq, H·D], k/v: [B, Sk, H·D] → [B, Sq, H·D].
+
+    ``ulysses`` = (process-group name, tokens per rank): q/k/v hold this rank's tokens for all heads; they are
+    exchanged to all tokens for this rank's heads, attended, and exchanged back."""
     if impl == "onnx":
         # torch.onnx.ops.attention exports as a single opset-23 Attention node; in eager mode it
         # computes the reference math, so the exported graph and PyTorch agree by construction.
@@ -20,8 +95,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, imp
         return out[0] if isinstance(out, tuple) else out
     b, sq, hd = q.shape
     d = hd // heads
-    q4 = q.view(b, sq, heads, d).transpose(1, 2)
-    k4 = k.view(b, k.shape[1], heads, d).transpose(1, 2)
-    v4 = v.view(b, v.shape[1], heads, d).transpose(1, 2)
-    out = F.scaled_dot_product_attention(q4, k4, v4)
-    return out.transpose(1, 2).reshape(b, sq, hd)
+    q4, k4, v4 = (t.view(b, t.shape[1], heads, d) for t in (q, k, v))
+    if ulysses is None:
+        return _kernel(q4, k4, v4, impl).reshape(b, sq, hd)
+    from runtime.parallel import heads_to_seq, seq_to_heads
+
+    group, sizes = ulysses
+    q4, k4, v4 = (seq_to_heads(t, group, list(sizes)) for t in (q4, k4, v4))
+    return heads_to_seq(_kernel(q4, k4, v4, impl), group, list(sizes)).reshape(b, sq, hd)

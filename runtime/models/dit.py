@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from runtime.config import DiTConfig
-from runtime.models.attention import attention
+from runtime.models.attention import attention, resolve_attention
 from runtime.models.rope import expand_rope, rope_inputs, s2v_token_groups
 
 # Parameters kept in float32 whatever the model dtype: the official code computes these modules under
@@ -108,9 +108,14 @@ def add_gated(x: torch.Tensor, y: torch.Tensor, g: torch.Tensor, split: int, inp
     return x
 
 
+def act_dtype(layer: nn.Module) -> torch.dtype:
+    """The activation dtype a layer computes in: its parameter dtype, or ``act_dtype`` for FP8 layers."""
+    return getattr(layer, "act_dtype", None) or layer.weight.dtype
+
+
 def _in(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
-    """Cast an activation to a layer's parameter dtype (what autocast does at every linear/conv)."""
-    return x.to(layer.weight.dtype)
+    """Cast an activation to a layer's compute dtype (what autocast does at every linear/conv)."""
+    return x.to(act_dtype(layer))
 
 
 class SelfAttention(nn.Module):
@@ -119,12 +124,35 @@ class SelfAttention(nn.Module):
         self.heads = heads
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
         self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)
+        self.qkv: nn.Module | None = None   # set by fuse_qkv: one GEMM instead of three
+        self.ulysses: tuple[str, tuple[int, ...]] | None = None  # (group, tokens per rank) under sequence parallel
+
+    def fuse_qkv(self) -> None:
+        """Concatenate the q/k/v weights into one [3·D, D] linear; q/k/v stay as views of it, so the state-dict
+        keys (and the checkpoint) are unchanged and no memory is added."""
+        if self.qkv is not None or self.q.weight.is_meta:
+            return
+        d = self.q.out_features
+        w = torch.cat([self.q.weight, self.k.weight, self.v.weight])
+        b = torch.cat([self.q.bias, self.k.bias, self.v.bias])
+        with torch.device("meta"):
+            self.qkv = nn.Linear(d, 3 * d)
+        self.qkv.weight, self.qkv.bias = nn.Parameter(w, requires_grad=False), nn.Parameter(b, requires_grad=False)
+        for i, lin in enumerate((self.q, self.k, self.v)):
+            lin.weight = nn.Parameter(w[i * d:(i + 1) * d], requires_grad=False)
+            lin.bias = nn.Parameter(b[i * d:(i + 1) * d], requires_grad=False)
+
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.qkv is None:
+            x = _in(x, self.q)
+            return self.q(x), self.k(x), self.v(x)
+        return self.qkv(_in(x, self.qkv)).chunk(3, dim=-1)
 
     def forward(self, x: torch.Tensor, rope, impl: str) -> torch.Tensor:
-        x = _in(x, self.q)
-        q = apply_rope(self.norm_q(self.q(x)), self.heads, rope)
-        k = apply_rope(self.norm_k(self.k(x)), self.heads, rope)
-        return self.o(attention(q, k, self.v(x), self.heads, impl))
+        q, k, v = self._qkv(x)
+        q = apply_rope(self.norm_q(q), self.heads, rope)
+        k = apply_rope(self.norm_k(k), self.heads, rope)
+        return self.o(_in(attention(q, k, v, self.heads, impl, self.ulysses), self.o))
 
 
 class CrossAttention(nn.Module):
@@ -135,10 +163,12 @@ class CrossAttention(nn.Module):
         self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, impl: str) -> torch.Tensor:
-        x, context = _in(x, self.q), _in(context, self.q)
-        q = self.norm_q(self.q(x))
+        q = self.norm_q(self.q(_in(x, self.q)))
+        context = _in(context, self.k)
         k = self.norm_k(self.k(context))
-        return self.o(attention(q, k, self.v(context), self.heads, impl))
+        # short key sequences (512 text tokens, 5 audio tokens): PyTorch's SDPA, whatever the self-attention uses
+        out = attention(q, k.to(q.dtype), self.v(context).to(q.dtype), self.heads, "onnx" if impl == "onnx" else "sdpa")
+        return self.o(_in(out, self.o))
 
 
 class Block(nn.Module):
@@ -156,7 +186,7 @@ class Block(nn.Module):
         # e: [B, 6, 2, D] fp32 (six modulation vectors for the two segments)
         m = self.modulation.float().unsqueeze(2) + e
         ip = impl != "onnx"  # in-place segment updates in eager/compiled PyTorch, functional for export
-        dt = self.ffn[0].weight.dtype
+        dt = act_dtype(self.ffn[0])
         y = self.self_attn(modulate(layer_norm(x, self.eps), m[:, 0], m[:, 1], split, ip, dt), rope, impl)
         x = add_gated(x, y, m[:, 2], split, ip)
         y = self.cross_attn(layer_norm(x, self.eps, self.norm3.weight, self.norm3.bias), context, impl)
@@ -222,9 +252,11 @@ class CausalAudioEncoder(nn.Module):
         self.encoder = AudioConvEncoder(cfg.audio_dim, cfg.dim, cfg.num_audio_token)
 
     def forward(self, audio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        w = F.silu(self.weights.float())
-        feat = (audio.float() * w / w.sum(dim=1, keepdim=True)).sum(dim=1)  # [B, C_a, T]
-        return self.encoder(feat)
+        # The layer mix runs in the features' dtype, as in the official code: its fp32 autocast region casts
+        # only the convolutions, so with bf16 features and weights the mix (silu, product, sums) is bf16.
+        w = F.silu(self.weights.to(audio.dtype))
+        feat = ((audio * w) / w.sum(dim=1, keepdim=True)).sum(dim=1)  # [B, C_a, T]
+        return self.encoder(feat.float())
 
 
 class AudioInjector(nn.Module):
@@ -297,7 +329,7 @@ class ClipConditions:
     context: torch.Tensor       # [B, text_len, D]   text_embedding of the zero-padded prompt embedding
     audio_tokens: torch.Tensor  # [B, F, tokens+1, D] local audio tokens per latent frame
     audio_global: torch.Tensor  # [B, F, D]          global audio vector per latent frame (fp32)
-    pose: torch.Tensor          # [B, F, gh, gw, D]  cond_encoder(pose) + cond-type embedding 0
+    pose: torch.Tensor          # [B, F, gh, gw, D]  cond_encoder(pose) (cond-type embedding 0 added per step)
     extra: torch.Tensor         # [B, E, D]          reference (+ motion) tokens incl. their cond-type embedding
     rope_t: torch.Tensor        # [F, n_t, 2]        fp32 (cos, sin) per temporal position
     rope_h: torch.Tensor        # [gh, n_h, 2]
@@ -341,7 +373,9 @@ class WanS2VDiT(nn.Module):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
-        self.attention_impl = "sdpa"  # "onnx" while exporting: see set_export
+        self.attention_impl = "sdpa"  # self-attention kernel: see set_attention / set_export
+        self.sp = None                # sequence-parallel shard (runtime.parallel.SeqShard) or None
+        self.precision = "native"     # the parameter dtype; "fp8" after set_precision("fp8")
         d = cfg.dim
         self.patch_embedding = nn.Conv3d(cfg.in_dim, d, cfg.patch_size, stride=cfg.patch_size)
         self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, d), nn.GELU(approximate="tanh"), nn.Linear(d, d))
@@ -358,6 +392,39 @@ class WanS2VDiT(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.patch_embedding.weight.dtype
+
+    def set_attention(self, impl: str) -> str:
+        """Choose the self-attention kernel: ``auto`` (the fastest available on this device), ``sdpa``,
+        ``cudnn``, ``fa4``; returns the kernel chosen. A named kernel that cannot run here raises
+        ``BackendUnavailable`` with the reason."""
+        if self.precision == "fp8":
+            return self.attention_impl
+        self.attention_impl = resolve_attention(impl, self.patch_embedding.weight.device, self.patch_embedding.weight.dtype)
+        return self.attention_impl
+
+    def fuse_qkv(self) -> None:
+        """One QKV GEMM per block (weights concatenated; checkpoint keys unchanged)."""
+        for block in self.blocks:
+            block.self_attn.fuse_qkv()
+
+    def set_precision(self, precision: str) -> None:
+        """``fp8``: block linears in FP8 e4m3 and FP8 self-attention (Hopper+; ``runtime.kernels.fp8``).
+        Irreversible for this model object (the BF16 block weights are replaced)."""
+        if precision == self.precision or (precision in ("bf16", "fp16") and self.precision == "native"):
+            return
+        if precision != "fp8":
+            raise ValueError(f"cannot switch a {self.precision} model to {precision}; load it again")
+        from runtime.errors import ConfigError
+        from runtime.kernels import fp8
+
+        why = fp8.unsupported_reason(self.patch_embedding.weight.device)
+        if why:
+            raise ConfigError(why)
+        if self.dtype != torch.bfloat16:
+            raise ConfigError(f"--precision fp8 quantises a bf16 model; this one is {self.dtype}: load it in bf16")
+        fp8.quantize_blocks(self)
+        self.attention_impl = "fp8"
+        self.precision = "fp8"
 
     def set_export(self, enabled: bool) -> None:
         """Export form: ONNX ``Attention`` nodes, functional segment updates, explicit FP32 casts around norms.
@@ -401,7 +468,7 @@ class WanS2VDiT(nn.Module):
         else:
             pose = self.cond_encoder(_in(cond_states, self.cond_encoder)).permute(0, 2, 3, 4, 1)
         mask = self.trainable_cond_mask.weight.to(dt)
-        pose = pose + mask[0]
+        # the noisy tokens' mask embedding is added in ``step``: the official sum is (patch + pose) + mask
 
         extra = [self.patch_embedding(_in(ref_latents, self.patch_embedding)).flatten(2).transpose(1, 2) + mask[1]]
         if motion_latents is not None:
@@ -415,15 +482,21 @@ class WanS2VDiT(nn.Module):
              audio_global: torch.Tensor, pose: torch.Tensor, extra: torch.Tensor, rope_t: torch.Tensor,
              rope_h: torch.Tensor, rope_w: torch.Tensor, rope_extra: torch.Tensor) -> torch.Tensor:
         """One DiT evaluation. x: [B, C, F, h, w] noisy latent; t_freq: [B, freq_dim] from
-        ``timestep_frequencies``; the rest from ``prepare``. Returns the velocity [B, C_out, F, h, w] in fp32."""
+        ``timestep_frequencies``; the rest from ``prepare``. Returns the velocity [B, C_out, F, h, w] in fp32.
+
+        Under sequence parallelism (``self.sp``, set by ``runtime.parallel``) each rank keeps its own slice of
+        the token sequence through the blocks and the ranks exchange heads around self-attention (Ulysses);
+        the per-token work (norms, modulation, FFN, cross-attention, frame-local audio injection) needs no
+        communication, and the head's outputs are gathered once at the end."""
         cfg = self.cfg
         impl = self.attention_impl
         b, _, f, lat_h, lat_w = x.shape
         gh, gw = lat_h // cfg.patch_size[1], lat_w // cfg.patch_size[2]
         split = f * gh * gw
 
-        tokens = self.patch_embedding(_in(x, self.patch_embedding)).flatten(2).transpose(1, 2) + pose.flatten(1, 3)
-        h = torch.cat([tokens, extra], dim=1).float()  # the residual stream: fp32, owned here (blocks update it in place)
+        mask0 = self.trainable_cond_mask.weight[0].to(pose.dtype)
+        tokens = (self.patch_embedding(_in(x, self.patch_embedding)).flatten(2).transpose(1, 2) + pose.flatten(1, 3)) + mask0
+        h = torch.cat([tokens, extra], dim=1)
 
         # timestep t for the noisy tokens, timestep 0 for reference/motion tokens (zero_timestep)
         t0 = torch.cat([torch.ones_like(t_freq[:, : cfg.freq_dim // 2]), torch.zeros_like(t_freq[:, cfg.freq_dim // 2:])], 1)
@@ -432,14 +505,22 @@ class WanS2VDiT(nn.Module):
         e0 = F.linear(F.silu(e), *self._fp32(self.time_projection[1])).unflatten(1, (6, cfg.dim))
         e_blocks = torch.stack([e0[:b], e0[b:]], dim=2)                           # [B, 6, 2, D]
 
-        rope = rope_operand(*expand_rope(rope_t, rope_h, rope_w, rope_extra), fused=impl == "sdpa" and x.is_cuda)
+        cos, sin = expand_rope(rope_t, rope_h, rope_w, rope_extra)
+        start, end = (0, h.shape[1]) if self.sp is None else self.sp.bounds(h.shape[1])
+        if self.sp is not None:
+            h, cos, sin = h[:, start:end], cos[start:end], sin[start:end]
+        h = h.float().contiguous()  # the residual stream: fp32, owned here (blocks update it in place)
+        local_split = min(max(split - start, 0), end - start)
+        rope = rope_operand(cos, sin, fused=impl != "onnx" and x.is_cuda)
         inject = cfg.inject_map
         for i, block in enumerate(self.blocks):
-            h = block(h, e_blocks, split, context, rope, impl)
+            h = block(h, e_blocks, local_split, context, rope, impl)
             if i in inject:
-                h = self._inject_audio(h, inject[i], audio_tokens, audio_global, split, f)
+                h = self._inject_audio(h, inject[i], audio_tokens, audio_global, start, local_split, split // f)
 
-        out = self.head(h[:, :split], e[:b])                                      # [B, L, 4·C]
+        out = self.head(h[:, :local_split], e[:b])                                # [B, L_local, 4·C]
+        if self.sp is not None:
+            out = self.sp.gather_tokens(out, split)
         c = cfg.out_dim
         out = out.view(b, f, gh, gw, 1, 2, 2, c).permute(0, 7, 1, 4, 2, 5, 3, 6)
         return out.reshape(b, c, f, lat_h, lat_w)
@@ -449,14 +530,30 @@ class WanS2VDiT(nn.Module):
         return layer.weight.float(), layer.bias.float()
 
     def _inject_audio(self, h: torch.Tensor, j: int, audio_tokens: torch.Tensor, audio_global: torch.Tensor,
-                      split: int, frames: int) -> torch.Tensor:
-        """Frame-local audio cross-attention on the noisy tokens (no gate); reference/motion untouched."""
+                      start: int, split: int, per_frame: int) -> torch.Tensor:
+        """Frame-local audio cross-attention on the noisy tokens (no gate); reference/motion tokens untouched.
+
+        ``h`` holds tokens [start, start + len) of the sequence and ``split`` of them are noisy. Each noisy token
+        attends only to its own frame's audio tokens, so a slice that starts or ends inside a frame is padded to
+        whole frames (the padding rows are computed and dropped; rows never mix)."""
         b, _, d = h.shape
-        per_frame = split // frames
-        x = h[:, :split].reshape(b * frames, per_frame, d)
-        a = self.audio_injector.injector_adain_layers[j](x, audio_global.reshape(b * frames, d))
-        r = self.audio_injector.injector[j](a, audio_tokens.reshape(b * frames, -1, d), self.attention_impl)
-        return torch.cat([h[:, :split] + r.reshape(b, split, d), h[:, split:]], dim=1)
+        if split == 0:
+            return h
+        f0, f1 = start // per_frame, -(-(start + split) // per_frame)
+        lead = start - f0 * per_frame
+        x = h[:, :split]
+        pad = (f1 - f0) * per_frame - split - lead
+        if lead or pad:
+            x = F.pad(x, (0, 0, lead, pad))
+        n = f1 - f0
+        x = x.reshape(b * n, per_frame, d)
+        a = self.audio_injector.injector_adain_layers[j](x, audio_global[:, f0:f1].reshape(b * n, d))
+        r = self.audio_injector.injector[j](a, audio_tokens[:, f0:f1].reshape(b * n, -1, d), self.attention_impl)
+        r = r.reshape(b, n * per_frame, d)[:, lead:lead + split]
+        if self.attention_impl == "onnx":
+            return torch.cat([h[:, :split] + r, h[:, split:]], dim=1)
+        h[:, :split] += r
+        return h
 
     # ----------------------------------------------------------------- official-style call
     def forward(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor, ref_latents: torch.Tensor,
@@ -489,8 +586,10 @@ def build_dit(cfg: DiTConfig, dtype: torch.dtype = torch.float32, device: torch.
             t.fill_(0.01)
         else:
             t.normal_(0.0, std, generator=gen)
-        state[name] = t if keeps_fp32(name) else t.to(dtype)
+        # fp32-held parameters are rounded through the model dtype, as if loaded from a checkpoint in that dtype
+        state[name] = t.to(dtype).float() if keeps_fp32(name) else t.to(dtype)
     model.load_state_dict(state, strict=True, assign=True)
+    model.fuse_qkv()
     return model.eval().requires_grad_(False)
 
 
@@ -517,6 +616,29 @@ def load_dit(path: str | Path, dtype: torch.dtype | None = None, device: torch.d
         model = WanS2VDiT(cfg)
     ckpt.assign_strict(model, ckpt.iter_tensors(files), str(path),
                        lambda name: torch.float32 if keeps_fp32(name) else dtype, device)
+    round_fp32_islands(model, dtype)
+    model.fuse_qkv()
+    return model.eval().requires_grad_(False)
+
+
+def round_fp32_islands(model: WanS2VDiT, dtype: torch.dtype | None) -> None:
+    """Round the fp32-held parameters through ``dtype`` (bf16/fp16): the official code loads every parameter in
+    the model dtype and computes these modules in fp32 from those rounded values."""
+    if dtype in (None, torch.float32):
+        return
+    for name, p in model.named_parameters():
+        if keeps_fp32(name):
+            p.data = p.data.to(dtype).float()
+
+
+def from_state_dict(cfg: DiTConfig, state: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> WanS2VDiT:
+    """A model over the tensors of an official state dict (shared, not copied, where dtypes agree)."""
+    with torch.device("meta"):
+        model = WanS2VDiT(cfg)
+    state = {k: (v.float() if keeps_fp32(k) else (v if dtype is None else v.to(dtype))) for k, v in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    round_fp32_islands(model, dtype or next(v.dtype for k, v in state.items() if not keeps_fp32(k)))
+    model.fuse_qkv()
     return model.eval().requires_grad_(False)
 
 

@@ -1,0 +1,38 @@
+"""FlashAttention-4 (``flash-attn-4``: CuTe-DSL kernels, with an SM90 forward path) as a custom op.
+
+Takes the model's layout directly: q/k/v [B, S, H, D] (a free view of [B, S, H·D]), returns [B, Sq, H, D].
+Kernels are JIT-compiled per configuration on first use (seconds), then cached by the library.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def available(device: torch.device | None = None) -> str | None:
+    """None when usable, else the reason it is not."""
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    dev = torch.device(device or "cuda")
+    if dev.type != "cuda":
+        return f"device {dev} is not CUDA"
+    major, _ = torch.cuda.get_device_capability(dev)
+    if major not in (9, 10, 11, 12):  # the CuTe kernels target SM90/SM100/SM120
+        return f"FlashAttention-4 has no kernels for compute capability {major}.x"
+    try:
+        from flash_attn.cute import flash_attn_func  # noqa: F401
+    except Exception as err:
+        return f"flash-attn-4 unavailable ({type(err).__name__}: {err})"
+    return None
+
+
+@torch.library.custom_op("wan_s2v::fa4_attention", mutates_args=())
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    from flash_attn.cute import flash_attn_func
+
+    out = flash_attn_func(q, k, v)
+    return (out[0] if isinstance(out, tuple) else out).contiguous()
+
+
+@attention.register_fake
+def _(q, k, v):
+    return q.new_empty(q.shape[:-1] + (v.shape[-1],))
