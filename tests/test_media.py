@@ -1,4 +1,4 @@
-"""Tests for runtime.media: image/audio/pose loading and the MP4 writer (CPU, a few seconds)."""
+"""Tests for runtime.media (image, audio, pose loading; the MP4 writer) (CPU, a few seconds)."""
 from __future__ import annotations
 
 import errno
@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from runtime import media
+from runtime.media import mp4
 from runtime.errors import InputError, OutputError
 from runtime.media import AudioClip, load_audio, load_image, probe_mp4, read_pose_frames, write_mp4
 
@@ -525,8 +525,8 @@ def test_write_mp4_overwrite(tmp_path, monkeypatch):
     out = tmp_path / "out.mp4"
     out.write_bytes(b"precious")
     muxed = []
-    real_mux = media._mux
-    monkeypatch.setattr(media, "_mux", lambda o, p: (muxed.append(1), real_mux(o, p)))
+    real_mux = mp4._mux
+    monkeypatch.setattr(mp4, "_mux", lambda o, p: (muxed.append(1), real_mux(o, p)))
     with pytest.raises(OutputError, match="already exists"):
         write_mp4(out, ramp_frames(2))
     assert muxed == []  # refused up front, before spending time encoding
@@ -578,7 +578,7 @@ def test_write_mp4_bad_frames(tmp_path):
 ])
 def test_write_mp4_failure_midway_leaves_nothing(tmp_path, monkeypatch, exc, expected):
     calls = {"n": 0}
-    real_mux = media._mux
+    real_mux = mp4._mux
 
     def failing_mux(out, packets):
         calls["n"] += 1
@@ -586,7 +586,7 @@ def test_write_mp4_failure_midway_leaves_nothing(tmp_path, monkeypatch, exc, exp
             raise exc
         real_mux(out, packets)
 
-    monkeypatch.setattr(media, "_mux", failing_mux)
+    monkeypatch.setattr(mp4, "_mux", failing_mux)
     out = tmp_path / "out.mp4"
     with pytest.raises(expected) as info:
         write_mp4(out, ramp_frames(16), audio=clip_of(1.0))
@@ -603,7 +603,7 @@ def test_write_mp4_failure_keeps_existing_file(tmp_path, monkeypatch):
     def failing_mux(out_, packets):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(media, "_mux", failing_mux)
+    monkeypatch.setattr(mp4, "_mux", failing_mux)
     with pytest.raises(OutputError, match="disk full"):
         write_mp4(out, ramp_frames(4), overwrite=True)
     assert out.read_bytes() == b"old" and only_file(tmp_path) == ["out.mp4"]
