@@ -156,11 +156,57 @@ def full_size_encoders(device):
     return TextEncoder(t5, ByteTokenizer()), Wav2Vec2Features(w2v, ext, device, torch.float32)
 
 
+@dataclass(frozen=True)
+class Variant:
+    """``backend[:attention][@precision]``, e.g. ``torch``, ``torch-graph:fa4``, ``torch-graph@fp8``; or ``official``."""
+
+    spec: str
+
+    @property
+    def backend(self) -> str:
+        return self.spec.split("@")[0].split(":")[0]
+
+    @property
+    def attention(self) -> str:
+        head = self.spec.split("@")[0]
+        return head.split(":")[1] if ":" in head else "sdpa"
+
+    @property
+    def precision(self) -> str:
+        return self.spec.split("@")[1] if "@" in self.spec else "bf16"
+
+
+def fastest_attention(model, seq: int, device, candidates=("sdpa", "cudnn", "fa4")) -> tuple[str, dict]:
+    """Time each available self-attention kernel once at this sequence length; the fastest wins."""
+    from runtime.models.attention import _kernel, unavailable_reason
+
+    cfg = model.cfg
+    q = torch.randn(1, seq, cfg.num_heads, cfg.head_dim, device=device, dtype=model.dtype)
+    times = {}
+    for impl in candidates:
+        if unavailable_reason(impl, device) is None:
+            try:
+                times[impl] = median(time_fn(lambda: _kernel(q, q, q, impl), device, warmup=1, repeat=3))
+            except Exception as err:  # a kernel that fails here is simply not a candidate
+                print(f"attention {impl}: {type(err).__name__}: {err}", flush=True)
+    return min(times, key=times.get), times
+
+
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float(), b.float()
+    return float((a - b).norm() / b.norm())
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
     ap.add_argument("--scenario", default="tiny-cpu", choices=sorted(SCENARIOS))
-    ap.add_argument("--variants", default="torch", help="comma list of DiT backends")
+    ap.add_argument("--variants", default="torch",
+                    help="comma list of backend[:attention][@precision] (attention: sdpa, cudnn, fa4, fastest; "
+                         "precision: bf16, fp8), or 'official' (needs --official-repo)")
+    ap.add_argument("--step-variants", default=None, help="variants whose CFG step is timed too (default: all but official)")
+    ap.add_argument("--official-repo", default=None, help="a checkout of Wan-Video/Wan2.2 (the folder holding wan/)")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--graph-warmup", type=int, default=2, help="eager runs before a CUDA graph is captured")
     ap.add_argument("--stages", default="dit,vae,encoders", help="comma list: dit,vae,encoders")
     ap.add_argument("--engines_dir", default="engines")
     ap.add_argument("--out", type=Path, default=None)
@@ -169,102 +215,174 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() and scn.model != "tiny" else "cpu")
     torch.set_grad_enabled(False)
     stages = {s.strip() for s in args.stages.split(",")}
-    from runtime.backends import make_backend
+    variants = [Variant(v) for v in args.variants.split(",") if v]
+    step_set = set(args.step_variants.split(",")) if args.step_variants is not None else {v.spec for v in variants if v.spec != "official"}
+    out_dir = args.out or Path(__file__).resolve().parent / "results" / device_slug(device)
+    path = out_dir / f"run_{scn.name}.json"
 
-    model = build(scn, device)
-    dtype = model.dtype
-    x, cond, uncond, both = clip_conditions(model, scn, device, dtype)
+    from runtime.backends import make_backend
+    from runtime.models.dit import from_state_dict, timestep_frequencies
+
+    base = build(scn, device)           # random weights (bf16 at full size)
+    cfg = base.cfg
+    official = None
+    if any(v.spec == "official" for v in variants):
+        from benchmarks.official import build_official
+
+        if not args.official_repo:
+            raise SystemExit("variant 'official' needs --official-repo PATH (a checkout of Wan-Video/Wan2.2)")
+        official = build_official(args.official_repo, cfg, {k: v.to(base.dtype) for k, v in base.state_dict().items()})
+        state = official.state_dict()   # our models load the official model's own tensors (strict)
+    else:
+        state = base.state_dict()
+    del base
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    x, cond, uncond, both = clip_conditions(from_state_dict(cfg, state), scn, device, dtype)
     seq = cond.num_tokens
-    cfg = model.cfg
     flops1 = dit_forward_flops(cfg, scn.latent_frames, scn.height // 16, scn.width // 16, cond.extra.shape[1])
     ceilings = measure_ceilings(device, seq, cfg)
-    t_freq = torch.randn(1, cfg.freq_dim, device=device)
-    variants, backends, errors = [v for v in args.variants.split(",") if v], {}, {}
-    compiled_model = None  # compiling variants patch the blocks: give them their own copy of the same weights
-    for v in variants:
+    t_value = 500.0
+    t_freq = timestep_frequencies([t_value], cfg.freq_dim).to(device)
+    g = torch.Generator(device=device).manual_seed(0)
+    text = torch.randn(1, 40, cfg.text_dim, generator=g, device=device, dtype=dtype)
+    ref = torch.randn(1, 16, 1, scn.height // 8, scn.width // 8, generator=g, device=device, dtype=dtype)
+    motion = torch.randn(1, 16, 19, scn.height // 8, scn.width // 8, generator=g, device=device, dtype=dtype) if scn.clip == "later" else None
+    audio = torch.randn(1, cfg.audio_layers, cfg.audio_dim, scn.infer_frames, generator=g, device=device, dtype=dtype)
+
+    meta = {"device": device_description(device), "scenario": asdict(scn), "tokens": seq, "dtype": str(dtype),
+            "flops_per_forward": {"linear": flops1.linear, "attention": flops1.attention},
+            "step_flops": flops1.total * (2 if scn.cfg else 1), "ceilings": ceilings, "repeat": args.repeat,
+            "timestep": t_value, "gpus": 1,
+            "command": "python -m benchmarks.run " + " ".join(sys.argv[1:] if argv is None else argv),
+            "notes": "random weights (bf16 at full size), shared by every variant (the official model's state dict "
+                     "loaded into ours); CUDA events; median of repeats; forward calls interleaved across variants, "
+                     "CFG steps (one batch-2 call) timed per variant after; rel_l2_vs_official / rel_l2_vs_bf16 on "
+                     "the same inputs; official step = two forward calls, as the official loop does"}
+    rows: list[dict] = []
+    outputs: dict[str, torch.Tensor] = {}
+    runners: dict[str, object] = {}
+    errors: dict[str, str] = {}
+    extra: dict[str, dict] = {}
+
+    def save():
+        table = markdown_table(rows, ["variant", "precision", "scenario", "gpus", "dit_forward_s", "step_s", "clip_s",
+                                      "peak_mem_gib", "tflops", "pct_of_floor", "rel_l2_vs_official", "rel_l2_vs_bf16"])
+        errs = [{"variant": k, "error": e} for k, e in errors.items()]
+        if errs:
+            table += "\n\n" + markdown_table(errs, ["variant", "error"])
+        write_results(path, rows + [{"variant": k, "scenario": scn.name, "error": e} for k, e in errors.items()],
+                      {**meta, "attention": extra}, table)
+        return table
+
+    def err(v, e):
+        errors[v] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}" if str(e) else type(e).__name__
+        print(f"[{v}] {errors[v]}", flush=True)
+
+    block0: dict[str, torch.Tensor] = {}
+    for v in variants:  # build, warm up (compile, capture), keep one output for the comparisons
+        t0 = time.perf_counter()
         try:
-            m = model
-            if v in ("torch-compile", "torch-graph"):
-                compiled_model = compiled_model or build(scn, device)
-                m = compiled_model
-            backends[v] = make_backend(v, m, engines_dir=args.engines_dir)
-        except Exception as err:
-            errors[v] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
-    calls = {
-        "dit_forward": lambda b: b.forward(x, t_freq, cond),
-        "dit_step": (lambda b: b.forward(x.expand(2, -1, -1, -1, -1), t_freq.expand(2, -1), both)) if scn.cfg
-        else (lambda b: b.forward(x, t_freq, cond)),
-    }
-    times: dict[tuple[str, str], list[float]] = {}
-    peaks: dict[str, float] = {}
-    first_call: dict[str, float] = {}
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            if v.spec == "official":
+                from benchmarks.official import official_forward
+
+                hook = official.blocks[0].register_forward_pre_hook(lambda m, a, kw: block0.__setitem__("official", a[0].float().clone()), with_kwargs=True)
+                fn = lambda: official_forward(official, x, t_value, text, ref, motion, audio, scn.clip == "first")  # noqa: E731
+                outputs[v.spec] = fn()
+                hook.remove()
+                runners[v.spec] = (fn, None)
+            else:
+                model = from_state_dict(cfg, state)
+                if v.precision == "fp8":
+                    model.set_precision("fp8")
+                attn = v.attention
+                if attn == "fastest":
+                    attn, times = fastest_attention(model, seq, device)
+                    extra[v.spec] = {"chosen": attn, "seconds_per_call": times}
+                if v.precision != "fp8":
+                    model.set_attention(attn)
+                backend = make_backend(v.backend, model, engines_dir=args.engines_dir)
+                if hasattr(backend, "warmup"):
+                    backend.warmup = args.graph_warmup
+                mc = model.prepare(text, ref, motion, None, audio, scn.latent_frames)
+                hook = model.blocks[0].register_forward_pre_hook(lambda m, a: block0.__setitem__(v.spec, a[0].float().clone()))
+                fwd = lambda b=backend, c=mc: b.forward(x, t_freq, c)  # noqa: E731
+                outputs[v.spec] = fwd().float()
+                hook.remove()
+                step = None
+                if scn.cfg:
+                    step = lambda b=backend: b.forward(x.expand(2, -1, -1, -1, -1), t_freq.expand(2, -1), both)  # noqa: E731
+                runners[v.spec] = (fwd, step)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            extra.setdefault(v.spec, {})["first_call_s"] = time.perf_counter() - t0
+            print(f"[{v.spec}] ready in {time.perf_counter() - t0:.1f} s", flush=True)
+        except Exception as e:
+            err(v.spec, e)
+    times: dict[str, list[float]] = {}
     if "dit" in stages:
-        for v, b in list(backends.items()):  # warm-up: compilation, capture, session start
+        for _ in range(args.repeat):  # forward calls interleaved across variants
+            for spec, (fwd, _) in runners.items():
+                try:
+                    times.setdefault(spec, []).extend(time_fn(fwd, device, warmup=0, repeat=1))
+                except Exception as e:
+                    err(spec, e)
+        for v in variants:
+            spec = v.spec
+            if spec not in times or spec in errors:
+                continue
+            fwd_s = median(times[spec])
+            prec = v.precision if v.precision == "fp8" else {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+            row = {"device": device_slug(device), "variant": spec, "precision": prec, "scenario": scn.name,
+                   "gpus": 1, "attention": extra.get(spec, {}).get("chosen", "sdpa" if spec == "official" else
+                                                                  ("fp8" if v.precision == "fp8" else v.attention)),
+                   "dit_forward_s": fwd_s, "forward_all_s": times[spec], "tflops": flops1.total / fwd_s / 1e12}
+            if ceilings:
+                row["pct_of_floor"] = 100 * flops1.floor_s(ceilings["gemm_tflops"], ceilings["attention_tflops"]) / fwd_s
+            if "official" in outputs and spec != "official":
+                row["rel_l2_vs_official"] = rel_l2(outputs[spec], outputs["official"])
+                if spec in block0 and "official" in block0:
+                    row["block0_input_rel_l2_vs_official"] = rel_l2(block0[spec], block0["official"])
+            ref_bf16 = next((o for k, o in outputs.items() if k != "official" and Variant(k).precision == "bf16"), None)
+            if v.precision == "fp8" and ref_bf16 is not None:
+                row["rel_l2_vs_bf16"] = rel_l2(outputs[spec], ref_bf16)
+            rows.append(row)
+        save()
+        for row in rows:  # CFG steps, one variant at a time (captured graphs of other variants released)
+            spec = row["variant"]
+            fwd, step = runners[spec]
+            if spec == "official":
+                row["step_s"] = 2 * row["dit_forward_s"]
+                row["step_note"] = "two forward calls per step, as the official loop"
+                continue
+            if step is None or spec not in step_set:
+                continue
             try:
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
-                t0 = time.perf_counter()
-                for fn in calls.values():
-                    fn(b)
+                ts = time_fn(step, device, warmup=1, repeat=max(1, args.repeat - 1))
+                row["step_s"], row["step_all_s"] = median(ts), ts
                 if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                    # two weight copies are resident when eager and compiled variants run side by side:
-                    # count only the copy this variant uses
-                    other = (model if b.model is compiled_model else compiled_model) if compiled_model is not None else None
-                    other_b = sum(p.numel() * p.element_size() for p in other.parameters()) if other is not None else 0
-                    peaks[v] = (torch.cuda.max_memory_allocated(device) - other_b) / 2**30
-                first_call[v] = time.perf_counter() - t0
-            except Exception as err:
-                errors[v] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
-                backends.pop(v)
-        for _ in range(args.repeat):  # interleaved: one timed call per variant per stage per round
-            for stage, fn in calls.items():
-                for v, b in backends.items():
-                    times.setdefault((v, stage), []).extend(time_fn(lambda: fn(b), device, warmup=0, repeat=1))
-    del backends, model, compiled_model, x, cond, uncond, both  # free the DiT(s) before the VAE/encoder stages
+                    row["peak_mem_gib_step"] = torch.cuda.max_memory_allocated(device) / 2**30
+            except Exception as e:
+                err(spec, e)
+            backend = getattr(fwd, "__defaults__", (None,))[0]
+            if hasattr(backend, "graphs"):
+                backend.graphs.clear()
+            print(f"[{spec}] step {row.get('step_s')}", flush=True)
+            save()
+    del runners, outputs, official, state, x, cond, uncond, both
     if device.type == "cuda":
         torch.cuda.empty_cache()
     common = stage_rows(scn, device, args.repeat, stages) if stages & {"vae", "encoders"} else []
-    common = [r for r in common if (r["stage"].startswith("vae") and "vae" in stages) or
-              (not r["stage"].startswith("vae") and "encoders" in stages)]
     vae_s = sum(r["seconds"] for r in common if r["stage"].startswith("vae")) if "vae" in stages else None
-
-    rows = []
-    step_flops = flops1.total * (2 if scn.cfg else 1)
-    for v in variants:
-        if v in errors and (v, "dit_forward") not in times:
-            rows.append({"device": device_slug(device), "variant": v, "scenario": scn.name, "error": errors[v]})
-            continue
-        if "dit" not in stages:
-            continue
-        fwd, step = median(times[(v, "dit_forward")]), median(times[(v, "dit_step")])
-        row = {"device": device_slug(device), "variant": v, "scenario": scn.name, "dit_forward_s": fwd, "step_s": step,
-               "clip_s": None if vae_s is None else scn.steps * step + vae_s, "peak_mem_gib": peaks.get(v), "tflops": flops1.total / fwd / 1e12,
-               "first_call_s": first_call.get(v), "forward_all_s": times[(v, "dit_forward")], "step_all_s": times[(v, "dit_step")]}
-        if ceilings:
-            floor = flops1.floor_s(ceilings["gemm_tflops"], ceilings["attention_tflops"])
-            row["floor_s"] = floor
-            row["pct_of_floor"] = 100 * floor / fwd
-        rows.append(row)
+    for row in rows:
+        if vae_s is not None and row.get("step_s"):
+            row["clip_s"] = scn.steps * row["step_s"] + vae_s
     rows += [{"device": device_slug(device), "scenario": scn.name, **r} for r in common]
-    meta = {"device": device_description(device), "scenario": asdict(scn), "tokens": seq, "dtype": str(dtype),
-            "flops_per_forward": {"linear": flops1.linear, "attention": flops1.attention}, "step_flops": step_flops,
-            "ceilings": ceilings, "repeat": args.repeat,
-            "command": "python -m benchmarks.run " + " ".join(sys.argv[1:] if argv is None else argv),
-            "notes": "random weights; CUDA events; median of repeats; variants interleaved; clip_s = steps × step_s + "
-                     "VAE decode + encode (text/audio encoders run once per request, listed separately)"}
-    dit_rows = [r for r in rows if "dit_forward_s" in r]
-    table = markdown_table(dit_rows, ["device", "variant", "scenario", "dit_forward_s", "step_s", "clip_s", "peak_mem_gib",
-                                      "tflops"] + (["pct_of_floor"] if ceilings else []))
-    if common:
-        table += "\n\n" + markdown_table(common, ["variant", "stage", "seconds", "peak_mem_gib"])
-    errs = [r for r in rows if "error" in r]
-    if errs:
-        table += "\n\n" + markdown_table(errs, ["variant", "error"])
-    out = args.out or Path(__file__).resolve().parent / "results" / device_slug(device)
-    path = out / f"run_{scn.name}.json"
-    write_results(path, rows, meta, table)
-    plot(dit_rows, scn, path.with_suffix(".png"))
+    table = save()
+    plot([r for r in rows if "dit_forward_s" in r], scn, path.with_suffix(".png"))
     print(table)
     return 0
 
@@ -277,6 +395,9 @@ def plot(rows: list[dict], scn: Scenario, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = [r for r in rows if r.get("step_s")]
+    if not rows:
+        return
     fig, ax = plt.subplots(figsize=(6, 0.6 + 0.5 * len(rows)))
     names = [r["variant"] for r in rows]
     vals = [r["step_s"] for r in rows]

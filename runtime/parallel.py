@@ -85,8 +85,16 @@ def init(ulysses: int = 1, cfg_parallel: bool = False, device: str | torch.devic
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
                                 device_id=device if device.type == "cuda" else None)
+    return configure(ulysses, cfg_parallel, device)
+
+
+def configure(ulysses: int, cfg_parallel: bool, device: torch.device) -> Layout:
+    """Build the groups of one layout over the initialised world (callable again for another layout)."""
+    world = dist.get_world_size()
+    check_sizes(ulysses, cfg_parallel, world)
     rank = dist.get_rank()
     layout = Layout(rank, world, ulysses, cfg_parallel, device)
+    _GROUPS.clear()
     branches = 2 if cfg_parallel else 1
     for c in range(branches):  # every rank creates every group, in the same order
         g = dist.new_group(list(range(c * ulysses, (c + 1) * ulysses)))

@@ -199,7 +199,7 @@ def test_sharded_and_single_file_load_identically(tmp_path, tiny_model, tiny_ckp
 
 def test_load_to_bf16_keeps_islands(tiny_ckpt):
     m = load_dit(tiny_ckpt, dtype=torch.bfloat16)
-    assert m.blocks[0].self_attn.q.weight.dtype == torch.bfloat16
+    assert m.state_dict()["blocks.0.self_attn.q.weight"].dtype == torch.bfloat16
     assert m.time_projection[1].weight.dtype == torch.float32
 
 

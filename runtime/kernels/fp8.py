@@ -94,9 +94,6 @@ def quantize_blocks(model: nn.Module) -> int:
     """Replace the block linears named in ``QUANTISED`` by ``FP8Linear`` (in place); returns how many."""
     n = 0
     for block in model.blocks:
-        attn = block.self_attn
-        if getattr(attn, "qkv", None) is not None:  # fused: q/k/v are views of qkv and are no longer called
-            attn.q = attn.k = attn.v = None
         for name in QUANTISED:
             parent_name, _, leaf = name.rpartition(".")
             parent = block.get_submodule(parent_name)

@@ -118,6 +118,24 @@ def _in(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
     return x.to(act_dtype(layer))
 
 
+def _qkv_state_dict(module, state, prefix, _meta):
+    """Fused model → the checkpoint's q/k/v keys (views of the fused tensors)."""
+    if getattr(module, "qkv", None) is None or prefix + "qkv.weight" not in state:
+        return
+    w, b = state.pop(prefix + "qkv.weight"), state.pop(prefix + "qkv.bias")
+    d = w.shape[0] // 3
+    for i, n in enumerate("qkv"):
+        state[f"{prefix}{n}.weight"], state[f"{prefix}{n}.bias"] = w[i * d:(i + 1) * d], b[i * d:(i + 1) * d]
+
+
+def _qkv_load(module, state, prefix, *_):
+    """Checkpoint q/k/v keys → the fused tensors of an already fused model."""
+    if getattr(module, "qkv", None) is None or prefix + "q.weight" not in state:
+        return
+    for kind in ("weight", "bias"):
+        state[f"{prefix}qkv.{kind}"] = torch.cat([state.pop(f"{prefix}{n}.{kind}") for n in "qkv"])
+
+
 class SelfAttention(nn.Module):
     def __init__(self, dim: int, heads: int, eps: float):
         super().__init__()
@@ -128,8 +146,8 @@ class SelfAttention(nn.Module):
         self.ulysses: tuple[str, tuple[int, ...]] | None = None  # (group, tokens per rank) under sequence parallel
 
     def fuse_qkv(self) -> None:
-        """Concatenate the q/k/v weights into one [3·D, D] linear; q/k/v stay as views of it, so the state-dict
-        keys (and the checkpoint) are unchanged and no memory is added."""
+        """Concatenate the q/k/v weights into one [3·D, D] linear (one GEMM instead of three). The state dict
+        still reads and writes the checkpoint's q/k/v keys (hooks below), so checkpoints are unchanged."""
         if self.qkv is not None or self.q.weight.is_meta:
             return
         d = self.q.out_features
@@ -138,9 +156,11 @@ class SelfAttention(nn.Module):
         with torch.device("meta"):
             self.qkv = nn.Linear(d, 3 * d)
         self.qkv.weight, self.qkv.bias = nn.Parameter(w, requires_grad=False), nn.Parameter(b, requires_grad=False)
-        for i, lin in enumerate((self.q, self.k, self.v)):
-            lin.weight = nn.Parameter(w[i * d:(i + 1) * d], requires_grad=False)
-            lin.bias = nn.Parameter(b[i * d:(i + 1) * d], requires_grad=False)
+        self.q = self.k = self.v = None
+        if not getattr(self, "_qkv_hooks", False):
+            self._register_state_dict_hook(_qkv_state_dict)
+            self._register_load_state_dict_pre_hook(_qkv_load, with_module=True)
+            self._qkv_hooks = True
 
     def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.qkv is None:
@@ -642,6 +662,16 @@ def from_state_dict(cfg: DiTConfig, state: dict[str, torch.Tensor], dtype: torch
     return model.eval().requires_grad_(False)
 
 
+def official_config_dict(cfg: DiTConfig) -> dict:
+    """The official ``WanModel_S2V`` config (config.json keys / constructor arguments) of ``cfg``."""
+    out = cfg.to_dict()
+    for k in ("audio_layers", "zip_frame_buckets", "ref_time_position", "rope_theta"):  # fixed in the official code
+        out.pop(k)
+    out.update(model_type="s2v", **{k: v for k, v in cfg.extra.items() if k != "_class_name"})
+    out.setdefault("framepack_drop_mode", "padd")
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in out.items()}
+
+
 def save_dit(model: WanS2VDiT, folder: str | Path, shards: int = 1, dtype: torch.dtype | None = None) -> Path:
     """Write ``model`` in the official layout (config.json + safetensors shards + index); used by tests
     and the tiny built-in checkpoint."""
@@ -653,10 +683,7 @@ def save_dit(model: WanS2VDiT, folder: str | Path, shards: int = 1, dtype: torch
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    cfg = model.cfg.to_dict()
-    for k in ("audio_layers", "zip_frame_buckets", "ref_time_position", "rope_theta"):
-        cfg.pop(k)
-    cfg.update({"_class_name": "WanModel_S2V", "model_type": "s2v"})
+    cfg = {"_class_name": "WanModel_S2V", **official_config_dict(model.cfg)}
     (folder / ckpt.DIT_CONFIG).write_text(_json.dumps(cfg, indent=2))
     state = {k: (v.to(dtype) if dtype else v).contiguous() for k, v in model.state_dict().items()}
     names = list(state)
