@@ -48,7 +48,7 @@ def main(argv=None) -> int:
         v8, dv = quantize_tensor(v)
         cases = {"sdpa": lambda: _kernel(q, k, v, "sdpa"), "cudnn": lambda: _kernel(q, k, v, "cudnn"),
                  "fa4": lambda: _kernel(q, k, v, "fa4"),
-                 "fp8 (kernel)": lambda: cudnn_sdpa.sdpa_fp8(q8, k8, v8, dq, dk, dv),
+                 "fp8 (kernel)": lambda: (cudnn_sdpa.sdpa_fp8(q8, k8, v8, dq, dk, dv).float() * dv),
                  "fp8 (with q/k/v quantisation)": lambda: _kernel(q, k, v, "fp8")}
         for name, fn in cases.items():
             why = unavailable_reason(name.split()[0], dev)

@@ -32,11 +32,13 @@ def _import_official(repo: Path):
 
     def routed(q, k, v, q_lens=None, k_lens=None, dropout_p=0.0, softmax_scale=None, q_scale=None, causal=False,
                window_size=(-1, -1), deterministic=False, dtype=torch.bfloat16, version=None):
-        if attn.FLASH_ATTN_2_AVAILABLE or attn.FLASH_ATTN_3_AVAILABLE:
+        # FlashAttention-4 installs a `flash_attn` namespace without FA2's API: only a real FA2/FA3 counts
+        if attn.FLASH_ATTN_3_AVAILABLE or hasattr(getattr(attn, "flash_attn", None), "flash_attn_varlen_func"):
             return attn.flash_attention(q, k, v, q_lens, k_lens, dropout_p, softmax_scale, q_scale, causal,
                                         window_size, deterministic, dtype, version)
         if not q.is_cuda:  # CPU checks run the official model in float32 (its default casts to bf16)
             dtype = q.dtype
+        attn.FLASH_ATTN_2_AVAILABLE = False
         return attn.attention(q, k, v, q_lens, k_lens, dropout_p, softmax_scale, q_scale, causal, window_size,
                               deterministic, dtype)
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on nvidia-h200-x2: kernel rates + first-clip run on GPU 1 while the later-clip run uses GPU 0.
 set -o pipefail
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages:$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 bash benchmarks/device/setup.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import torch, cudnn; print(torch.__version__, torch.backends.cudnn.version(), cudnn.backend_version())" 2>&1 | tail -1

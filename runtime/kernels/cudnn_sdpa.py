@@ -7,7 +7,7 @@ logical BHSD tensor with BSHD strides, so nothing is transposed or copied. One e
 Two graphs:
 - ``sdpa``: bf16/fp16 in and out, fp32 softmax (exact tier);
 - ``sdpa_fp8``: e4m3 q/k/v with per-tensor descales (device tensors: no host sync), probabilities quantised
-  with a fixed power-of-two scale (they lie in [0, 1]), bf16 output.
+  with a fixed power-of-two scale (they lie in [0, 1]), e4m3 output in v's scale (Hopper has no bf16 output).
 """
 from __future__ import annotations
 
@@ -105,13 +105,13 @@ def _build(kind: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: to
             t.set_uid(uids[name]).set_output(True).set_dim(one()).set_stride(one()).set_data_type(dt.FLOAT)
             consts[name] = torch.empty(1, 1, 1, 1, device=q.device, dtype=torch.float32)
         f32 = lambda x: torch.full((1, 1, 1, 1), x, device=q.device, dtype=torch.float32)  # noqa: E731
-        consts.update(scale_s=f32(P_SCALE), descale_s=f32(1.0 / P_SCALE), scale_o=f32(1.0))
+        consts.update(scale_s=f32(P_SCALE), descale_s=f32(1.0 / P_SCALE))
     else:
         o, _ = g.sdpa(name="sdpa", q=tq, k=tk, v=tv, generate_stats=False, attn_scale=scale, use_causal_mask=False)
     uids["o"] = next(uid)
     dims, strides = _bhsd(out)
     o.set_uid(uids["o"]).set_output(True).set_dim(dims).set_stride(strides).set_data_type(
-        {torch.bfloat16: dt.BFLOAT16, torch.float16: dt.HALF}[out.dtype])
+        {torch.bfloat16: dt.BFLOAT16, torch.float16: dt.HALF, torch.float8_e4m3fn: dt.FP8_E4M3}[out.dtype])
     g.validate()
     g.build_operation_graph()
     g.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
@@ -151,13 +151,15 @@ def _(q, k, v):
 @torch.library.custom_op("wan_s2v::cudnn_sdpa_fp8", mutates_args=())
 def sdpa_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, descale_q: torch.Tensor, descale_k: torch.Tensor,
              descale_v: torch.Tensor) -> torch.Tensor:
-    """FP8 attention: e4m3 q/k/v [B, S, H, D] with fp32 descales (x ≈ x8 · descale) → bf16 [B, Sq, H, D]."""
-    out = torch.empty(q.shape[:-1] + (v.shape[-1],), dtype=torch.bfloat16, device=q.device)
+    """FP8 attention: e4m3 q/k/v [B, S, H, D] with fp32 descales (x ≈ x8 · descale) → e4m3 [B, Sq, H, D] in the
+    scale of v (o ≈ o8 · descale_v). Hopper's cuDNN writes FP8 output only (bf16 output is Blackwell-only); each
+    output row is a convex combination of v's rows, so v's scale cannot overflow."""
+    out = torch.empty(q.shape[:-1] + (v.shape[-1],), dtype=torch.float8_e4m3fn, device=q.device)
     as4 = lambda t: t.reshape(1, 1, 1, 1)  # noqa: E731
     return _run("fp8", q, k, v, out, {"descale_q": as4(descale_q), "descale_k": as4(descale_k),
-                                      "descale_v": as4(descale_v)})
+                                      "descale_v": as4(descale_v), "scale_o": as4(1.0 / descale_v)})
 
 
 @sdpa_fp8.register_fake
 def _(q, k, v, descale_q, descale_k, descale_v):
-    return q.new_empty(q.shape[:-1] + (v.shape[-1],), dtype=torch.bfloat16)
+    return q.new_empty(q.shape[:-1] + (v.shape[-1],), dtype=torch.float8_e4m3fn)

@@ -77,7 +77,7 @@ def _kernel(q4: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor, impl: str) -> 
         from runtime.kernels.fp8 import quantize_tensor
 
         (q8, dq), (k8, dk), (v8, dv) = quantize_tensor(q4), quantize_tensor(k4), quantize_tensor(v4)
-        return cudnn_sdpa.sdpa_fp8(q8, k8, v8, dq, dk, dv)
+        return (cudnn_sdpa.sdpa_fp8(q8, k8, v8, dq, dk, dv).float() * dv).to(q4.dtype)
     out = F.scaled_dot_product_attention(q4.transpose(1, 2), k4.transpose(1, 2), v4.transpose(1, 2))
     return out.transpose(1, 2)
 
