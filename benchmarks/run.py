@@ -302,6 +302,11 @@ def main(argv=None) -> int:
                     extra[v.spec] = {"chosen": attn, "seconds_per_call": times}
                 if v.precision != "fp8":
                     model.set_attention(attn)
+                elif ":" in v.spec.split("@")[0]:  # FP8 linears with a named bf16 attention kernel
+                    model.attention_impl = "sdpa"
+                    model.precision = "native"
+                    model.set_attention(attn)
+                    model.precision = "fp8"
                 backend = make_backend(v.backend, model, engines_dir=args.engines_dir)
                 if hasattr(backend, "warmup"):
                     backend.warmup = args.graph_warmup
@@ -336,7 +341,8 @@ def main(argv=None) -> int:
             prec = v.precision if v.precision == "fp8" else {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
             row = {"device": device_slug(device), "variant": spec, "precision": prec, "scenario": scn.name,
                    "gpus": 1, "attention": extra.get(spec, {}).get("chosen", "sdpa" if spec == "official" else
-                                                                  ("fp8" if v.precision == "fp8" else v.attention)),
+                                                                  ("fp8" if v.spec.endswith("@fp8") and ":" not in v.spec
+                                                                   else v.attention)),
                    "dit_forward_s": fwd_s, "forward_all_s": times[spec], "tflops": flops1.total / fwd_s / 1e12}
             if ceilings:
                 row["pct_of_floor"] = 100 * flops1.floor_s(ceilings["gemm_tflops"], ceilings["attention_tflops"]) / fwd_s
