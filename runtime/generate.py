@@ -98,6 +98,10 @@ def validate(args) -> None:
         parse_size(args.size)
     if args.enable_tts and not args.tts_text:
         raise InputError("--enable_tts needs --tts_text (the words to speak)")
+    if args.enable_tts and args.tts_prompt_text is not None and args.tts_prompt_audio is None:
+        raise InputError("--tts_prompt_text needs --tts_prompt_audio (the recording it transcribes)")
+    if args.enable_tts and args.tts_prompt_audio is not None and not Path(args.tts_prompt_audio).is_file():
+        raise InputError(f"--tts_prompt_audio {args.tts_prompt_audio}: file not found; pass a 5-15 s recording")
     if args.ckpt_dir != "tiny" and (args.image is None or (args.audio is None and not args.enable_tts)):
         raise InputError("--image and --audio are required with a real checkpoint (or use --enable_tts with --tts_text)")
 
@@ -123,29 +127,24 @@ def run(args) -> Path:
         raise OutputError(f"{save}: already exists; pass --overwrite to replace it or choose another --save_file")
 
     image, audio = args.image, args.audio
-    tmp_audio = None
     if tiny and image is None:
         from runtime.demo import demo_image
 
         image = demo_image()
     if args.enable_tts:
-        from runtime.tts import select_tts, synthesize_to_file
+        from runtime.tts import official_layout, select_tts, synthesize
 
-        backend = select_tts(cosyvoice_dir=Path("CosyVoice2-0.5B"))
-        tmp_audio = save.with_name(save.stem + ".tts.wav")
-        audio = synthesize_to_file(backend, args.tts_text, tmp_audio, prompt_audio=args.tts_prompt_audio,
-                                   prompt_text=args.tts_prompt_text)
-        logging.info("TTS audio written to %s", tmp_audio)
+        # The official ./CosyVoice2-0.5B + ./CosyVoice checkout; a voice prompt never falls back to espeak-ng.
+        model_dir, repo_dir = official_layout()
+        backend = select_tts(cosyvoice_dir=model_dir, cosyvoice_repo=repo_dir,
+                             voice_prompt=args.tts_prompt_audio is not None or args.tts_prompt_text is not None)
+        # In memory: no tts.wav is written, so no file next to the output can be clobbered or deleted.
+        audio = synthesize(backend, args.tts_text, args.tts_prompt_audio, args.tts_prompt_text)
     elif tiny and audio is None:
         from runtime.demo import demo_speech
 
         audio = demo_speech()
-
-    try:
-        return _generate(args, image, audio, seed, size, save)
-    finally:
-        if tmp_audio is not None:
-            Path(tmp_audio).unlink(missing_ok=True)  # an intermediate: the MP4 carries the speech
+    return _generate(args, image, audio, seed, size, save)
 
 
 def _generate(args, image, audio, seed: int, size: str, save: Path) -> Path:

@@ -1,15 +1,19 @@
 """``--enable_tts``: turn text into the driving audio before generation.
 
-Official Wan2.2 clones CosyVoice from GitHub and downloads CosyVoice2-0.5B from ModelScope at run
-time, then writes ``tts.wav``, which replaces ``--audio`` for both the features and the final mux.
-Here the backend is pluggable:
+Official Wan2.2 clones CosyVoice from GitHub into ``./CosyVoice`` and downloads CosyVoice2-0.5B from
+ModelScope into ``./CosyVoice2-0.5B`` at run time, puts the checkout (and its
+``third_party/Matcha-TTS``) on ``sys.path``, then writes ``tts.wav``, which replaces ``--audio`` for
+both the features and the final mux. Here the backend is pluggable:
 
 * :class:`CosyVoiceTTS` -- the official path (zero-shot voice cloning when a prompt transcript is
-  given, else cross-lingual), used when the ``cosyvoice`` package and a local model folder exist.
-  Nothing is downloaded; ``cosyvoice`` is imported only when first used.
-* :class:`EspeakTTS` -- offline ``espeak-ng`` (robotic, but real speech); ignores the voice prompt.
+  given, else cross-lingual), used when a CosyVoice model folder exists and ``cosyvoice`` is importable
+  (installed, or from a checkout such as the official ``./CosyVoice``). Nothing is downloaded;
+  ``cosyvoice`` is imported only when first used.
+* :class:`EspeakTTS` -- offline ``espeak-ng`` (robotic, but real speech); it cannot clone a voice, so a
+  voice prompt is refused rather than silently dropped.
 
-:func:`select_tts` picks one, :func:`synthesize_to_file` writes the wav atomically.
+:func:`official_layout` finds the official ``./CosyVoice`` + ``./CosyVoice2-0.5B``, :func:`select_tts`
+picks a backend (and logs which), :func:`synthesize_to_file` writes a wav without clobbering.
 """
 from __future__ import annotations
 
@@ -91,8 +95,9 @@ class EspeakTTS(TTSBackend):
     def synthesize(self, text, prompt_audio=None, prompt_text=None):
         text = _check_text(text)
         if prompt_audio is not None or prompt_text is not None:
-            log.info("espeak-ng cannot clone a voice: ignoring the TTS prompt audio/text "
-                     "(use CosyVoice for voice cloning)")
+            # Speaking in another voice than the one asked for would be a silent substitution.
+            raise InputError("espeak-ng cannot clone a voice; drop the voice prompt (--tts_prompt_audio/"
+                             "--tts_prompt_text) or use CosyVoice")
         voice = self.voice or ("cmn" if _CJK.search(text) else "en-us")
         with tempfile.TemporaryDirectory(prefix="s2v-tts-") as tmp:
             out = Path(tmp) / "espeak.wav"
@@ -201,69 +206,142 @@ def _to_numpy(x) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 
 
+COSYVOICE_REPO = "CosyVoice"
+COSYVOICE_MODEL = "CosyVoice2-0.5B"
+
+
+def official_layout(root: Optional[PathLike] = None) -> tuple[Path, Path]:
+    """The official places: ``(<root>/CosyVoice2-0.5B, <root>/CosyVoice)``, root = the current folder.
+
+    The official ``WanS2V.load_tts`` uses exactly these relative paths (it downloads them when absent);
+    this engine never downloads, it only looks.
+    """
+    base = Path.cwd() if root is None else Path(root)
+    return base / COSYVOICE_MODEL, base / COSYVOICE_REPO
+
+
 def select_tts(prefer: Optional[str] = None, cosyvoice_dir: Optional[PathLike] = None, *,
-               cosyvoice_repo: Optional[PathLike] = None, voice: Optional[str] = None) -> TTSBackend:
-    """Pick a TTS backend.
+               cosyvoice_repo: Optional[PathLike] = None, voice: Optional[str] = None,
+               voice_prompt: bool = False) -> TTSBackend:
+    """Pick a TTS backend and log which one.
 
     ``prefer``: ``"cosyvoice"`` or ``"espeak"`` to insist on one, None for the best available
-    (CosyVoice when importable and ``cosyvoice_dir`` exists, else espeak-ng).
+    (CosyVoice when ``cosyvoice_dir`` exists and ``cosyvoice`` is importable, directly or from the
+    ``cosyvoice_repo`` checkout; else espeak-ng). ``voice_prompt``: the caller asked for a cloned voice
+    (a prompt recording or transcript), which only CosyVoice can do: without it this raises
+    :class:`BackendUnavailable` instead of falling back to espeak-ng.
     """
     if prefer not in (None, "cosyvoice", "espeak"):
         raise InputError(f"unknown TTS backend {prefer!r}; use 'cosyvoice' or 'espeak'")
     cosy_ready = (cosyvoice_dir is not None and Path(cosyvoice_dir).is_dir()
                   and _cosyvoice_importable(cosyvoice_repo))
-    if prefer == "cosyvoice" or (prefer is None and cosy_ready):
+    if voice_prompt and prefer == "espeak":
+        raise InputError("espeak-ng cannot clone a voice; drop the voice prompt or use CosyVoice")
+    if prefer == "cosyvoice" or voice_prompt or (prefer is None and cosy_ready):
         if not cosy_ready:
             what = ("no CosyVoice model folder given" if cosyvoice_dir is None else
                     f"CosyVoice model folder {cosyvoice_dir} not found" if not Path(cosyvoice_dir).is_dir()
-                    else "the cosyvoice package is not importable")
+                    else "the cosyvoice package is not importable"
+                    + (f" (no {cosyvoice_repo}/cosyvoice either)" if cosyvoice_repo is not None else ""))
+            if voice_prompt:
+                raise BackendUnavailable(f"a voice prompt (--tts_prompt_audio/--tts_prompt_text) needs CosyVoice, "
+                                         f"which is unavailable ({what}); put the CosyVoice checkout in ./{COSYVOICE_REPO} "
+                                         f"and the model in ./{COSYVOICE_MODEL} as the official script does, "
+                                         "or drop the voice prompt to use espeak-ng")
             raise BackendUnavailable(f"CosyVoice TTS unavailable ({what}); {INSTALL_COSYVOICE}")
+        log.info("TTS voice engine: CosyVoice2 (model %s%s)", cosyvoice_dir,
+                 f", code from {cosyvoice_repo}" if cosyvoice_repo is not None and Path(cosyvoice_repo).is_dir() else "")
         return CosyVoiceTTS(cosyvoice_dir, cosyvoice_repo)
     if _espeak_binary():
-        return EspeakTTS(voice=voice)
+        backend = EspeakTTS(voice=voice)
+        log.info("TTS voice engine: espeak-ng (offline, voice %s)%s", voice or "by script",
+                 "" if prefer == "espeak" else f"; CosyVoice not found at {cosyvoice_dir}")
+        return backend
     if prefer == "espeak":
         raise BackendUnavailable(f"espeak-ng is not installed; run `{INSTALL_ESPEAK}`")
     raise BackendUnavailable(f"no TTS backend available; run `{INSTALL_ESPEAK}` for offline speech, "
                              f"or {INSTALL_COSYVOICE}")
 
 
-def synthesize_to_file(backend: TTSBackend, text: str, out_wav: PathLike,
-                       prompt_audio: Optional[PathLike] = None,
-                       prompt_text: Optional[str] = None) -> Path:
-    """Speak ``text`` with ``backend`` into a 16-bit PCM mono wav at the backend's rate.
+def synthesize(backend: TTSBackend, text: str, prompt_audio: Optional[PathLike] = None,
+               prompt_text: Optional[str] = None) -> tuple[np.ndarray, int]:
+    """``backend.synthesize`` with its result checked: (float32 mono waveform, rate).
 
-    The wav is written beside ``out_wav`` under a temporary name and renamed into place, so a
-    reader never sees half a file; an existing file is replaced (like the official ``tts.wav``).
-    Use the result as ``--audio``: for the features and for the mux.
+    The official script saves the float waveform (``torchaudio.save``: 32-bit float wav) and loads it
+    again, so passing this waveform on in memory feeds the model the very same samples, no file needed.
     """
-    dest = Path(out_wav)
-    if not dest.parent.is_dir():
-        raise OutputError(f"directory {dest.parent} for the TTS wav does not exist; create it first")
-    if dest.is_dir():
-        raise OutputError(f"TTS output path {dest} is a directory; give a file name ending in .wav")
     if prompt_audio is not None and not Path(prompt_audio).is_file():
         raise InputError(f"TTS prompt audio {prompt_audio} does not exist; check --tts_prompt_audio")
     wav, rate = backend.synthesize(text, prompt_audio=prompt_audio, prompt_text=prompt_text)
     wav = np.asarray(wav, dtype=np.float32).reshape(-1)
     if wav.size == 0 or not np.isfinite(wav).all() or int(rate) <= 0:
         raise InputError(f"{backend.name} returned no usable audio for this text; try other wording")
+    return wav, int(rate)
+
+
+def synthesize_to_file(backend: TTSBackend, text: str, out_wav: PathLike,
+                       prompt_audio: Optional[PathLike] = None,
+                       prompt_text: Optional[str] = None, *, overwrite: bool = False) -> Path:
+    """Speak ``text`` with ``backend`` into a 16-bit PCM mono wav at the backend's rate.
+
+    The wav is written beside ``out_wav`` into an exclusively created, randomly named temporary file
+    and then published under its name: a reader never sees half a file, and an existing file (even one
+    that appears meanwhile) is never replaced unless ``overwrite=True``.
+    """
+    dest = Path(out_wav)
+    if not dest.parent.is_dir():
+        raise OutputError(f"directory {dest.parent} for the TTS wav does not exist; create it first")
+    if dest.is_dir():
+        raise OutputError(f"TTS output path {dest} is a directory; give a file name ending in .wav")
+    if not overwrite and os.path.lexists(dest):
+        raise OutputError(f"TTS output file {dest} already exists; delete it, choose another name or pass overwrite=True")
+    wav, rate = synthesize(backend, text, prompt_audio, prompt_text)
     pcm = (np.clip(wav, -1.0, 1.0) * 32767.0).round().astype("<i2")
 
-    tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.part")
+    tmp = None
     try:
-        with wave.open(str(tmp), "wb") as w:
+        for _ in range(16):
+            candidate = dest.with_name(f".{dest.name}.{secrets.token_hex(8)}.part")
+            try:  # O_EXCL: never opens (or follows a link to) a file that already exists
+                fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            except FileExistsError:
+                continue
+            tmp = candidate
+            break
+        if tmp is None:
+            raise OutputError(f"cannot create a temporary file beside {dest}; clean up stale .part files")
+        with os.fdopen(fd, "wb") as fh, wave.open(fh, "wb") as w:
             w.setnchannels(1)
             w.setsampwidth(2)
-            w.setframerate(int(rate))
+            w.setframerate(rate)
             w.writeframes(pcm.tobytes())
-        os.replace(tmp, dest)
+        _publish(tmp, dest, overwrite)
     except BaseException as exc:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
         if isinstance(exc, OSError):
             raise OutputError(f"cannot write TTS wav {dest} ({exc.strerror or exc}); "
                               "check free space and permissions") from exc
         raise
     return dest
+
+
+def _publish(tmp: Path, dest: Path, overwrite: bool) -> None:
+    if overwrite:
+        os.replace(tmp, dest)
+        return
+    try:  # link() fails when dest exists, so a file that appeared meanwhile is never clobbered
+        os.link(tmp, dest)
+    except FileExistsError:
+        raise OutputError(f"TTS output file {dest} already exists; delete it, choose another name "
+                          "or pass overwrite=True") from None
+    except OSError:  # a filesystem without hard links: check, then rename
+        if os.path.lexists(dest):
+            raise OutputError(f"TTS output file {dest} already exists; delete it, choose another name "
+                              "or pass overwrite=True") from None
+        os.replace(tmp, dest)
+        return
+    os.unlink(tmp)

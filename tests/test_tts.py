@@ -69,12 +69,12 @@ def test_espeak_short_text_and_longer_text_scale(tmp_path):
     assert len(short) / rate > 0.1 and len(long_) > 4 * len(short)
 
 
-@needs_espeak
-def test_espeak_ignores_prompt_with_a_note(tmp_path, caplog):
-    with caplog.at_level(logging.INFO, logger="runtime.tts"):
-        wav, rate = EspeakTTS().synthesize("Testing the prompt note.", prompt_audio="x.wav", prompt_text="hi")
-    assert len(wav) / rate > 0.5
-    assert "ignoring the TTS prompt" in caplog.text
+def test_espeak_refuses_a_voice_prompt():
+    # espeak-ng cannot clone a voice: speaking in another voice than asked for would be a silent substitution.
+    backend = EspeakTTS(binary="/nonexistent/espeak-ng")
+    for kwargs in (dict(prompt_audio="x.wav"), dict(prompt_text="hi"), dict(prompt_audio="x.wav", prompt_text="hi")):
+        with pytest.raises(InputError, match="cannot clone a voice"):
+            backend.synthesize("Testing the prompt.", **kwargs)
 
 
 @needs_espeak
@@ -237,10 +237,23 @@ def test_synthesize_to_file_writes_exact_pcm(tmp_path):
     assert abs(clip.duration_s - 0.5) < 1 / 16
 
 
-def test_synthesize_to_file_replaces_and_cleans_up(tmp_path):
+def test_synthesize_to_file_never_clobbers_and_cleans_up(tmp_path):
     out = tmp_path / "tts.wav"
     out.write_bytes(b"old")
-    synthesize_to_file(SineTTS(), "hi", out)
+    with pytest.raises(OutputError, match="already exists"):
+        synthesize_to_file(SineTTS(), "hi", out)
+    assert out.read_bytes() == b"old"
+    # a symlink is an existing name too: it is neither followed nor replaced
+    target = tmp_path / "elsewhere.txt"
+    target.write_bytes(b"keep")
+    link = tmp_path / "link.wav"
+    link.symlink_to(target)
+    with pytest.raises(OutputError, match="already exists"):
+        synthesize_to_file(SineTTS(), "hi", link)
+    assert target.read_bytes() == b"keep" and link.is_symlink()
+    link.unlink(), target.unlink()
+
+    synthesize_to_file(SineTTS(), "hi", out, overwrite=True)
     assert out.read_bytes()[:4] == b"RIFF"
 
     class Broken(TTSBackend):
@@ -248,8 +261,22 @@ def test_synthesize_to_file_replaces_and_cleans_up(tmp_path):
             return np.array([np.nan], np.float32), 16000
 
     with pytest.raises(InputError, match="no usable audio"):
-        synthesize_to_file(Broken(), "hi", out)
+        synthesize_to_file(Broken(), "hi", out, overwrite=True)
     assert out.read_bytes()[:4] == b"RIFF"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tts.wav"]
+
+
+def test_synthesize_to_file_race_with_a_file_that_appears_meanwhile(tmp_path, monkeypatch):
+    out = tmp_path / "tts.wav"
+
+    class Racer(SineTTS):
+        def synthesize(self, *a, **k):
+            out.write_bytes(b"theirs")  # another process creates the name while we synthesize
+            return super().synthesize(*a, **k)
+
+    with pytest.raises(OutputError, match="already exists"):
+        synthesize_to_file(Racer(), "hi", out)
+    assert out.read_bytes() == b"theirs"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tts.wav"]
 
 
@@ -257,6 +284,7 @@ def test_synthesize_to_file_write_failure_leaves_nothing(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise OSError(28, "No space left on device")
 
+    monkeypatch.setattr(tts.os, "link", boom)
     monkeypatch.setattr(tts.os, "replace", boom)
     with pytest.raises(OutputError, match="No space left"):
         synthesize_to_file(SineTTS(), "hi", tmp_path / "tts.wav")
@@ -268,3 +296,117 @@ def test_synthesize_to_file_bad_paths(tmp_path):
         synthesize_to_file(SineTTS(), "hi", tmp_path / "nope" / "tts.wav")
     with pytest.raises(InputError, match="prompt audio"):
         synthesize_to_file(SineTTS(), "hi", tmp_path / "tts.wav", prompt_audio=tmp_path / "missing.wav")
+
+
+# ------------------------------------------------------------------------------------------
+# the official layout (./CosyVoice checkout + ./CosyVoice2-0.5B) and refusing to substitute a voice
+
+
+FAKE_CHECKOUT_MODULE = """
+import numpy as np
+
+class CosyVoice2:
+    sample_rate = 24000
+
+    def __init__(self, model_dir):
+        self.model_dir = model_dir
+
+    def inference_zero_shot(self, tts_text, prompt_text, prompt_wav, stream=False):
+        yield {"tts_speech": np.full((1, 4800), 0.125, np.float32)}
+
+    def inference_cross_lingual(self, tts_text, prompt_wav, stream=False):
+        yield {"tts_speech": np.full((1, 2400), -0.125, np.float32)}
+"""
+
+
+@pytest.fixture
+def official_layout_dir(tmp_path, monkeypatch):
+    """./CosyVoice (a checkout whose package is not installed) + ./CosyVoice2-0.5B in the current folder."""
+    pkg = tmp_path / "CosyVoice" / "cosyvoice" / "cli"
+    pkg.mkdir(parents=True)
+    (tmp_path / "CosyVoice" / "third_party" / "Matcha-TTS").mkdir(parents=True)
+    for d in (pkg.parent, pkg):
+        (d / "__init__.py").write_text("")
+    (pkg / "cosyvoice.py").write_text(FAKE_CHECKOUT_MODULE)
+    (tmp_path / "CosyVoice2-0.5B").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    for name in [m for m in sys.modules if m == "cosyvoice" or m.startswith("cosyvoice.")]:
+        monkeypatch.delitem(sys.modules, name)
+    yield tmp_path
+    for name in [m for m in sys.modules if m == "cosyvoice" or m.startswith("cosyvoice.")]:
+        del sys.modules[name]
+
+
+def test_official_layout_is_found_and_used(official_layout_dir, caplog):
+    model_dir, repo_dir = tts.official_layout()
+    assert (model_dir, repo_dir) == (official_layout_dir / "CosyVoice2-0.5B", official_layout_dir / "CosyVoice")
+    with caplog.at_level(logging.INFO, logger="runtime.tts"):
+        backend = select_tts(cosyvoice_dir=model_dir, cosyvoice_repo=repo_dir)
+    assert isinstance(backend, CosyVoiceTTS)
+    assert "TTS voice engine: CosyVoice2" in caplog.text
+    prompt = prompt_wav(official_layout_dir)
+    wav, rate = backend.synthesize("target", prompt_audio=prompt, prompt_text="prompt words")
+    assert rate == 24000 and wav.shape == (4800,) and wav[0] == np.float32(0.125)  # from the checkout's module
+    assert sys.modules["cosyvoice.cli.cosyvoice"].__file__.startswith(str(official_layout_dir / "CosyVoice"))
+    assert str(repo_dir / "third_party" / "Matcha-TTS") in sys.path  # as the official load_tts
+
+
+def test_voice_prompt_never_falls_back_to_espeak(monkeypatch, tmp_path, caplog):
+    monkeypatch.setattr(tts, "_espeak_binary", lambda: "/usr/bin/espeak-ng")
+    monkeypatch.setattr(tts, "_cosyvoice_importable", lambda repo=None: False)
+    model_dir, repo_dir = tts.official_layout(tmp_path)
+    with caplog.at_level(logging.INFO, logger="runtime.tts"):
+        assert isinstance(select_tts(cosyvoice_dir=model_dir, cosyvoice_repo=repo_dir), EspeakTTS)
+    assert "TTS voice engine: espeak-ng" in caplog.text and "CosyVoice not found" in caplog.text
+    with pytest.raises(BackendUnavailable) as info:
+        select_tts(cosyvoice_dir=model_dir, cosyvoice_repo=repo_dir, voice_prompt=True)
+    msg = str(info.value)
+    assert "\n" not in msg and "--tts_prompt_audio" in msg and "./CosyVoice" in msg and "not found" in msg
+    model_dir.mkdir()  # model present but no importable package / checkout
+    with pytest.raises(BackendUnavailable, match="not importable"):
+        select_tts(cosyvoice_dir=model_dir, cosyvoice_repo=repo_dir, voice_prompt=True)
+    with pytest.raises(InputError, match="cannot clone"):
+        select_tts(prefer="espeak", voice_prompt=True)
+
+
+def run_cli(args, capsys):
+    from runtime.generate import main
+
+    rc = main(args)
+    err = capsys.readouterr().err
+    return rc, [line for line in err.splitlines() if not line.startswith("[")]  # drop log lines
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--tts_prompt_audio", "PROMPT"], "needs CosyVoice"),
+    (["--tts_prompt_audio", "PROMPT", "--tts_prompt_text", "words"], "needs CosyVoice"),
+    (["--tts_prompt_text", "words"], "needs --tts_prompt_audio"),
+    (["--tts_prompt_audio", "missing.wav"], "file not found"),
+])
+def test_cli_voice_prompt_without_cosyvoice_is_one_line(tmp_path, monkeypatch, capsys, extra, needle):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(tts, "_espeak_binary", lambda: "/usr/bin/espeak-ng")  # would be a fallback: must not be
+    monkeypatch.setattr(tts, "_cosyvoice_importable", lambda repo=None: False)
+    prompt = prompt_wav(tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    extra = [str(prompt) if a == "PROMPT" else a for a in extra]
+    rc, err = run_cli(["--enable_tts", "--tts_text", "hello", "--save_file", "out.mp4", *extra], capsys)
+    assert rc == 2 and len(err) == 1 and needle in err[0] and "Traceback" not in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_cli_tts_leaves_an_existing_tts_wav_alone(tmp_path, monkeypatch, capsys, caplog):
+    # the old CLI wrote <stem>.tts.wav beside the output, replacing and then deleting a user's file of that name
+    monkeypatch.chdir(tmp_path)
+    mine = tmp_path / "out.tts.wav"
+    mine.write_bytes(b"my recording")
+    backend = SineTTS(seconds=1.0, rate=24000)
+    monkeypatch.setattr(tts, "select_tts", lambda **kw: backend)
+    rc, err = run_cli(["--enable_tts", "--tts_text", "hello", "--save_file", "out.mp4", "--size", "64*64",
+                       "--sample_steps", "1", "--infer_frames", "16", "--base_seed", "1"], capsys)
+    assert rc == 0, err
+    assert mine.read_bytes() == b"my recording"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.mp4", "out.tts.wav"]
+    assert backend.calls == [("hello", None, None)]
+    assert load_audio(tmp_path / "out.mp4").native_rate in (24000, 48000)  # the synthesized speech is muxed
