@@ -108,6 +108,7 @@ class S2VPipeline:
             if not (folder / rel).exists():
                 raise CheckpointError(f"{folder / rel}: missing from the checkpoint folder; download the complete "
                                       "Wan2.2-S2V-14B folder")
+        ck.check_folder(folder)  # every file read stays inside the folder; before anything loads
         t5_dtype = torch.bfloat16 if device.type == "cuda" and not t5_cpu else torch.float32
         t5_dev = "cpu" if (t5_cpu or offload_model) else device
         text = TextEncoder.from_checkpoint(folder, device=t5_dev, dtype=t5_dtype if t5_dev != "cpu" else torch.bfloat16)

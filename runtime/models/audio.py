@@ -71,14 +71,16 @@ class Wav2Vec2Features:
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         try:
-            extractor = Wav2Vec2FeatureExtractor.from_pretrained(str(folder), local_files_only=True)
-            config = Wav2Vec2Config.from_pretrained(str(folder), local_files_only=True)
+            # Concrete classes never import code from the folder; trust_remote_code=False says so explicitly.
+            opts = dict(local_files_only=True, trust_remote_code=False)
+            extractor = Wav2Vec2FeatureExtractor.from_pretrained(str(folder), **opts)
+            config = Wav2Vec2Config.from_pretrained(str(folder), **opts)
             # The official folder is a CTC fine-tune (keys ``wav2vec2.*`` + ``lm_head.*``); loading the class
             # it was saved as keeps the key handling trivial. Only the base model is kept: the CTC head
             # does not touch the hidden states.
             is_ctc = "Wav2Vec2ForCTC" in (config.architectures or [])
             model_cls = Wav2Vec2ForCTC if is_ctc else Wav2Vec2Model
-            model, info = model_cls.from_pretrained(str(folder), local_files_only=True, output_loading_info=True)
+            model, info = model_cls.from_pretrained(str(folder), output_loading_info=True, **opts)
         except Exception as err:
             first = (str(err).strip().splitlines() or [""])[0]
             raise CheckpointError(f"{folder}: cannot load wav2vec2 ({type(err).__name__}: {first})") from err

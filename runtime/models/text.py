@@ -146,24 +146,23 @@ def _one_line(err: BaseException) -> str:
 
 
 def _read_state_dict(path: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """All tensors of a .pth (CPU, memory-mapped) or .safetensors (read straight onto ``device``) file."""
+    """All tensors of a .pth (CPU, memory-mapped when the format allows) or .safetensors (read straight onto
+    ``device``) file. Never runs code from the file; messages never quote its bytes."""
+    from runtime.checkpoint import load_torch_state_dict, read_safetensors_header
+
     if not path.is_file():
         raise CheckpointError(f"{path}: file not found; pass the checkpoint folder that holds {T5_CHECKPOINT}")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors import safe_open
+    if path.suffix != ".safetensors":
+        return load_torch_state_dict(path, "T5 checkpoint")
+    read_safetensors_header(path)  # validates before the reader sees it
+    from safetensors import safe_open
 
-            with safe_open(str(path), framework="pt", device=str(device)) as f:
-                sd = {k: f.get_tensor(k) for k in f.keys()}
-        else:
-            # weights_only: a checkpoint must never execute code; mmap: the 11 GB stay in the page cache
-            # instead of being read into anonymous memory.
-            sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # any reader failure means an unusable file
-        raise CheckpointError(f"{path}: cannot read the T5 checkpoint ({_one_line(err)}); it is truncated or corrupt, re-download it") from err
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise CheckpointError(f"{path}: not a plain tensor state dict")
-    return sd
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:
+        raise CheckpointError(f"{path}: cannot read the T5 checkpoint ({type(err).__name__}); it is truncated or "
+                              "corrupt, re-download it") from None
 
 
 def load_umt5_encoder(
@@ -247,8 +246,12 @@ def load_tokenizer(folder: str | Path):
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: tokenizer folder not found; the checkpoint must contain {T5_TOKENIZER_DIR}/")
     try:
-        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        # trust_remote_code=False: a tokenizer_config.json with an ``auto_map`` must never run code from the folder
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
     except Exception as err:
+        if "custom code" in str(err) or "trust_remote_code" in str(err):
+            raise CheckpointError(f"{folder}: the tokenizer config asks to run code from the folder (auto_map), which "
+                                  "a checkpoint is never allowed to do; use the official google/umt5-xxl files") from None
         raise CheckpointError(f"{folder}: cannot load the UMT5 tokenizer ({_one_line(err)})") from err
 
 
