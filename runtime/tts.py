@@ -24,7 +24,6 @@ import inspect
 import logging
 import os
 import re
-import secrets
 import shutil
 import subprocess
 import sys
@@ -37,6 +36,7 @@ import numpy as np
 
 from .errors import BackendUnavailable, InputError, OutputError
 from .media import load_audio
+from .media.atomic import _create_temp, _output_error, _publish, _remove_quietly
 
 log = logging.getLogger(__name__)
 
@@ -298,50 +298,17 @@ def synthesize_to_file(backend: TTSBackend, text: str, out_wav: PathLike,
     wav, rate = synthesize(backend, text, prompt_audio, prompt_text)
     pcm = (np.clip(wav, -1.0, 1.0) * 32767.0).round().astype("<i2")
 
-    tmp = None
+    tmp = _create_temp(dest)  # exclusive (O_EXCL), randomly named, beside dest
     try:
-        for _ in range(16):
-            candidate = dest.with_name(f".{dest.name}.{secrets.token_hex(8)}.part")
-            try:  # O_EXCL: never opens (or follows a link to) a file that already exists
-                fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-            except FileExistsError:
-                continue
-            tmp = candidate
-            break
-        if tmp is None:
-            raise OutputError(f"cannot create a temporary file beside {dest}; clean up stale .part files")
-        with os.fdopen(fd, "wb") as fh, wave.open(fh, "wb") as w:
+        with open(tmp, "wb") as fh, wave.open(fh, "wb") as w:
             w.setnchannels(1)
             w.setsampwidth(2)
             w.setframerate(rate)
             w.writeframes(pcm.tobytes())
-        _publish(tmp, dest, overwrite)
+        _publish(tmp, dest, overwrite)  # never replaces a file that appeared meanwhile unless overwrite
     except BaseException as exc:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
+        _remove_quietly(tmp)
         if isinstance(exc, OSError):
-            raise OutputError(f"cannot write TTS wav {dest} ({exc.strerror or exc}); "
-                              "check free space and permissions") from exc
+            raise _output_error(exc, dest) from exc
         raise
     return dest
-
-
-def _publish(tmp: Path, dest: Path, overwrite: bool) -> None:
-    if overwrite:
-        os.replace(tmp, dest)
-        return
-    try:  # link() fails when dest exists, so a file that appeared meanwhile is never clobbered
-        os.link(tmp, dest)
-    except FileExistsError:
-        raise OutputError(f"TTS output file {dest} already exists; delete it, choose another name "
-                          "or pass overwrite=True") from None
-    except OSError:  # a filesystem without hard links: check, then rename
-        if os.path.lexists(dest):
-            raise OutputError(f"TTS output file {dest} already exists; delete it, choose another name "
-                              "or pass overwrite=True") from None
-        os.replace(tmp, dest)
-        return
-    os.unlink(tmp)

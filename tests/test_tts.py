@@ -286,7 +286,7 @@ def test_synthesize_to_file_write_failure_leaves_nothing(tmp_path, monkeypatch):
 
     monkeypatch.setattr(tts.os, "link", boom)
     monkeypatch.setattr(tts.os, "replace", boom)
-    with pytest.raises(OutputError, match="No space left"):
+    with pytest.raises(OutputError, match="disk full"):
         synthesize_to_file(SineTTS(), "hi", tmp_path / "tts.wav")
     assert list(tmp_path.iterdir()) == []
 
