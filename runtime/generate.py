@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tts_prompt_audio", default=None, help="voice prompt for CosyVoice")
     p.add_argument("--tts_prompt_text", default=None, help="transcript of --tts_prompt_audio (CosyVoice zero-shot)")
     p.add_argument("--tts_text", default=None, help="text to speak with --enable_tts")
+    p.add_argument("--max_audio_s", type=float, default=600.0,
+                   help="refuse driving audio longer than this many seconds (default 600), checked before decoding")
     p.add_argument("--pose_video", default=None, help="DW-pose video driving the body")
     p.add_argument("--start_from_ref", action="store_true", default=False, help="start the video from the reference image")
     p.add_argument("--infer_frames", type=int, default=80, help="frames per clip, a multiple of 4 (48 or 80)")
@@ -96,6 +98,8 @@ def validate(args) -> None:
         raise InputError(f"--sample_steps {args.sample_steps}: must be a positive integer")
     if args.size is not None:
         parse_size(args.size)
+    if not (0 < args.max_audio_s < float("inf")):
+        raise InputError(f"--max_audio_s {args.max_audio_s}: must be a positive number of seconds")
     if args.enable_tts and not args.tts_text:
         raise InputError("--enable_tts needs --tts_text (the words to speak)")
     if args.enable_tts and args.tts_prompt_text is not None and args.tts_prompt_audio is None:
@@ -144,6 +148,10 @@ def run(args) -> Path:
         from runtime.demo import demo_speech
 
         audio = demo_speech()
+    else:
+        from runtime.media.audio import probe_audio
+
+        probe_audio(audio, args.max_audio_s)  # declared duration and stream checked before any model loads
     return _generate(args, image, audio, seed, size, save)
 
 
@@ -163,7 +171,8 @@ def _generate(args, image, audio, seed: int, size: str, save: Path) -> Path:
                                sample_steps=args.sample_steps or 40, num_clip=args.num_clip, pose_video=args.pose_video,
                                size=size, sample_shift=args.sample_shift if args.sample_shift is not None else 3.0,
                                guide_scale=args.sample_guide_scale if args.sample_guide_scale is not None else 4.5,
-                               sample_solver=args.sample_solver, start_from_ref=args.start_from_ref)
+                               sample_solver=args.sample_solver, start_from_ref=args.start_from_ref,
+                               max_audio_s=args.max_audio_s)
     except torch.cuda.OutOfMemoryError:
         from runtime.errors import S2VError
 

@@ -24,6 +24,7 @@ COMPONENTS: dict[str, str] = {
     "vae": "runtime.golden_checks.vae",
     "t5": "runtime.golden_checks.t5",
     "audio": "runtime.golden_checks.audio",
+    "audio_load": "runtime.golden_checks.audio_load",
     "target_size": "runtime.golden_checks.target_size",
     "e2e": "runtime.golden_checks.e2e",
     "e2e_pose": "runtime.golden_checks.e2e",

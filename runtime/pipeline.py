@@ -147,13 +147,15 @@ class S2VPipeline:
                  num_clip: int | None = None, pose_video: str | Path | None = None, size: str | None = None,
                  sample_shift: float = 3.0, guide_scale: float = 4.5, sample_solver: str = "unipc",
                  negative_prompt: str = "", start_from_ref: bool = False,
-                 progress: bool | Callable[[int, int, int, int], None] | None = None) -> S2VResult:
+                 progress: bool | Callable[[int, int, int, int], None] | None = None,
+                 max_audio_s: float | None = 600.0) -> S2VResult:
         """Reference image + audio (+ prompt, pose video) → S2VResult. Thread-safe: calls are serialized.
 
         image: path, bytes, numpy array or PIL image; audio: path, bytes, AudioClip or (array, rate).
         num_clip None = as many clips as the audio needs (official rule); clips whose frames would all be cut
         by the audio length are not rendered. progress: None/True = tqdm bars, False = silent, or a callable
-        ``(clip, clips, step, steps)``.
+        ``(clip, clips, step, steps)``. max_audio_s: longer audio is refused before it is decoded (None: no limit;
+        the whole audio always goes through wav2vec2, as official, even when num_clip uses only part of it).
         """
         from runtime.media import load_audio, load_image
         from runtime.preprocess import load_pose_video, parse_size, prepare_reference, target_size
@@ -165,7 +167,8 @@ class S2VPipeline:
             raise InputError(f"num_clip={num_clip}: must be a positive integer (or omit it to follow the audio length)")
         area = parse_size(size or (TINY_SIZE if self.name == TINY else DEFAULT_SIZE))
         img = load_image(image)
-        clip = load_audio(audio[0], src_rate=audio[1]) if isinstance(audio, tuple) else load_audio(audio)
+        clip = (load_audio(audio[0], src_rate=audio[1], max_seconds=max_audio_s) if isinstance(audio, tuple)
+                else load_audio(audio, max_seconds=max_audio_s))
 
         with self._lock, torch.no_grad():
             height, width = target_size(img.height, img.width, area)

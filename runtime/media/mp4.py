@@ -109,7 +109,11 @@ _DEFAULT_LAYOUTS = {3: "2.1", 4: "4.0", 5: "5.0", 6: "5.1", 7: "6.1", 8: "7.1"}
 
 def _mux_audio(clip: AudioClip) -> tuple[np.ndarray, int]:
     pcm, rate = clip.native, clip.native_rate
-    if pcm.shape[0] > 2:
+    if pcm.shape[0] > 2 and pcm.shape[0] not in _DEFAULT_LAYOUTS:
+        # No FFmpeg layout to downmix from (9+ channels): the plain channel mean, as the features use.
+        log.info("audio has %d channels; muxing their mono mix", pcm.shape[0])
+        pcm = pcm.mean(axis=0, keepdims=True, dtype=np.float32)
+    elif pcm.shape[0] > 2:
         log.info("audio has %d channels; downmixing to stereo for AAC", pcm.shape[0])
         pcm = _swr(pcm, rate, rate, _DEFAULT_LAYOUTS[pcm.shape[0]], "stereo")
     if rate not in _AAC_RATES:

@@ -12,6 +12,7 @@ import numpy as np
 
 from ..errors import InputError
 from .common import VIDEO_FPS, PathLike, _check_readable_file
+from .image import MAX_IMAGE_PIXELS
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,8 @@ def read_pose_frames(path: PathLike, num_frames: int, fps: int = VIDEO_FPS) -> n
             if not container.streams.video:
                 raise InputError(f"{path} has no video stream; pass a pose video (mp4/mkv)")
             stream = container.streams.video[0]
+            # the reference image's pixel cap, before a frame is decoded (and again per frame, below)
+            _check_frame_size(stream.codec_context.width, stream.codec_context.height, path)
             stream.thread_type = "AUTO"
             src_fps = stream.average_rate or stream.guessed_rate or stream.base_rate
             if not src_fps:
@@ -43,6 +46,7 @@ def read_pose_frames(path: PathLike, num_frames: int, fps: int = VIDEO_FPS) -> n
             for index, frame in enumerate(container.decode(stream)):
                 if index % interval:
                     continue
+                _check_frame_size(frame.width, frame.height, path)
                 frames.append(frame.to_ndarray(format="rgb24"))
                 if len(frames) == num_frames:
                     break
@@ -56,3 +60,9 @@ def read_pose_frames(path: PathLike, num_frames: int, fps: int = VIDEO_FPS) -> n
     if not frames:
         raise InputError(f"{path} contains no decodable frames; pass a non-empty pose video")
     return np.stack(frames)
+
+
+def _check_frame_size(width: int, height: int, path: Path) -> None:
+    if width * height > MAX_IMAGE_PIXELS:
+        raise InputError(f"{path} has {width}x{height} px frames, more than {MAX_IMAGE_PIXELS:,} pixels; "
+                         "downscale the pose video before use")
