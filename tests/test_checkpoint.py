@@ -5,19 +5,17 @@ from __future__ import annotations
 import json
 import shutil
 import struct
-import wave
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from runtime import checkpoint as ck
-from runtime.demo import demo_image
 from runtime.errors import CheckpointError
 from runtime.generate import main as cli
 from runtime.models.dit import load_dit, save_dit
 from runtime.tiny import tiny_dit
+from tests.conftest import write_inputs
 
 SECRET = b"root:x:0:0:root:/root:/bin/bash\nSECRET-TOKEN-1234\n"
 
@@ -149,11 +147,7 @@ def test_cli_refuses_an_escaping_index_before_loading(ckpt, tmp_path, monkeypatc
 
     monkeypatch.setattr("runtime.models.text.TextEncoder.from_checkpoint", no_load)
     out = tmp_path / "o.mp4"
-    image, audio = tmp_path / "face.png", tmp_path / "speech.wav"
-    demo_image().save(image)
-    with wave.open(str(audio), "wb") as w:
-        w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000)
-        w.writeframes(np.zeros(16000, "<i2").tobytes())
+    image, audio = write_inputs(tmp_path)
     code = cli(["--ckpt_dir", str(ckpt), "--image", str(image), "--audio", str(audio), "--save_file", str(out)])
     err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("[")]
     assert code == 2 and len(err) == 1 and "outside the checkpoint folder" in err[0], err

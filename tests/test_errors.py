@@ -21,6 +21,7 @@ from runtime.errors import CheckpointError
 from runtime.generate import main as cli
 from runtime.models.dit import save_dit
 from runtime.tiny import tiny_dit
+from tests.conftest import write_inputs
 
 FAST = dict(sample_steps=2, infer_frames=16, progress=False)
 
@@ -92,7 +93,8 @@ def test_missing_component_files_are_named(tmp_path, capsys):
     ckpt = save_dit(tiny_dit(), tmp_path / "ckpt")
     with pytest.raises(CheckpointError, match="Wan2.1_VAE.pth"):
         S2VPipeline.from_pretrained(ckpt, device="cpu")
-    code = cli(["--ckpt_dir", str(ckpt), "--image", "x.png", "--audio", "y.wav", "--save_file", str(tmp_path / "o.mp4")])
+    image, audio = write_inputs(tmp_path)  # real inputs: they are checked before the checkpoint folder
+    code = cli(["--ckpt_dir", str(ckpt), "--image", str(image), "--audio", str(audio), "--save_file", str(tmp_path / "o.mp4")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "missing from the checkpoint folder" in err[0]
 

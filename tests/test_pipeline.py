@@ -13,7 +13,7 @@ from runtime.demo import demo_image, demo_speech
 from runtime.errors import InputError, OutputError
 from runtime.generate import main as cli
 from runtime.media import probe_mp4
-from tests.conftest import GOLDEN
+from tests.conftest import GOLDEN, write_inputs
 
 FAST = dict(sample_steps=3, infer_frames=16, progress=False)
 
@@ -133,9 +133,12 @@ def test_cli_tiny_demo_writes_mp4_and_refuses_overwrite(tmp_path, capsys):
     (["--size", "12x"], "size"),
     (["--backend", "nope"], "unknown backend"),
     (["--task", "t2v-A14B"], "s2v-14B"),
-    (["--ckpt_dir", "/nonexistent/ckpt", "--image", "a.png", "--audio", "a.wav"], "not found"),
+    (["--ckpt_dir", "/nonexistent/ckpt", "--image", "IMAGE", "--audio", "AUDIO"], "not found"),
 ])
 def test_cli_bad_flags_one_line_no_traceback(tmp_path, capsys, flags, msg):
+    if "IMAGE" in flags:  # real inputs: they are checked before the checkpoint folder
+        image, audio = write_inputs(tmp_path)
+        flags = [str(image) if f == "IMAGE" else str(audio) if f == "AUDIO" else f for f in flags]
     code = cli(["--save_file", str(tmp_path / "o.mp4"), "--sample_steps", "1", *flags])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
