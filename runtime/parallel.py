@@ -195,10 +195,17 @@ def _(x, group_name, sizes):
     return x.new_empty(b, s_r, hu * len(sizes), d)
 
 
-def shard_model(model, layout: Layout) -> None:
-    """Make ``model`` compute this rank's slice of the sequence (no-op without Ulysses)."""
+def shard_model(model, layout: Layout, unverified_ok: bool = False) -> None:
+    """Make ``model`` compute this rank's slice of the sequence (no-op without Ulysses).
+
+    On CUDA (NCCL) Ulysses is refused for now: on two H200s its velocity differed from one GPU's by rel-L2 0.33
+    (benchmarks/results/nvidia-h200-x2), while the same code matches one process to 1e-5 on the CPU (gloo).
+    ``unverified_ok`` lets the benchmark keep measuring it."""
     if layout.ulysses == 1:
         return
+    if layout.device.type == "cuda" and not unverified_ok:
+        raise ConfigError("--ulysses_size > 1 is not verified on GPUs yet (its output differs from one GPU's); "
+                          "use --cfg_parallel for two GPUs")
     check_sizes(layout.ulysses, layout.cfg_parallel, layout.world, model.cfg.num_heads)
     model.sp = SeqShard(model, layout.sp_rank, layout.ulysses)
 

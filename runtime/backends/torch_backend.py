@@ -77,10 +77,6 @@ class GraphDiT(TorchDiT):
         self.graphs: dict[tuple, _Captured] = {}
 
     def forward(self, x: torch.Tensor, t_freq: torch.Tensor, cond: ClipConditions) -> torch.Tensor:
-        if self.model.sp is not None:
-            # Ulysses all-to-alls inside a captured graph gave wrong velocities on 2 H200s (rel-L2 0.33 against
-            # one GPU; right without capture): sequence-parallel steps run the compiled blocks uncaptured.
-            return self.model.step(x, t_freq, *cond.as_tuple())
         key = shape_key(x, t_freq, cond)
         cap = self.graphs.get(key)
         if cap is None:

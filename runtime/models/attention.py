@@ -18,9 +18,11 @@ import torch
 import torch.nn.functional as F
 
 IMPLEMENTATIONS = ("sdpa", "cudnn", "fa4", "fp8", "onnx")
-# "auto": the first kernel of this list that can run, per compute capability major (measured on an H200:
-# benchmarks/results/nvidia-h200/attention_kernels.md); elsewhere SDPA.
-PREFERENCE = {9: ("fa4", "cudnn", "sdpa")}
+# "auto": the first kernel of this list that can run, per compute capability major; elsewhere SDPA. On the H200
+# (benchmarks/results/nvidia-h200/attention_kernels.md) cuDNN called directly ran at 625 TFLOP/s against 621-628
+# for PyTorch's SDPA (which already dispatches to cuDNN): no gain, so SDPA stays the default until a kernel
+# measures faster (FlashAttention-4's SM90 path could not be loaded there yet).
+PREFERENCE: dict[int, tuple[str, ...]] = {}
 
 
 def unavailable_reason(impl: str, device: torch.device) -> str | None:
