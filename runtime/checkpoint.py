@@ -168,7 +168,7 @@ def load_torch_state_dict(path: Path, what: str) -> dict[str, torch.Tensor]:
     except MemoryError:
         raise
     except pickle.UnpicklingError as err:
-        if "weights only" in str(err).lower():  # torch's refusal of anything but tensors and containers
+        if "global" in str(err).lower():  # torch's weights_only refusal of a pickled class or function
             raise CheckpointError(f"{path}: the {what} holds objects other than tensors, which are never unpickled "
                                   "(they could run code); use the official file") from None
         raise CheckpointError(f"{path}: not a readable {what} (PyTorch checkpoint expected); the file is "

@@ -152,3 +152,37 @@ def test_cli_refuses_an_escaping_index_before_loading(ckpt, tmp_path, monkeypatc
     err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("[")]
     assert code == 2 and len(err) == 1 and "outside the checkpoint folder" in err[0], err
     assert not out.exists()
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("pickled code ran",))
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_torch_files_weights_only_and_legacy(tmp_path, capsys, legacy):
+    path = tmp_path / "w.pth"
+    sd = {"a": torch.arange(6.0).reshape(2, 3), "b": torch.ones(2, dtype=torch.bfloat16)}
+    torch.save(sd, path, _use_new_zipfile_serialization=not legacy)
+    got = ck.load_torch_state_dict(path, "test file")
+    assert set(got) == {"a", "b"} and all(torch.equal(got[k], sd[k]) for k in sd)
+    torch.save({"a": torch.zeros(1), "x": _Payload()}, path, _use_new_zipfile_serialization=not legacy)
+    with pytest.raises(CheckpointError, match="objects other than tensors"):
+        ck.load_torch_state_dict(path, "test file")
+    assert "pickled code ran" not in capsys.readouterr().out
+    torch.save({"a": [torch.zeros(1)]}, path, _use_new_zipfile_serialization=not legacy)
+    with pytest.raises(CheckpointError, match="not a plain state dict"):
+        ck.load_torch_state_dict(path, "test file")
+
+
+@pytest.mark.parametrize("blob", [SECRET, b"PK\x03\x04" + SECRET, b"\x80\x02" + SECRET, b"S" * 64])
+def test_foreign_pth_bytes_are_never_quoted(tmp_path, blob):
+    from runtime.models.vae import load_vae
+
+    path = tmp_path / "Wan2.1_VAE.pth"
+    path.write_bytes(blob)
+    for load in (lambda: ck.load_torch_state_dict(path, "VAE checkpoint"), lambda: load_vae(path)):
+        with pytest.raises(CheckpointError, match="not a readable VAE checkpoint") as err:
+            load()
+        msg = str(err.value).replace(str(tmp_path), "")
+        assert "\n" not in msg and "SECRET" not in msg and "root:" not in msg and "83" not in msg, msg

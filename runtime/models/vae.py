@@ -471,29 +471,22 @@ def state_dict_mismatch(expected: Mapping[str, tuple[int, ...]], sd: Mapping[str
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Weights only (never runs code from the file), memory-mapped when the format allows; messages never
+    quote the file's bytes (see runtime.checkpoint)."""
+    from runtime.checkpoint import load_torch_state_dict, read_safetensors_header
+
     if not path.is_file():
         raise CheckpointError(f"{path}: VAE checkpoint not found; pass the path of Wan2.1_VAE.pth")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    if path.suffix != ".safetensors":
+        return load_torch_state_dict(path, "VAE checkpoint")
+    read_safetensors_header(path)
+    from safetensors.torch import load_file
 
-            sd = load_file(str(path))
-        else:
-            try:
-                sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as err:
-                if "mmap" not in str(err):  # legacy (non-zip) files cannot be memory-mapped
-                    raise
-                sd = torch.load(path, map_location="cpu", weights_only=True)
-    except CheckpointError:
-        raise
-    except Exception as err:  # truncated / corrupt / not a checkpoint: one line, no traceback
-        reason = (str(err).strip().splitlines() or [""])[0].split(". ")[0][:200]
-        raise CheckpointError(f"{path}: cannot read VAE checkpoint ({type(err).__name__}: {reason}); "
+    try:
+        return dict(load_file(str(path)))
+    except Exception as err:  # truncated / corrupt: one line, no traceback
+        raise CheckpointError(f"{path}: cannot read VAE checkpoint ({type(err).__name__}); "
                               "the file is truncated or corrupt, re-download it") from None
-    if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise CheckpointError(f"{path}: not a plain state dict of tensors")
-    return dict(sd)
 
 
 def load_vae(path: str | Path, device: torch.device | str | None = None,
