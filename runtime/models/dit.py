@@ -166,7 +166,9 @@ class SelfAttention(nn.Module):
         if self.qkv is None:
             x = _in(x, self.q)
             return self.q(x), self.k(x), self.v(x)
-        return self.qkv(_in(x, self.qkv)).chunk(3, dim=-1)
+        qkv = self.qkv(_in(x, self.qkv))
+        d = qkv.shape[-1] // 3  # slices, not chunk(): chunk exports as SplitToSequence, which TensorRT rejects
+        return qkv[..., :d], qkv[..., d:2 * d], qkv[..., 2 * d:]
 
     def forward(self, x: torch.Tensor, rope, impl: str) -> torch.Tensor:
         q, k, v = self._qkv(x)
