@@ -158,7 +158,7 @@ class CosyVoiceTTS(TTSBackend):
 
     def _load(self):
         if self._model is None:
-            if self.repo_dir is not None:
+            if self.repo_dir is not None and self.repo_dir.is_dir():  # as official load_tts: checkout + Matcha-TTS
                 for p in (self.repo_dir, self.repo_dir / "third_party" / "Matcha-TTS"):
                     if str(p) not in sys.path:
                         sys.path.append(str(p))
