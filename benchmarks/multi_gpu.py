@@ -108,7 +108,7 @@ def main(argv=None) -> int:
         try:
             layout = parallel.configure(ulysses, cfg_par, dev)
             model.sp = None
-            parallel.shard_model(model, layout, unverified_ok=True)
+            parallel.shard_model(model, layout)
             inner = make(model)
             backend = parallel.CFGParallelDiT(inner, layout) if cfg_par else inner
             name = "+".join(([f"cfg-parallel"] if cfg_par else []) + ([f"ulysses-{ulysses}"] if ulysses > 1 else []))

@@ -37,9 +37,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt_dir", default="tiny", help="the Wan2.2-S2V-14B folder, or 'tiny' for the built-in toy model")
     p.add_argument("--offload_model", type=str2bool, default=None,
                    help="keep UMT5/wav2vec2 on the CPU between uses to save GPU memory (default false: everything resident)")
-    p.add_argument("--ulysses_size", type=int, default=1, help="sequence parallelism (only 1 is supported)")
-    p.add_argument("--t5_fsdp", action="store_true", default=False, help="not supported (single GPU)")
-    p.add_argument("--dit_fsdp", action="store_true", default=False, help="not supported (single GPU)")
+    p.add_argument("--ulysses_size", type=int, default=1,
+                   help="Ulysses sequence parallelism over this many ranks of each CFG branch (launch with torchrun; "
+                        "must divide the 40 heads: 1, 2, 4, 5, 8, 10). Verified on the CPU; refused on GPUs for now")
+    p.add_argument("--cfg_parallel", action="store_true", default=False,
+                   help="run the conditional and unconditional DiT calls of each step on different ranks "
+                        "(torchrun --nproc_per_node 2×ulysses_size); 1.99× per step on 2 H200s")
+    p.add_argument("--t5_fsdp", action="store_true", default=False,
+                   help="accepted; UMT5 is replicated (11 GB in bf16: sharding it saves little and adds all-gathers)")
+    p.add_argument("--dit_fsdp", action="store_true", default=False,
+                   help="accepted; the DiT is replicated on every rank (33 GB in bf16 fits one GPU: FSDP would add "
+                        "an all-gather of every block in every step and pays only when the weights do not fit)")
     p.add_argument("--t5_cpu", action="store_true", default=False, help="run UMT5 on the CPU")
     p.add_argument("--convert_model_dtype", action="store_true", default=False,
                    help="accepted for compatibility: the DiT is always held in its compute dtype")
@@ -66,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     # this project
     p.add_argument("--backend", default="torch",
                    help="DiT backend: torch, torch-compile, torch-graph (CUDA), onnxruntime, tensorrt")
+    p.add_argument("--attention", default="auto", choices=["auto", "sdpa", "cudnn", "fa4"],
+                   help="self-attention kernel (auto: the fastest measured on this GPU, else PyTorch SDPA)")
+    p.add_argument("--precision", default=None, choices=["bf16", "fp16", "fp8"],
+                   help="DiT precision (default bf16 on CUDA, fp32 on the CPU); fp8: FP8 block linears and attention "
+                        "on Hopper or newer (experimental: check it with python -m runtime.quality)")
     p.add_argument("--engines_dir", default="engines", help="where export.build wrote ONNX graphs and engines")
     p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
     p.add_argument("--overwrite", action="store_true", default=False, help="replace --save_file if it exists")
@@ -86,8 +99,8 @@ def validate(args) -> None:
 
     if args.task != "s2v-14B":
         raise InputError(f"--task {args.task}: this engine runs only s2v-14B")
-    if args.ulysses_size != 1 or args.t5_fsdp or args.dit_fsdp:
-        raise InputError("--ulysses_size/--t5_fsdp/--dit_fsdp: multi-GPU is not supported; run on one GPU")
+    if args.ulysses_size < 1:
+        raise InputError(f"--ulysses_size {args.ulysses_size}: must be ≥ 1")
     if args.use_prompt_extend:
         raise InputError("--use_prompt_extend needs online prompt-extension models; write the prompt out instead")
     if args.infer_frames <= 0 or args.infer_frames % 4:
@@ -160,9 +173,17 @@ def _generate(args, image, audio, seed: int, size: str, save: Path) -> Path:
 
     from runtime.pipeline import S2VPipeline
 
+    from runtime import parallel
+
     t0 = time.perf_counter()
-    pipe = S2VPipeline.from_pretrained(args.ckpt_dir, device=args.device, backend=args.backend, t5_cpu=args.t5_cpu,
-                                       offload_model=bool(args.offload_model), engines_dir=args.engines_dir)
+    layout = parallel.init(args.ulysses_size, args.cfg_parallel, args.device)  # None for one process
+    main_rank = layout is None or layout.is_main
+    if not main_rank:
+        logging.getLogger().setLevel(logging.WARNING)  # rank 0 reports progress and writes the MP4
+    pipe = S2VPipeline.from_pretrained(args.ckpt_dir, device=layout.device if layout else args.device,
+                                       backend=args.backend, t5_cpu=args.t5_cpu, offload_model=bool(args.offload_model),
+                                       engines_dir=args.engines_dir, attention=args.attention, precision=args.precision,
+                                       parallel=layout)
     logging.info("loaded %s on %s in %.1fs (backend %s)", args.ckpt_dir, pipe.device, time.perf_counter() - t0, args.backend)
     logging.info("seed %d", seed)
     t0 = time.perf_counter()
@@ -172,12 +193,14 @@ def _generate(args, image, audio, seed: int, size: str, save: Path) -> Path:
                                size=size, sample_shift=args.sample_shift if args.sample_shift is not None else 3.0,
                                guide_scale=args.sample_guide_scale if args.sample_guide_scale is not None else 4.5,
                                sample_solver=args.sample_solver, start_from_ref=args.start_from_ref,
-                               max_audio_s=args.max_audio_s)
+                               max_audio_s=args.max_audio_s, progress=None if main_rank else False)
     except torch.cuda.OutOfMemoryError:
         from runtime.errors import S2VError
 
         raise S2VError(f"GPU out of memory at --size {size}, --infer_frames {args.infer_frames}; try a smaller --size "
                        "(e.g. 832*480), --infer_frames 48, --offload_model true or --t5_cpu") from None
+    if not main_rank:
+        return save
     out = result.save(save, overwrite=args.overwrite)
     logging.info("generated %d frames (%dx%d, %d clips) in %.1fs → %s", result.frames.shape[0], result.frames.shape[2],
                  result.frames.shape[1], result.info["clips"], time.perf_counter() - t0, out)
@@ -200,10 +223,13 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_term)
     from runtime.errors import S2VError
 
+    from runtime import parallel
+
     try:
         validate(args)
         out = run(args)
-        print(out)
+        if parallel.is_main():
+            print(out)
         return 0
     except S2VError as err:
         if args.debug:
@@ -216,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     except _Terminated:
         print("terminated: no output written", file=sys.stderr)
         return EXIT_SIGTERM
+    finally:
+        parallel.shutdown()  # every rank leaves the process group, on success, error or interrupt
 
 
 if __name__ == "__main__":

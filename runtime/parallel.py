@@ -108,6 +108,11 @@ def configure(ulysses: int, cfg_parallel: bool, device: torch.device) -> Layout:
     return layout
 
 
+def is_main() -> bool:
+    """True on rank 0, or without torch.distributed."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
 def shutdown() -> None:
     _GROUPS.clear()
     if dist.is_initialized():
@@ -128,19 +133,20 @@ def split_sizes(n: int, parts: int) -> list[int]:
 class SeqShard:
     """This rank's contiguous slice of the token sequence (``WanS2VDiT.sp``, set by ``shard_model``)."""
 
-    def __init__(self, model, rank: int, world: int, group_name: str = "sp"):
-        self.model, self.rank, self.world, self.group_name = model, rank, world, group_name
+    def __init__(self, rank: int, world: int, group_name: str = "sp"):
+        self.rank, self.world, self.group_name = rank, world, group_name
         self.total = 0
 
     def bounds(self, n: int) -> tuple[int, int]:
-        """[start, end) of this rank's tokens in a sequence of ``n``; tells the self-attention layers the split."""
+        """[start, end) of this rank's tokens in a sequence of ``n``."""
         sizes = split_sizes(n, self.world)
-        if n != self.total:
-            self.total = n
-            for block in self.model.blocks:
-                block.self_attn.ulysses = (self.group_name, tuple(sizes))
+        self.total = n
         start = sum(sizes[:self.rank])
         return start, start + sizes[self.rank]
+
+    def spec(self, n: int) -> tuple[str, tuple[int, ...]]:
+        """What the self-attention layers take: (group name, tokens per rank)."""
+        return self.group_name, tuple(split_sizes(n, self.world))
 
     def gather_tokens(self, x: torch.Tensor, n: int) -> torch.Tensor:
         """This rank's rows of the first ``n`` tokens [B, n_r, C] → all ``n`` rows, on every rank."""
@@ -195,19 +201,15 @@ def _(x, group_name, sizes):
     return x.new_empty(b, s_r, hu * len(sizes), d)
 
 
-def shard_model(model, layout: Layout, unverified_ok: bool = False) -> None:
+def shard_model(model, layout: Layout) -> None:
     """Make ``model`` compute this rank's slice of the sequence (no-op without Ulysses).
 
-    On CUDA (NCCL) Ulysses is refused for now: on two H200s its velocity differed from one GPU's by rel-L2 0.33
-    (benchmarks/results/nvidia-h200-x2), while the same code matches one process to 1e-5 on the CPU (gloo).
-    ``unverified_ok`` lets the benchmark keep measuring it."""
+    (The split reaches the compiled blocks as an argument: the first GPU run kept it in a module attribute, which
+    compiled blocks do not guard on, so blocks compiled before sharding ran unsharded attention: rel-L2 0.33.)"""
     if layout.ulysses == 1:
         return
-    if layout.device.type == "cuda" and not unverified_ok:
-        raise ConfigError("--ulysses_size > 1 is not verified on GPUs yet (its output differs from one GPU's); "
-                          "use --cfg_parallel for two GPUs")
     check_sizes(layout.ulysses, layout.cfg_parallel, layout.world, model.cfg.num_heads)
-    model.sp = SeqShard(model, layout.sp_rank, layout.ulysses)
+    model.sp = SeqShard(layout.sp_rank, layout.ulysses)
 
 
 # --------------------------------------------------------------------------------------------- CFG parallel

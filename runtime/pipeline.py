@@ -58,7 +58,9 @@ def video_to_uint8(video: torch.Tensor) -> np.ndarray:
 
 class S2VPipeline:
     def __init__(self, dit, vae, text_encoder, audio_encoder, device: torch.device, backend: str = "torch",
-                 t5_cpu: bool = False, offload_model: bool = False, name: str = "", engines_dir: str = "engines"):
+                 t5_cpu: bool = False, offload_model: bool = False, name: str = "", engines_dir: str = "engines",
+                 attention: str = "auto", precision: str | None = None, parallel=None):
+        from runtime import parallel as par
         from runtime.backends import make_backend
         from runtime.sampler import S2VSampler
 
@@ -66,7 +68,15 @@ class S2VPipeline:
         self.device = device
         self.t5_cpu, self.offload_model = t5_cpu, offload_model
         self.name = name
+        self.parallel = parallel  # runtime.parallel.Layout under torchrun, else None
+        if precision == "fp8":
+            dit.set_precision("fp8")  # refuses (ConfigError) where FP8 does not run: never a silent fallback
+        dit.set_attention(attention)
+        if parallel is not None:
+            par.shard_model(dit, parallel)
         self.backend = make_backend(backend, dit, engines_dir=engines_dir, checkpoint=name or None)
+        if parallel is not None and parallel.cfg_parallel:
+            self.backend = par.CFGParallelDiT(self.backend, parallel)
         self.sampler = S2VSampler(self.backend, vae, device)
         self._lock = threading.Lock()
 
@@ -74,13 +84,20 @@ class S2VPipeline:
     @classmethod
     def from_pretrained(cls, path: str | Path = TINY, device: str | torch.device | None = None,
                         dtype: torch.dtype | None = None, backend: str = "torch", t5_cpu: bool = False,
-                        offload_model: bool = False, engines_dir: str = "engines") -> "S2VPipeline":
+                        offload_model: bool = False, engines_dir: str = "engines", attention: str = "auto",
+                        precision: str | None = None, parallel=None) -> "S2VPipeline":
         """Load the official ``Wan2.2-S2V-14B/`` folder unchanged, or ``"tiny"`` (built-in random toy model).
 
         dtype: DiT parameter dtype (default bf16 on CUDA, float32 on CPU). The VAE runs in float32, wav2vec2
         in float32, UMT5 in bf16 (float32 on CPU), as the official pipeline. backend: torch, torch-compile,
         torch-graph, onnxruntime or tensorrt (the last two read ``engines_dir`` written by ``export.build``).
+        attention: self-attention kernel (auto, sdpa, cudnn, fa4). precision: None/"bf16"/"fp16" (the DiT dtype)
+        or "fp8" (FP8 block linears and attention on Hopper+; refused elsewhere). parallel: the
+        ``runtime.parallel.init(...)`` layout when running under torchrun (CFG parallel / Ulysses).
         """
+        if precision in ("bf16", "fp16", "fp8") and dtype is None:
+            dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+        extra = dict(attention=attention, precision=precision, parallel=parallel)
         device = torch.device(device) if device is not None else default_device()
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -90,11 +107,12 @@ class S2VPipeline:
             t5_dev = "cpu" if (t5_cpu or offload_model) else device
             return cls(tiny.tiny_dit(dtype, device), tiny.tiny_vae(device), tiny.tiny_text_encoder(t5_dev),
                        tiny.tiny_audio_encoder(device), device, backend, t5_cpu, offload_model, name=TINY,
-                       engines_dir=engines_dir)
-        return cls._from_folder(Path(path), device, dtype, backend, t5_cpu, offload_model, engines_dir)
+                       engines_dir=engines_dir, **extra)
+        return cls._from_folder(Path(path), device, dtype, backend, t5_cpu, offload_model, engines_dir, extra)
 
     @classmethod
-    def _from_folder(cls, folder: Path, device, dtype, backend, t5_cpu, offload_model, engines_dir) -> "S2VPipeline":
+    def _from_folder(cls, folder: Path, device, dtype, backend, t5_cpu, offload_model, engines_dir,
+                     extra: dict) -> "S2VPipeline":
         from runtime import checkpoint as ck
         from runtime.models.audio import Wav2Vec2Features
         from runtime.models.dit import load_dit
@@ -115,7 +133,8 @@ class S2VPipeline:
         audio = Wav2Vec2Features.from_checkpoint(folder, device="cpu" if offload_model else device)
         vae = load_vae(folder / ck.VAE_FILE, device=device)
         dit = load_dit(folder, dtype=dtype, device=device)
-        return cls(dit, vae, text, audio, device, backend, t5_cpu, offload_model, name=str(folder), engines_dir=engines_dir)
+        return cls(dit, vae, text, audio, device, backend, t5_cpu, offload_model, name=str(folder), engines_dir=engines_dir,
+                   **extra)
 
     # ----------------------------------------------------------------- encoders
     def encode_prompts(self, prompt: str, negative_prompt: str = "") -> tuple[torch.Tensor, torch.Tensor]:

@@ -143,7 +143,6 @@ class SelfAttention(nn.Module):
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
         self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)
         self.qkv: nn.Module | None = None   # set by fuse_qkv: one GEMM instead of three
-        self.ulysses: tuple[str, tuple[int, ...]] | None = None  # (group, tokens per rank) under sequence parallel
 
     def fuse_qkv(self) -> None:
         """Concatenate the q/k/v weights into one [3·D, D] linear (one GEMM instead of three). The state dict
@@ -170,11 +169,14 @@ class SelfAttention(nn.Module):
         d = qkv.shape[-1] // 3  # slices, not chunk(): chunk exports as SplitToSequence, which TensorRT rejects
         return qkv[..., :d], qkv[..., d:2 * d], qkv[..., 2 * d:]
 
-    def forward(self, x: torch.Tensor, rope, impl: str) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope, impl: str, ulysses: tuple[str, tuple[int, ...]] | None = None) -> torch.Tensor:
+        """``ulysses`` = (process-group name, tokens per rank) under sequence parallelism. It is an argument, not
+        a module attribute: compiled blocks guard on arguments, while module attributes are assumed constant
+        (a block compiled before sharding would keep running its unsharded graph)."""
         q, k, v = self._qkv(x)
         q = apply_rope(self.norm_q(q), self.heads, rope)
         k = apply_rope(self.norm_k(k), self.heads, rope)
-        return self.o(_in(attention(q, k, v, self.heads, impl, self.ulysses), self.o))
+        return self.o(_in(attention(q, k, v, self.heads, impl, ulysses), self.o))
 
 
 class CrossAttention(nn.Module):
@@ -204,12 +206,13 @@ class Block(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(d, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, d))
         self.modulation = nn.Parameter(torch.zeros(1, 6, d))
 
-    def forward(self, x: torch.Tensor, e: torch.Tensor, split: int, context: torch.Tensor, rope, impl: str) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, e: torch.Tensor, split: int, context: torch.Tensor, rope, impl: str,
+                ulysses: tuple[str, tuple[int, ...]] | None = None) -> torch.Tensor:
         # e: [B, 6, 2, D] fp32 (six modulation vectors for the two segments)
         m = self.modulation.float().unsqueeze(2) + e
         ip = impl != "onnx"  # in-place segment updates in eager/compiled PyTorch, functional for export
         dt = act_dtype(self.ffn[0])
-        y = self.self_attn(modulate(layer_norm(x, self.eps), m[:, 0], m[:, 1], split, ip, dt), rope, impl)
+        y = self.self_attn(modulate(layer_norm(x, self.eps), m[:, 0], m[:, 1], split, ip, dt), rope, impl, ulysses)
         x = add_gated(x, y, m[:, 2], split, ip)
         y = self.cross_attn(layer_norm(x, self.eps, self.norm3.weight, self.norm3.bias), context, impl)
         x = x.add_(y) if ip else x + y
@@ -529,6 +532,7 @@ class WanS2VDiT(nn.Module):
 
         cos, sin = expand_rope(rope_t, rope_h, rope_w, rope_extra)
         start, end = (0, h.shape[1]) if self.sp is None else self.sp.bounds(h.shape[1])
+        ulysses = None if self.sp is None else self.sp.spec(h.shape[1])
         if self.sp is not None:
             h, cos, sin = h[:, start:end], cos[start:end], sin[start:end]
         h = h.float().contiguous()  # the residual stream: fp32, owned here (blocks update it in place)
@@ -536,7 +540,7 @@ class WanS2VDiT(nn.Module):
         rope = rope_operand(cos, sin, fused=impl != "onnx" and x.is_cuda)
         inject = cfg.inject_map
         for i, block in enumerate(self.blocks):
-            h = block(h, e_blocks, local_split, context, rope, impl)
+            h = block(h, e_blocks, local_split, context, rope, impl, ulysses)
             if i in inject:
                 h = self._inject_audio(h, inject[i], audio_tokens, audio_global, start, local_split, split // f)
 
