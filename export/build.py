@@ -5,9 +5,11 @@
 
 Steps: (1) load the DiT and audit the BF16 → FP16 conversion, (2) export the DiT step to one FP16 graph with
 dynamic axes, and the VAE encoder/decoder (first-chunk and step graphs) to FP32 graphs, (3) check every
-graph against TensorRT's ONNX op list and run it in ONNX Runtime against PyTorch, (4) unless --onnx-only,
-build TensorRT engines into ``OUT/<component>/<key>/`` with a manifest. Without TensorRT, it stops after
-step 3 with one line saying how to install it (exit code 3).
+graph against TensorRT's ONNX op list and run it in ONNX Runtime against PyTorch; every graph gets a
+manifest (``<stem>.manifest.json``: hash, I/O, checkpoint), (4) unless --onnx-only, build engines with
+TensorRT 10/11 or TensorRT-RTX (``--trt``; RTX builds without a GPU, for ``--compute-capability`` targets)
+into ``OUT/<component>/<key>/`` with a manifest. Without either, it stops after step 3 with one line saying
+how to install one (exit code 3).
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ EXIT_NO_TRT = 3
 
 
 RANDOM_14B = "random-14b"  # the real architecture with random weights (speed/size work without the checkpoint)
+OPT_SIZE_14B = (704, 1024)
 
 
 def load_dit(ckpt: str, device: torch.device):
@@ -64,6 +67,7 @@ def ort_providers(device: torch.device) -> list[str]:
 
 
 def export_and_check_dit(args, device, report: dict) -> Path:
+    from export.manifest import write_onnx_manifest
     from export.onnx_dit import INPUT_NAMES, example_inputs, export_dit, fp16_audit, graph_inputs, to_fp16
     from export.trt_ops import check_graph
     import onnx
@@ -98,6 +102,7 @@ def export_and_check_dit(args, device, report: dict) -> Path:
     to_fp16(model, audit.keep_fp32)
     onnx_path = Path(args.out) / "onnx" / "dit" / "model.onnx"
     stats = export_dit(model, onnx_path, graph_inputs(ex))
+    write_onnx_manifest(onnx_path, "dit", args.precision, args.ckpt_dir, keep_fp32=audit.keep_fp32)
     log.info("DiT ONNX: %s", stats)
     report["dit_export"] = stats
     graph = onnx.load(str(onnx_path), load_external_data=False)
@@ -128,6 +133,7 @@ def export_and_check_vae(args, device, report: dict) -> list[Path]:
     import onnx
     import onnxruntime as ort
 
+    from export.manifest import write_onnx_manifest
     from export.onnx_vae import GRAPHS, _Graph, example, export_vae_graph
     from export.trt_ops import check_graph
 
@@ -137,6 +143,7 @@ def export_and_check_vae(args, device, report: dict) -> list[Path]:
     for kind in GRAPHS:
         path = Path(args.out) / "onnx" / "vae" / f"{kind}.onnx"
         stats = export_vae_graph(vae, kind, path, h, w)
+        write_onnx_manifest(path, f"vae_{kind}", "fp32", args.ckpt_dir)
         ops = check_graph(onnx.load(str(path), load_external_data=False))
         if not ops.ok:
             raise SystemExit(f"error: {path}: {ops.describe()}")
@@ -156,44 +163,70 @@ def export_and_check_vae(args, device, report: dict) -> list[Path]:
     return paths
 
 
-def build_engines(args, dit_onnx: Path | None, vae_onnx: list[Path], report: dict) -> None:
-    import torch
-
-    from export import trt as trtw
-    from export.manifest import checkpoint_identity, engine_key, onnx_sha256, write_manifest
-    from export.profiles import dit_profiles, vae_profile
+def dit_config(ckpt: str):
     from runtime.config import DiTConfig
 
-    trt = trtw.import_trt()
-    props = torch.cuda.get_device_properties(0)
-    common = {"tensorrt_version": trt.__version__, "gpu": props.name, "compute_capability": f"{props.major}.{props.minor}",
-              "checkpoint": checkpoint_identity(args.ckpt_dir)}
+    return (DiTConfig.tiny() if ckpt == "tiny" else DiTConfig.s2v_14b() if ckpt == RANDOM_14B
+            else DiTConfig.from_json(Path(ckpt) / "config.json"))
+
+
+def profile_sizes(ckpt: str):
+    """Pixel sizes the engines must take: the official 480p-720p rule, or the tiny model's demo/test sizes."""
+    from export.profiles import reachable_sizes
+
+    if ckpt == "tiny":
+        return reachable_sizes(areas=(64 * 64, 128 * 128)) | {(64, 96)}
+    return reachable_sizes()
+
+
+def build_engines(args, dit_onnx: Path | None, vae_onnx: list[Path], report: dict) -> None:
+    from export import trt as trtw
+    from export.manifest import checkpoint_identity, engine_key, onnx_sha256, write_manifest
+    from export.profiles import FRAMES, dit_profiles, vae_profile
+    from runtime.engines import io_mismatch, onnx_manifest_path, read_manifest, sha256_file
+
+    flavor = trtw.select_flavor(args.trt)
+    gpu = gpu_cc = None
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        gpu, gpu_cc = props.name, f"{props.major}.{props.minor}"
+    ccs = trtw.targets(flavor, args.compute_capability, gpu_cc)
+    log.info("building with %s %s for compute capabilities %s", flavor.name, flavor.version, ", ".join(ccs))
+    common = {"kind": "engine", "runtime": flavor.name, "runtime_version": flavor.version, "compute_capabilities": ccs,
+              "gpu": gpu if not flavor.rtx else None, "checkpoint": checkpoint_identity(args.ckpt_dir)}
     out = Path(args.out)
     cache = out / "timing.cache"
+    sizes = profile_sizes(args.ckpt_dir)
+    jobs = []
     if dit_onnx is not None:
-        cfg = (DiTConfig.tiny() if args.ckpt_dir == "tiny" else DiTConfig.s2v_14b() if args.ckpt_dir == RANDOM_14B
-               else DiTConfig.from_json(Path(args.ckpt_dir) / "config.json"))
-        profiles = dit_profiles(cfg)
-        fields = {**common, "component": "dit", "precision": args.precision, "onnx_sha256": onnx_sha256(dit_onnx),
-                  "profiles": [p.to_dict() for p in profiles],
-                  "flags": {"opt_level": args.opt_level, "strip_plan": args.strip_plan, "strongly_typed": True}}
-        folder = out / "dit" / engine_key(fields)
-        folder.mkdir(parents=True, exist_ok=True)
-        stats = trtw.build_engine(dit_onnx, folder / "engine.plan", [p.shapes(cfg) for p in profiles],
-                                  opt_level=args.opt_level, timing_cache=cache, strip_plan=args.strip_plan)
-        write_manifest(folder, {**fields, **stats, "onnx_path": str(dit_onnx)})
-        report["dit_engine"] = {"folder": str(folder), **stats}
-    vp = vae_profile()
+        cfg = dit_config(args.ckpt_dir)
+        tiny = args.ckpt_dir == "tiny"  # its check shape has 3 latent frames (12 pixel frames)
+        profiles = dit_profiles(cfg, sizes, opt_size=(64, 64) if tiny else OPT_SIZE_14B, frames=(12, 80) if tiny else FRAMES)
+        jobs.append(("dit", dit_onnx, args.precision, [p.to_dict() for p in profiles], [p.shapes(cfg) for p in profiles],
+                     {"opt_level": args.opt_level, "strip_plan": args.strip_plan, "strongly_typed": True}, None))
+    vp = vae_profile(sizes, opt_size=(64, 64) if args.ckpt_dir == "tiny" else None)
     for path in vae_onnx:
         kind = path.stem
-        fields = {**common, "component": f"vae_{kind}", "precision": "fp32", "onnx_sha256": onnx_sha256(path),
-                  "profiles": [{k: v.__dict__ for k, v in vp.items()}], "flags": {"tf32": args.vae_tf32, "opt_level": args.opt_level}}
-        folder = out / f"vae_{kind}" / engine_key(fields)
-        folder.mkdir(parents=True, exist_ok=True)
-        stats = trtw.build_engine(path, folder / "engine.plan", [vae_shapes(args, kind, vp)], opt_level=args.opt_level,
-                                  timing_cache=cache, tf32=args.vae_tf32)
-        write_manifest(folder, {**fields, **stats, "onnx_path": str(path)})
-        report.setdefault("vae_engines", []).append({"folder": str(folder), **stats})
+        jobs.append((f"vae_{kind}", path, "fp32", [{k: v.__dict__ for k, v in vp.items()}], [vae_shapes(args, kind, vp)],
+                     {"tf32": args.vae_tf32, "opt_level": args.opt_level}, args.vae_tf32))
+    for component, onnx_path, precision, profile_dicts, profile_shapes, flags, tf32 in jobs:
+        onnx_manifest = read_manifest(onnx_manifest_path(onnx_path), out)
+        fields = {**common, "component": component, "precision": precision, "onnx_sha256": onnx_sha256(onnx_path),
+                  "profiles": profile_dicts, "flags": flags, "io": onnx_manifest["io"]}
+        if fields["onnx_sha256"] != onnx_manifest["onnx_sha256"]:
+            raise SystemExit(f"error: {onnx_path} changed after it was exported; re-run export.build")
+        folder = out / component / engine_key(fields)
+        stats = trtw.build_engine(flavor, onnx_path, folder / "engine.plan", profile_shapes, compute_capabilities=ccs,
+                                  opt_level=args.opt_level, timing_cache=cache, tf32=tf32,
+                                  strip_plan=args.strip_plan and component == "dit")
+        network_io = stats.pop("io")
+        why = io_mismatch(onnx_manifest["io"], network_io)
+        if why:  # the parser renamed, retyped or reshaped an input/output: the runtime binds by the ONNX's
+            raise SystemExit(f"error: {component} engine I/O differs from the ONNX graph ({why})")
+        write_manifest(folder, {**fields, **stats, "plan_sha256": sha256_file(folder / "engine.plan"),
+                                "onnx_path": str(onnx_path.relative_to(out)), "parser_errors": 0})
+        log.info("%s engine: %s (%s)", component, folder, stats)
+        report.setdefault("engines", []).append({"component": component, "folder": str(folder), **stats})
 
 
 def vae_shapes(args, kind: str, vp) -> dict:
@@ -229,6 +262,10 @@ def main(argv=None) -> int:
     ap.add_argument("--vae-check-size", type=int, nargs=2, default=(64, 96), metavar=("H", "W"))
     ap.add_argument("--save-check", default=None, help="save the DiT validation inputs and FP32 reference here "
                     "(checked later by benchmarks.ort_fullsize) instead of running ONNX Runtime now")
+    ap.add_argument("--trt", default="auto", choices=["auto", "tensorrt", "tensorrt-rtx"],
+                    help="engine builder: TensorRT 10/11, TensorRT-RTX, or auto (TensorRT if importable, else RTX)")
+    ap.add_argument("--compute-capability", default=None, metavar="CC[,CC...]",
+                    help="TensorRT-RTX targets, e.g. 8.6,8.9,12.0 (default: this GPU; without one 8.0,8.6,8.9,12.0)")
     ap.add_argument("--device", default=None)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="[%(asctime)s] %(message)s", stream=sys.stderr)
@@ -239,6 +276,7 @@ def main(argv=None) -> int:
     torch.set_grad_enabled(False)
     comps = {c.strip() for c in args.components.split(",") if c.strip()}
     report: dict = {"command": "python -m export.build " + " ".join(sys.argv[1:] if argv is None else argv)}
+    from export.files import write_text
     from runtime.errors import S2VError
 
     class Terminated(BaseException):
@@ -251,6 +289,13 @@ def main(argv=None) -> int:
 
     signal.signal(signal.SIGTERM, on_term)  # unwind through the cleanup of partial ONNX/engine files
     try:
+        if not args.onnx_only:  # a bad --trt/--compute-capability fails now, not after the export
+            from export import trt as trtw
+
+            if trtw.available(args.trt)[0]:
+                flavor = trtw.select_flavor(args.trt)
+                cc = torch.cuda.get_device_capability(0) if torch.cuda.is_available() else None
+                trtw.targets(flavor, args.compute_capability, f"{cc[0]}.{cc[1]}" if cc else None)
         t0 = time.perf_counter()
         dit_onnx = export_and_check_dit(args, device, report) if "dit" in comps else None
         vae_onnx = export_and_check_vae(args, device, report) if "vae" in comps else []
@@ -262,18 +307,18 @@ def main(argv=None) -> int:
             report["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "export_report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+        write_text(out / "export_report.json", json.dumps(report, indent=2, default=str) + "\n")
         if args.onnx_only:
             print(f"ONNX written to {out / 'onnx'} (report: {out / 'export_report.json'})")
             return 0
         from export import trt as trtw
 
-        ok, why = trtw.available()
+        ok, why = trtw.available(args.trt)
         if not ok:
             print(f"ONNX written to {out / 'onnx'}; engines not built: {why}", file=sys.stderr)
             return EXIT_NO_TRT
         build_engines(args, dit_onnx, vae_onnx, report)
-        (out / "export_report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+        write_text(out / "export_report.json", json.dumps(report, indent=2, default=str) + "\n")
         print(f"engines written under {out}")
         return 0
     except S2VError as err:

@@ -162,11 +162,9 @@ def export_dit(model: WanS2VDiT, path: str | Path, example: tuple[torch.Tensor, 
     Weights above 2 GB go to ``<name>.data`` next to the graph (ONNX external data)."""
     import onnx
 
+    from export.files import staged
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = path.parent / f".{path.name}.partial"
-    tmp_dir.mkdir(exist_ok=True)
-    tmp = tmp_dir / path.name
     model.set_export(True)
     t0 = time.perf_counter()
     try:
@@ -176,14 +174,10 @@ def export_dit(model: WanS2VDiT, path: str | Path, example: tuple[torch.Tensor, 
             kwargs["dynamic_shapes"] = dynamic_shapes()
         with torch.no_grad():
             prog = torch.onnx.export(DiTStep(model), example, **kwargs)
-        prog.save(str(tmp), external_data=True)
-        for f in tmp_dir.iterdir():  # graph + its external data, renamed into place together
-            f.replace(path.parent / f.name)
+        with staged(path) as tmp:  # graph + its external data, renamed into place together
+            prog.save(str(tmp), external_data=True)
     finally:
         model.set_export(False)
-        for f in tmp_dir.iterdir():
-            f.unlink()
-        tmp_dir.rmdir()
     export_s = time.perf_counter() - t0
     graph = onnx.load(str(path), load_external_data=False)
     size = sum(f.stat().st_size for f in path.parent.iterdir() if f.name.startswith(path.name))

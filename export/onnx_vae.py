@@ -59,8 +59,9 @@ def export_vae_graph(vae: WanVAE, kind: str, path: str | Path, height: int = 64,
     """Export one VAE graph (FP32) to ``path`` atomically; dynamic pixel height/width (multiples of 8)."""
     from torch.export import Dim
 
+    from export.files import staged
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     args = example(vae, kind, height, width)
     ins, outs = io_names(vae, kind, len(args))
     shapes = None
@@ -72,16 +73,12 @@ def export_vae_graph(vae: WanVAE, kind: str, path: str | Path, height: int = 64,
             s_h, s_w = height // t.shape[-2], width // t.shape[-1]
             shapes.append({3: (8 // s_h) * hb, 4: (8 // s_w) * wb})
         shapes = (shapes[0], tuple(shapes[1:])) if len(shapes) > 1 else (shapes[0],)
-    tmp = path.with_name(f".{path.name}.partial")
     t0 = time.perf_counter()
-    try:
-        with torch.no_grad():
-            prog = torch.onnx.export(_Graph(vae, kind), args, input_names=ins, output_names=outs, opset_version=opset,
-                                     dynamo=True, dynamic_shapes=shapes, optimize=True, external_data=False)
+    with torch.no_grad():
+        prog = torch.onnx.export(_Graph(vae, kind), args, input_names=ins, output_names=outs, opset_version=opset,
+                                 dynamo=True, dynamic_shapes=shapes, optimize=True, external_data=False)
+    with staged(path) as tmp:
         prog.save(str(tmp))
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
     import onnx
 
     graph = onnx.load(str(path))

@@ -92,8 +92,9 @@ def covers(profile: DiTProfile, frames: int, grid_h: int, grid_w: int, extra: in
     return all(getattr(profile, k).min <= v <= getattr(profile, k).max for k, v in val.items())
 
 
-def vae_profile(sizes: set[tuple[int, int]] | None = None) -> dict[str, Range]:
+def vae_profile(sizes: set[tuple[int, int]] | None = None, opt_size: tuple[int, int] | None = None) -> dict[str, Range]:
     """Pixel height/width ranges (multiples of 64) for the VAE graphs."""
     sizes = sizes or reachable_sizes()
+    opt = opt_size or OPT_SIZE
     hs, ws = [h for h, _ in sizes], [w for _, w in sizes]
-    return {"height": Range(min(hs), OPT_SIZE[0], max(hs)), "width": Range(min(ws), OPT_SIZE[1], max(ws))}
+    return {"height": Range(min(hs), opt[0], max(hs)), "width": Range(min(ws), opt[1], max(ws))}

@@ -7,12 +7,14 @@ import numpy as np
 import torch
 
 from runtime.backends.static_inputs import StaticInputs, shape_key
-from runtime.errors import BackendUnavailable
+from runtime.errors import BackendUnavailable, EngineMismatch
 from runtime.models.dit import ClipConditions, WanS2VDiT
 
 _ORT_TO_TORCH = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(bfloat16)": torch.bfloat16,
                  "tensor(int64)": torch.int64}
 _TORCH_TO_NP = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
+_ORT_TO_NAME = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16",
+                "tensor(int64)": "int64", "tensor(int32)": "int32"}
 
 
 def onnx_path_in(engines_dir: str | Path) -> Path:
@@ -51,11 +53,31 @@ class OrtDiT:
 
     @classmethod
     def from_engines(cls, model: WanS2VDiT, engines_dir: str | Path, checkpoint: str | None = None) -> "OrtDiT":
+        from runtime.engines import check_onnx, checkpoint_identity, io_mismatch
+
         path = onnx_path_in(engines_dir)
+        rebuild = (f"python -m export.build --precision fp16 --ckpt_dir {checkpoint or 'CKPT'} --out {engines_dir} "
+                   "--onnx-only --components dit")
         if not path.is_file():
-            raise BackendUnavailable(f"no exported DiT at {path}; export it with: python -m export.build --precision fp16 "
-                                     f"--ckpt_dir {checkpoint or 'CKPT'} --out {engines_dir} --onnx-only")
-        return cls(model, path)
+            raise BackendUnavailable(f"no exported DiT at {path}; export it with: {rebuild}")
+        request = {"kind": "onnx", "component": "dit", "precision": "fp16"}
+        if checkpoint:
+            request["checkpoint"] = checkpoint_identity(checkpoint)
+        manifest = check_onnx(path, engines_dir, request, rebuild)  # before the session reads the file
+        backend = cls(model, path)
+        why = io_mismatch(manifest["io"], backend.io())
+        if why:
+            raise EngineMismatch(f"{path}: the graph does not have the I/O its manifest records ({why}); "
+                                 f"re-export with: {rebuild}")
+        return backend
+
+    def io(self) -> dict:
+        """Names, dtypes and shapes (-1 = dynamic) of the session's inputs and outputs."""
+        def entry(a):
+            return {"name": a.name, "dtype": _ORT_TO_NAME.get(a.type, a.type),
+                    "shape": [d if isinstance(d, int) else -1 for d in a.shape]}
+        return {"inputs": [entry(a) for a in self.session.get_inputs()],
+                "outputs": [entry(a) for a in self.session.get_outputs()]}
 
     def forward(self, x: torch.Tensor, t_freq: torch.Tensor, cond: ClipConditions) -> torch.Tensor:
         dtypes = [dt for _, dt in self.inputs]

@@ -1,5 +1,6 @@
-"""TensorRT DiT backend: an engine from ``engines/dit/<key>/`` (built by ``python -m export.build``), one
-execution context, ``execute_async_v3`` captured as a CUDA graph per shape. TensorRT is imported lazily."""
+"""TensorRT DiT backend: an engine from ``engines/dit/<key>/`` (built by ``python -m export.build`` with TensorRT
+10/11 or TensorRT-RTX), one execution context, ``execute_async_v3`` captured as a CUDA graph per shape.
+The runtime is imported lazily; manifests are checked by ``runtime.engines`` before anything loads."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,8 +8,11 @@ from pathlib import Path
 import torch
 
 from runtime.backends.static_inputs import StaticInputs, shape_key
-from runtime.errors import BackendUnavailable
+from runtime.engines import checkpoint_identity, io_mismatch, select_engine
+from runtime.errors import BackendUnavailable, EngineMismatch
 from runtime.models.dit import ClipConditions, WanS2VDiT
+from runtime.trt_runtime import (INSTALL, RTX_COMPUTE_CAPABILITIES, TRTEngine, check_device, import_runtime,
+                                 installed_runtimes)
 
 _INPUTS = ("x", "t_freq") + ClipConditions.names()
 
@@ -16,33 +20,38 @@ _INPUTS = ("x", "t_freq") + ClipConditions.names()
 class TrtDiT:
     name = "tensorrt"
 
-    def __init__(self, model: WanS2VDiT, folder: Path, manifest: dict):
-        from export.trt import TRTEngine
-
+    def __init__(self, model: WanS2VDiT, folder: Path, manifest: dict, engines_dir: str | Path, rebuild: str):
         self.model, self.folder, self.manifest = model, folder, manifest
         self.device = model.patch_embedding.weight.device
-        strip = manifest.get("flags", {}).get("strip_plan")
-        self.engine = TRTEngine(folder / "engine.plan", onnx_for_refit=manifest.get("onnx_path") if strip else None,
+        refit = None
+        if manifest.get("flags", {}).get("strip_plan"):  # weights come from the ONNX graph, checked like the plan
+            from runtime.engines import check_onnx
+
+            refit = Path(engines_dir) / manifest["onnx_path"]
+            check_onnx(refit, engines_dir, {"onnx_sha256": manifest["onnx_sha256"]}, rebuild)
+        self.engine = TRTEngine(import_runtime(manifest["runtime"]), folder / "engine.plan", onnx_for_refit=refit,
                                 device=self.device.index or 0)
+        why = io_mismatch(manifest["io"], self.engine.io())
+        if why:
+            raise EngineMismatch(f"engine {folder} does not have the I/O its manifest records ({why}); rebuild with: {rebuild}")
         self.profiles = manifest["profiles"]
         self._buffers: dict[tuple, tuple] = {}
 
     @classmethod
     def from_engines(cls, model: WanS2VDiT, engines_dir: str | Path, checkpoint: str | None = None) -> "TrtDiT":
-        from export import trt as trtw
-        from export.manifest import checkpoint_identity, read_manifest, select_engine
-
-        trt = trtw.import_trt()
-        if not torch.cuda.is_available():
-            raise BackendUnavailable("backend tensorrt needs a CUDA GPU")
-        props = torch.cuda.get_device_properties(0)
-        request = {"component": "dit", "precision": "fp16", "tensorrt_version": trt.__version__, "gpu": props.name,
-                   "compute_capability": f"{props.major}.{props.minor}"}
+        runtimes = installed_runtimes()
+        if not runtimes:
+            raise BackendUnavailable("backend tensorrt needs TensorRT 10/11 or TensorRT-RTX; install one with: "
+                                     f"{INSTALL['tensorrt-rtx']}, or {INSTALL['tensorrt']}")
+        cc, gpu = gpu_of(model.patch_embedding.weight.device)
+        runtimes = usable_runtimes(runtimes, cc, gpu)
+        request = {"kind": "engine", "component": "dit", "precision": "fp16", "runtimes": runtimes,
+                   "compute_capability": cc}
         if checkpoint:
             request["checkpoint"] = checkpoint_identity(checkpoint)
         rebuild = f"python -m export.build --precision fp16 --ckpt_dir {checkpoint or 'CKPT'} --out {engines_dir}"
-        folder = select_engine(engines_dir, "dit", request, rebuild)
-        return cls(model, folder, read_manifest(folder))
+        folder, manifest = select_engine(engines_dir, "dit", request, rebuild)
+        return cls(model, folder, manifest, engines_dir, rebuild)
 
     def _profile_for(self, x: torch.Tensor, cond: ClipConditions) -> int:
         b, _, f, h, w = x.shape
@@ -68,3 +77,20 @@ class TrtDiT:
             self.engine.replay(key)
         torch.cuda.current_stream().wait_stream(self.engine.stream)
         return out["velocity"].clone()
+
+
+def gpu_of(device: torch.device) -> tuple[str, str]:
+    """(compute capability "major.minor", name) of the model's GPU."""
+    if device.type != "cuda":
+        raise BackendUnavailable("backend tensorrt needs a CUDA GPU (--device cuda)")
+    props = torch.cuda.get_device_properties(device)
+    return f"{props.major}.{props.minor}", props.name
+
+
+def usable_runtimes(runtimes: dict[str, str], cc: str, gpu: str) -> dict[str, str]:
+    """The installed runtimes that can run engines on this GPU; with only TensorRT-RTX installed, a GPU it does
+    not support is refused in one line before any engine is looked at."""
+    if "tensorrt" not in runtimes:
+        check_device("tensorrt-rtx", cc, gpu)
+        return runtimes
+    return {k: v for k, v in runtimes.items() if k == "tensorrt" or cc in RTX_COMPUTE_CAPABILITIES}
