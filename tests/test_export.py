@@ -11,13 +11,15 @@ import pytest
 import torch
 
 from export import manifest as mf
+from export import trt as trtw
 from export.build import EXIT_NO_TRT, main as build_main, mean_rel
 from export.onnx_dit import INPUT_NAMES, example_inputs, export_dit, fp16_audit, graph_inputs, to_fp16
 from export.onnx_vae import GRAPHS, _Graph, example
 from export.profiles import covers, dit_profiles, extra_tokens, reachable_sizes
 from export.trt_ops import SUPPORTED, check_graph
 from runtime.config import DiTConfig
-from runtime.errors import EngineMismatch
+from runtime import engines as eng
+from runtime.errors import BackendUnavailable, ConfigError, EngineMismatch
 from runtime.models.dit import ClipConditions, build_dit
 from runtime.tiny import tiny_vae
 
@@ -25,10 +27,42 @@ def half(ex):
     return graph_inputs(ex)
 
 
+RTX, RTX_WHY = trtw.available("tensorrt-rtx")
+needs_rtx = pytest.mark.skipif(not RTX, reason=f"TensorRT-RTX not installed ({RTX_WHY}); pip install -e '.[rtx]'")
+# Where the old exporter put fixed-name temporaries (and the report): a symlink planted there must not lead
+# the export to write, move or delete anything outside the output folder.
+PLANTED = {"onnx/dit/.model.onnx.partial": "dir", "onnx/vae/.decoder_first.onnx.partial": "file",
+           "onnx/vae/.encoder_step.onnx.partial": "file", "onnx/vae/encoder_first.onnx": "file",
+           "export_report.json": "file"}
+
+
+VICTIMS: dict = {}
+
+
+def plant_symlinks(out: Path, victims: Path) -> None:
+    (victims / "dir").mkdir(parents=True)
+    (victims / "dir" / "model.onnx").write_bytes(b"precious graph")
+    (victims / "dir" / "keep.txt").write_text("precious")
+    (victims / "file").write_text("precious file")
+    for rel, target in PLANTED.items():
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).symlink_to(victims / target)
+
+
+def snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    out = tmp_path_factory.mktemp("export")
-    assert build_main(["--precision", "fp16", "--ckpt_dir", "tiny", "--out", str(out), "--onnx-only"]) == 0
+    """The README's command on this CPU: ONNX + (with TensorRT-RTX installed) real DiT and VAE engines,
+    into an output folder with symlinks planted at the old temporary names."""
+    out, victims = tmp_path_factory.mktemp("export"), tmp_path_factory.mktemp("victims")
+    plant_symlinks(out, victims)
+    before = snapshot(victims)
+    args = ["--precision", "fp16", "--ckpt_dir", "tiny", "--out", str(out)] + ([] if RTX else ["--onnx-only"])
+    assert build_main(args) == 0
+    VICTIMS.update(folder=victims, before=before)
     return out
 
 
@@ -129,79 +163,251 @@ def test_profiles_cover_the_target_size_rule():
 
 # ------------------------------------------------------------------------------------------ manifests
 def fields(**over):
-    base = {"component": "dit", "precision": "fp16", "onnx_sha256": "ab" * 32, "checkpoint": "ck1",
-            "tensorrt_version": "10.15.1", "gpu": "NVIDIA H200", "compute_capability": "9.0",
-            "profiles": [{"name": "later"}], "flags": {"opt_level": 3}}
+    base = {"kind": "engine", "component": "dit", "precision": "fp16", "onnx_sha256": "ab" * 32, "checkpoint": "ck1",
+            "runtime": "tensorrt-rtx", "runtime_version": "1.7.1.116", "compute_capabilities": ["8.6", "8.9"],
+            "profiles": [{"name": "later"}], "flags": {"opt_level": 3}, "io": {"inputs": [], "outputs": []}}
     return {**base, **over}
+
+
+def fake_engine(root: Path, plan=b"plan", **over) -> Path:
+    f = fields(**over)
+    folder = root / "dit" / mf.engine_key(f)
+    folder.mkdir(parents=True)
+    (folder / "engine.plan").write_bytes(plan)
+    mf.write_manifest(folder, {**f, "plan_sha256": mf.sha256_file(folder / "engine.plan")})
+    return folder
+
+
+def request(**over):
+    r = {"kind": "engine", "component": "dit", "precision": "fp16", "checkpoint": "ck1",
+         "runtimes": {"tensorrt-rtx": "1.7.1.116"}, "compute_capability": "8.9"}
+    return {**r, **over}
 
 
 def test_engine_key_is_a_hash_of_the_build_inputs():
     assert mf.engine_key(fields()) == mf.engine_key(fields())
-    for k, v in [("tensorrt_version", "11.4.0"), ("gpu", "NVIDIA H100"), ("onnx_sha256", "cd" * 32),
-                 ("checkpoint", "ck2"), ("flags", {"opt_level": 5}), ("profiles", [])]:
+    for k, v in [("runtime_version", "1.8.0"), ("runtime", "tensorrt"), ("onnx_sha256", "cd" * 32), ("checkpoint", "ck2"),
+                 ("flags", {"opt_level": 5}), ("profiles", []), ("compute_capabilities", ["8.6"]),
+                 ("io", {"inputs": [{"name": "x"}]})]:
         assert mf.engine_key(fields(**{k: v})) != mf.engine_key(fields())
 
 
-@pytest.mark.parametrize("field,value", [("tensorrt_version", "11.4.0"), ("gpu", "NVIDIA H100 80GB HBM3"),
-                                         ("compute_capability", "10.0"), ("onnx_sha256", "00" * 32),
-                                         ("checkpoint", "other"), ("precision", "bf16")])
-def test_mismatching_engine_is_refused_with_rebuild_command(tmp_path, field, value):
-    folder = tmp_path / "dit" / mf.engine_key(fields())
-    mf.write_manifest(folder, fields())
-    (folder / "engine.plan").write_bytes(b"plan")
+@pytest.mark.parametrize("over,words", [
+    ({"runtimes": {"tensorrt-rtx": "1.8.0.1"}}, "built for tensorrt-rtx 1.7.1.116, this run has tensorrt-rtx 1.8.0.1"),
+    ({"runtimes": {"tensorrt": "10.15.1"}}, "built with tensorrt-rtx, which is not installed here"),
+    ({"compute_capability": "9.0"}, "compute capabilities 8.6, 8.9, this GPU is 9.0"),
+    ({"checkpoint": "other"}, "checkpoint="), ({"precision": "bf16"}, "precision=")])
+def test_mismatching_engine_is_refused_with_rebuild_command(tmp_path, over, words):
+    folder = fake_engine(tmp_path)
     rebuild = "python -m export.build --precision fp16 --ckpt_dir X --out Y"
-    assert mf.select_engine(tmp_path, "dit", fields(), rebuild) == folder
+    assert eng.select_engine(tmp_path, "dit", request(), rebuild)[0] == folder
     with pytest.raises(EngineMismatch) as err:
-        mf.select_engine(tmp_path, "dit", {**fields(), field: value}, rebuild)
+        eng.select_engine(tmp_path, "dit", request(**over), rebuild)
     msg = str(err.value)
-    assert field in msg and rebuild in msg and "\n" not in msg
+    assert words in msg and rebuild in msg and "\n" not in msg
 
 
-def test_missing_or_tampered_engine_is_refused(tmp_path):
+def test_missing_tampered_or_keyless_engine_is_refused(tmp_path):
     with pytest.raises(EngineMismatch, match="no dit engine"):
-        mf.select_engine(tmp_path, "dit", fields(), "REBUILD")
-    folder = tmp_path / "dit" / "k"
-    path = mf.write_manifest(folder, fields())
-    with pytest.raises(EngineMismatch, match="without engine.plan"):
-        mf.select_engine(tmp_path, "dit", fields(), "REBUILD")
-    (folder / "engine.plan").write_bytes(b"plan")
+        eng.select_engine(tmp_path, "dit", request(), "REBUILD")
+    folder = fake_engine(tmp_path)
+    path = folder / "manifest.json"
     data = json.loads(path.read_text())
-    data["gpu"] = "edited"
+    path.write_text(json.dumps({**data, "compute_capabilities": ["8.9", "9.0"]}))  # edited: key no longer matches
+    with pytest.raises(EngineMismatch, match="does not match its contents"):
+        eng.select_engine(tmp_path, "dit", request(), "REBUILD")
+    path.write_text(json.dumps({k: v for k, v in data.items() if k != "key"}))    # key dropped
+    with pytest.raises(EngineMismatch, match="no key"):
+        eng.select_engine(tmp_path, "dit", request(), "REBUILD")
     path.write_text(json.dumps(data))
-    with pytest.raises(EngineMismatch, match="edited|does not match"):
-        mf.select_engine(tmp_path, "dit", {k: v for k, v in fields().items() if k != "gpu"}, "REBUILD")
+    (folder / "engine.plan").write_bytes(b"plan!")                                  # plan replaced
+    with pytest.raises(EngineMismatch, match="changed since it was built"):
+        eng.select_engine(tmp_path, "dit", request(), "REBUILD")
+    (folder / "engine.plan").unlink()
+    with pytest.raises(EngineMismatch, match="without engine.plan"):
+        eng.select_engine(tmp_path, "dit", request(), "REBUILD")
+
+
+def test_symlinks_out_of_the_engines_folder_are_refused(tmp_path):
+    root, outside = tmp_path / "engines", tmp_path / "outside"
+    folder = fake_engine(root)
+    outside.mkdir()
+    (outside / "engine.plan").write_bytes(b"plan")
+    (folder / "engine.plan").unlink()
+    (folder / "engine.plan").symlink_to(outside / "engine.plan")  # same bytes, same hash: only the link is wrong
+    with pytest.raises(EngineMismatch, match="leads out of the engines folder"):
+        eng.select_engine(root, "dit", request(), "REBUILD")
+    (folder / "engine.plan").unlink()
+    (folder / "engine.plan").write_bytes(b"plan")
+    (root / "inside.plan").write_bytes(b"plan")
+    (folder / "engine.plan").unlink()
+    (folder / "engine.plan").symlink_to(root / "inside.plan")     # a link that stays inside is fine
+    assert eng.select_engine(root, "dit", request(), "REBUILD")[0] == folder
 
 
 def test_onnx_hash_covers_external_data(tmp_path):
     (tmp_path / "m.onnx").write_bytes(b"graph")
     (tmp_path / "m.onnx.data").write_bytes(b"weights")
+    (tmp_path / "m.manifest.json").write_text("{}")
     h1 = mf.onnx_sha256(tmp_path / "m.onnx")
+    (tmp_path / "m.manifest.json").write_text('{"a": 1}')  # the manifest beside it is not part of the graph
+    assert mf.onnx_sha256(tmp_path / "m.onnx") == h1
     (tmp_path / "m.onnx.data").write_bytes(b"weightz")
     assert mf.onnx_sha256(tmp_path / "m.onnx") != h1
 
 
-# ------------------------------------------------------------------------------------------ TensorRT
-def test_build_without_tensorrt_stops_after_onnx_with_one_line(tmp_path, capsys):
-    from export import trt as trtw
+def test_onnx_only_output_has_manifests_matching_the_graphs(built):
+    for path in [built / "onnx" / "dit" / "model.onnx", *[built / "onnx" / "vae" / f"{k}.onnx" for k in GRAPHS]]:
+        m = eng.read_manifest(eng.onnx_manifest_path(path), built)
+        graph = onnx.load(str(path), load_external_data=False)
+        assert m["kind"] == "onnx" and m["onnx_sha256"] == eng.onnx_sha256(path)
+        assert m["checkpoint"] == eng.checkpoint_identity("tiny") and m["opset"] == 23
+        names = [i.name for i in graph.graph.input]
+        assert [e["name"] for e in m["io"]["inputs"]] == names and m["io"] == mf.onnx_io(graph)
+    dit = eng.read_manifest(built / "onnx" / "dit" / "model.manifest.json", built)
+    assert dit["io"]["inputs"][0] == {"name": "x", "dtype": "float32", "shape": [-1, 16, -1, -1, -1]}
+    assert dit["precision"] == "fp16" and dit["component"] == "dit"
 
-    ok, why = trtw.available()
-    if ok:
-        pytest.skip(f"{why} is installed: the no-TensorRT path cannot be exercised here")
+
+# ------------------------------------------------------------------------------------------ temp files
+def test_export_never_follows_symlinks_planted_at_temporary_names(built):
+    assert snapshot(VICTIMS["folder"]) == VICTIMS["before"]  # nothing outside written, moved or deleted
+    for rel in PLANTED:
+        p = built / rel
+        if rel.startswith(".") or "/." in rel:
+            assert p.is_symlink()                           # never used: temporaries get random names
+        else:
+            assert p.is_file() and not p.is_symlink()       # the link itself was replaced, not written through
+    assert not [p for p in built.rglob("*partial*") if not p.is_symlink()]  # no temporaries left behind
+
+
+def test_atomic_writer_replaces_a_planted_link_and_never_reads_through_one(tmp_path):
+    from export.files import read_regular, write_bytes
+
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    (tmp_path / "out").mkdir()
+    cache = tmp_path / "out" / "timing.cache"
+    cache.symlink_to(victim)
+    assert read_regular(cache) is None
+    write_bytes(cache, b"new cache")
+    assert victim.read_bytes() == b"precious" and cache.read_bytes() == b"new cache" and not cache.is_symlink()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["timing.cache"]
+
+
+# ------------------------------------------------------------------------------------------ TensorRT
+def test_build_without_tensorrt_stops_after_onnx_with_one_line(tmp_path, capsys, monkeypatch):
+    from runtime import trt_runtime
+
+    monkeypatch.setattr(trt_runtime, "MODULES", {"tensorrt": "no_such_tensorrt", "tensorrt-rtx": "no_such_rtx"})
     code = build_main(["--ckpt_dir", "tiny", "--out", str(tmp_path), "--components", "dit", "--no-validate"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == EXIT_NO_TRT
-    assert "engines not built" in err[-1] and "pip install" in err[-1]
-    assert (tmp_path / "onnx" / "dit" / "model.onnx").is_file()
+    assert "engines not built" in err[-1] and "pip install" in err[-1] and "TensorRT-RTX" in err[-1]
+    assert (tmp_path / "onnx" / "dit" / "model.onnx").is_file() and (tmp_path / "onnx" / "dit" / "model.manifest.json").is_file()
+
+
+def engine_manifests(built) -> dict[str, dict]:
+    found = {}
+    for path in built.glob("*/*/manifest.json"):
+        if path.parent.parent.name != "onnx":
+            found[path.parent.parent.name] = eng.read_manifest(path, built)
+    return found
+
+
+@needs_rtx
+def test_cpu_built_engines_and_their_manifests(built):
+    import tensorrt_rtx_bindings
+
+    found = engine_manifests(built)
+    assert sorted(found) == ["dit"] + [f"vae_{k}" for k in sorted(GRAPHS)]
+    for component, m in found.items():
+        folder = built / component / m["key"]
+        onnx_path = built / m["onnx_path"]
+        assert m["runtime"] == "tensorrt-rtx" and m["runtime_version"] == tensorrt_rtx_bindings.__version__
+        assert m["compute_capabilities"] == ["8.0", "8.6", "8.9", "12.0"] and m["gpu"] is None
+        assert m["parser_errors"] == 0 and m["plan_bytes"] == (folder / "engine.plan").stat().st_size > 100_000
+        assert m["plan_sha256"] == eng.sha256_file(folder / "engine.plan")
+        assert m["onnx_sha256"] == eng.onnx_sha256(onnx_path)
+        # the engine's I/O (recorded from the network TensorRT-RTX built) equals the ONNX graph's
+        assert m["io"] == mf.onnx_io(onnx.load(str(onnx_path), load_external_data=False))
+        assert m["precision"] == ("fp16" if component == "dit" else "fp32")
+    first, later = found["dit"]["profiles"]
+    assert (first["name"], later["name"]) == ("first", "later")
+
+
+@needs_rtx
+def test_dit_engine_profiles_cover_the_first_and_later_clips_of_the_tiny_pipeline(built):
+    from export.profiles import DiTProfile, Range
+    from runtime.sampler import latent_frames
+
+    cfg = DiTConfig.tiny()
+    dit = engine_manifests(built)["dit"]
+    first, later = (DiTProfile(p["name"], *(Range(**p[k]) for k in ("batch", "frames", "grid_h", "grid_w", "extra")))
+                    for p in dit["profiles"])
+    for h, w in [(64, 64), (64, 96), (128, 128)]:   # demo size, check size, a test size
+        for frames in (16, 48, 80):
+            f = latent_frames(frames)
+            assert covers(first, f, h // 16, w // 16, extra_tokens(cfg, h, w, False), batch=2)
+            assert covers(later, f, h // 16, w // 16, extra_tokens(cfg, h, w, True), batch=2)
+
+
+@needs_rtx
+def test_network_io_equals_the_onnx_graph_and_parser_takes_every_node(built):
+    flavor = trtw.select_flavor("tensorrt-rtx")
+    for path in [built / "onnx" / "dit" / "model.onnx", built / "onnx" / "vae" / "decoder_step.onnx"]:
+        _, network, parser = trtw.parse(flavor, path)
+        assert parser.num_errors == 0
+        assert eng.io_mismatch(mf.onnx_io(onnx.load(str(path), load_external_data=False)), trtw._io(network, flavor)) is None
+
+
+@needs_rtx
+def test_parser_names_the_node_it_does_not_take(tmp_path):
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [3])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [3])
+    node = onnx.helper.make_node("Frobnicate", ["x"], ["y"], name="odd_node", domain="com.example")
+    model = onnx.helper.make_model(onnx.helper.make_graph([node], "g", [x], [y]),
+                                   opset_imports=[onnx.helper.make_opsetid("", 23), onnx.helper.make_opsetid("com.example", 1)])
+    onnx.save(model, tmp_path / "m.onnx")
+    with pytest.raises(ConfigError, match="could not parse") as err:
+        trtw.build_engine(trtw.select_flavor("tensorrt-rtx"), tmp_path / "m.onnx", tmp_path / "m.plan", [],
+                          compute_capabilities=["8.6"])
+    assert "Frobnicate" in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "m.plan").exists()
+
+
+@needs_rtx
+def test_compute_capability_targets():
+    rtx = trtw.select_flavor("tensorrt-rtx")
+    assert trtw.targets(rtx, None, None) == ["8.0", "8.6", "8.9", "12.0"]
+    assert trtw.targets(rtx, None, "8.9") == ["8.9"] and trtw.targets(rtx, "8.6, 12.0", "8.9") == ["8.6", "12.0"]
+    with pytest.raises(ConfigError, match="9.0"):
+        trtw.targets(rtx, "8.6,9.0", None)
+    fake_trt10 = trtw.Flavor("tensorrt", rtx.trt)
+    with pytest.raises(BackendUnavailable, match="no GPU is visible"):
+        trtw.targets(fake_trt10, None, None)
+    with pytest.raises(ConfigError, match="builds for the GPU it runs on"):
+        trtw.targets(fake_trt10, "8.6", "9.0")
+
+
+@needs_rtx
+def test_rtx_capability_table_matches_the_installed_runtime():
+    import tensorrt_rtx_bindings as trt
+
+    from runtime.trt_runtime import RTX_COMPUTE_CAPABILITIES
+
+    members = [m[2:] for m in trt.ComputeCapability.__members__ if m.startswith("SM")]
+    assert list(RTX_COMPUTE_CAPABILITIES) == [f"{m[:-1]}.{m[-1]}" for m in members]
 
 
 def test_tensorrt_engine_build_and_parity(built):
-    from export import trt as trtw
-
-    ok, why = trtw.available()
+    ok, why = trtw.available("tensorrt")
     if not ok or not torch.cuda.is_available():
-        pytest.skip(f"needs TensorRT and a GPU: {why if not ok else 'no CUDA device'}")
+        pytest.skip(f"needs TensorRT 10/11 and a GPU: {why if not ok else 'no CUDA device'}")
     cfg = DiTConfig.tiny()
-    profiles = dit_profiles(cfg, sizes={(64, 96), (128, 128)}, opt_size=(64, 96), frames=(16, 16))
+    profiles = dit_profiles(cfg, sizes={(64, 96), (128, 128)}, opt_size=(64, 96), frames=(16, 16), opt_frames=16)
     plan = built / "tiny_dit.plan"
-    trtw.build_engine(built / "onnx" / "dit" / "model.onnx", plan, [p.shapes(cfg) for p in profiles], opt_level=1)
+    cc = "%d.%d" % torch.cuda.get_device_capability(0)
+    trtw.build_engine(trtw.select_flavor("tensorrt"), built / "onnx" / "dit" / "model.onnx", plan,
+                      [p.shapes(cfg) for p in profiles], compute_capabilities=[cc], opt_level=1)
     assert Path(plan).stat().st_size > 0
