@@ -1,6 +1,10 @@
 """Every DiT backend agrees with the eager PyTorch reference on the tiny model (where it can run here)."""
 from __future__ import annotations
 
+import json
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +14,7 @@ from export.onnx_dit import example_inputs
 from runtime import S2VPipeline
 from runtime.backends import make_backend
 from runtime.demo import demo_image, demo_speech
-from runtime.errors import BackendUnavailable
+from runtime.errors import BackendUnavailable, EngineMismatch
 from runtime.models.dit import ClipConditions
 from runtime.tiny import tiny_dit
 
@@ -62,12 +66,96 @@ def test_unavailable_backends_are_one_line(tmp_path):
         make_backend("onnxruntime", model, engines_dir=str(tmp_path))
     with pytest.raises(BackendUnavailable, match="unknown backend"):
         make_backend("fastest", model)
-    try:
-        import tensorrt  # noqa: F401
-    except Exception:
-        with pytest.raises(BackendUnavailable, match="pip install") as err:
-            make_backend("tensorrt", model, engines_dir=str(tmp_path))
-        assert "\n" not in str(err.value)
+
+
+def test_tensorrt_backend_without_any_runtime_says_how_to_install(monkeypatch, tmp_path):
+    from runtime import trt_runtime
+
+    monkeypatch.setattr(trt_runtime, "MODULES", {"tensorrt": "no_such_tensorrt", "tensorrt-rtx": "no_such_rtx"})
+    with pytest.raises(BackendUnavailable, match="pip install") as err:
+        make_backend("tensorrt", tiny_dit(), engines_dir=str(tmp_path))
+    assert "TensorRT-RTX" in str(err.value) and "\n" not in str(err.value)
+
+
+def fake_gpu(monkeypatch, cc: str, name: str, runtimes: dict):
+    from runtime.backends import trt_backend
+
+    monkeypatch.setattr(trt_backend, "installed_runtimes", lambda: dict(runtimes))
+    monkeypatch.setattr(trt_backend, "gpu_of", lambda device: (cc, name))
+
+
+@pytest.mark.parametrize("cc,name", [("9.0", "NVIDIA H200"), ("10.0", "NVIDIA B200")])
+def test_tensorrt_rtx_refuses_an_unsupported_gpu_in_one_line(monkeypatch, tmp_path, cc, name):
+    fake_gpu(monkeypatch, cc, name, {"tensorrt-rtx": "1.7.1.116"})
+    with pytest.raises(BackendUnavailable) as err:
+        make_backend("tensorrt", tiny_dit(), engines_dir=str(tmp_path))
+    assert str(err.value).startswith(f"TensorRT-RTX does not run on compute capability {cc} ({name}): use --backend "
+                                     "torch-graph, or TensorRT 10/11")
+    assert "\n" not in str(err.value)
+
+
+def test_tensorrt_backend_picks_only_engines_this_gpu_can_run(monkeypatch, tmp_path):
+    from runtime.backends.trt_backend import usable_runtimes
+
+    both = {"tensorrt": "10.15.1", "tensorrt-rtx": "1.7.1.116"}
+    assert usable_runtimes(both, "9.0", "NVIDIA H200") == {"tensorrt": "10.15.1"}
+    assert usable_runtimes(both, "8.9", "RTX 4090") == both
+    assert usable_runtimes({"tensorrt-rtx": "1.7.1.116"}, "12.0", "RTX 5090") == {"tensorrt-rtx": "1.7.1.116"}
+    fake_gpu(monkeypatch, "8.9", "RTX 4090", {"tensorrt-rtx": "1.7.1.116"})  # supported GPU, no engine yet
+    with pytest.raises(EngineMismatch, match="no dit engine .* build one with: python -m export.build"):
+        make_backend("tensorrt", tiny_dit(), engines_dir=str(tmp_path))
+
+
+# ------------------------------------------------------------------------------------------ ONNX manifests
+def onnx_copy(engines, tmp_path) -> Path:
+    dst = tmp_path / "engines"
+    shutil.copytree(engines, dst, symlinks=True)
+    return dst
+
+
+def test_onnxruntime_backend_checks_the_onnx_manifest(engines, tmp_path):
+    from runtime.engines import onnx_manifest_path
+
+    model = tiny_dit()
+    root = onnx_copy(engines, tmp_path)
+    graph = root / "onnx" / "dit" / "model.onnx"
+    manifest = onnx_manifest_path(graph)
+    good = manifest.read_text()
+    assert make_backend("onnxruntime", model, engines_dir=str(root), checkpoint="tiny").io()["inputs"][0]["name"] == "x"
+
+    def refused(match, fix="export.build"):
+        with pytest.raises(EngineMismatch, match=match) as err:
+            make_backend("onnxruntime", model, engines_dir=str(root), checkpoint="tiny")
+        assert "\n" not in str(err.value) and fix in str(err.value)
+
+    data = json.loads(good)
+    manifest.write_text(json.dumps({k: v for k, v in data.items() if k != "key"}))
+    refused("manifest has no key")
+    manifest.write_text(json.dumps({**data, "checkpoint": "someone-else"}))
+    refused("does not match its contents")
+    manifest.unlink()
+    refused("no manifest")
+    from export.manifest import write_manifest  # a consistent manifest (valid key) whose I/O differs
+    io = json.loads(json.dumps(data["io"]))
+    io["inputs"][1]["shape"] = [-1, 128]
+    write_manifest(manifest, {k: v for k, v in {**data, "io": io}.items() if k not in ("key", "written")})
+    refused(r"does not have the I/O its manifest records \(input t_freq")
+    manifest.write_text(good)
+    data_file = root / "onnx" / "dit" / "model.onnx.data"
+    blob = bytearray(data_file.read_bytes())
+    blob[-1] ^= 1
+    data_file.write_bytes(bytes(blob))
+    refused("ONNX graph changed since it was built")
+    outside = tmp_path / "outside.data"
+    shutil.copy(engines / "onnx" / "dit" / "model.onnx.data", outside)
+    data_file.unlink()
+    data_file.symlink_to(outside)   # the right bytes, but outside the engines folder
+    refused("leads out of the engines folder", fix="copy the file into the engines folder")
+    data_file.unlink()
+    shutil.copy(outside, data_file)
+    make_backend("onnxruntime", model, engines_dir=str(root))  # checkpoint unknown: not compared
+    with pytest.raises(EngineMismatch, match="checkpoint="):
+        make_backend("onnxruntime", model, engines_dir=str(root), checkpoint=str(tmp_path))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph replay needs a GPU (checked on the GPU machine)")

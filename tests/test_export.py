@@ -411,3 +411,17 @@ def test_tensorrt_engine_build_and_parity(built):
     trtw.build_engine(trtw.select_flavor("tensorrt"), built / "onnx" / "dit" / "model.onnx", plan,
                       [p.shapes(cfg) for p in profiles], compute_capabilities=[cc], opt_level=1)
     assert Path(plan).stat().st_size > 0
+
+
+def test_runtime_never_imports_export():
+    import re
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    pat = re.compile(r"^\s*(from|import) export\b", re.M)
+    offenders = [str(p.relative_to(root)) for p in (root / "runtime").rglob("*.py") if pat.search(p.read_text())]
+    assert offenders == []
+    code = ("import sys, runtime.backends.trt_backend, runtime.backends.ort_backend, runtime.engines, runtime.trt_runtime, "
+            "runtime.generate; assert not [m for m in sys.modules if m == 'export' or m.startswith('export.')]")
+    assert subprocess.run([sys.executable, "-c", code], cwd=root).returncode == 0

@@ -1,8 +1,11 @@
-"""The native runner: CMake configures everywhere; the source compiles against TensorRT's public headers."""
+"""The native runner: CMake configures everywhere and says what it builds against (TensorRT, else TensorRT-RTX)
+or why not; the source compiles against TensorRT's public headers where they are installed."""
 from __future__ import annotations
 
+import importlib.util
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,9 +15,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake not installed")
 def test_cmake_configures_and_reports_the_runner(tmp_path):
-    out = subprocess.run(["cmake", "-S", str(ROOT), "-B", str(tmp_path / "b")], capture_output=True, text=True)
+    out = subprocess.run(["cmake", "-S", str(ROOT), "-B", str(tmp_path / "b"), f"-DPython3_EXECUTABLE={sys.executable}"],
+                         capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    assert "s2v_trt_runner:" in out.stdout  # either "building against ..." or "skipped (...)"
+    line = next(ln for ln in out.stdout.splitlines() if "s2v_trt_runner:" in ln)
+    assert "building against TensorRT" in line or "skipped (" in line
+    if "skipped" in line and importlib.util.find_spec("tensorrt_rtx_libs") is not None:
+        # the rtx extra is installed: the message must say why its wheel is not enough
+        assert "libtensorrt_rtx.so.1 but no headers" in line
 
 
 def test_runner_compiles_against_tensorrt_headers():
