@@ -425,3 +425,12 @@ def test_runtime_never_imports_export():
     code = ("import sys, runtime.backends.trt_backend, runtime.backends.ort_backend, runtime.engines, runtime.trt_runtime, "
             "runtime.generate; assert not [m for m in sys.modules if m == 'export' or m.startswith('export.')]")
     assert subprocess.run([sys.executable, "-c", code], cwd=root).returncode == 0
+
+
+@needs_rtx
+def test_bad_compute_capability_fails_before_the_export(tmp_path, capsys):
+    code = build_main(["--ckpt_dir", "tiny", "--out", str(tmp_path / "o"), "--trt", "tensorrt-rtx",
+                       "--compute-capability", "8.6,9.0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--compute-capability 9.0" in err[0] and "--trt tensorrt" in err[0]
+    assert not (tmp_path / "o").exists()
