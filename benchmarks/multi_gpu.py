@@ -107,13 +107,16 @@ def main(argv=None) -> int:
             continue
         try:
             layout = parallel.configure(ulysses, cfg_par, dev)
-            model.sp = None
-            parallel.shard_model(model, layout)
-            inner = make(model)
+            m = model
+            if ulysses > 1:  # a fresh, uncompiled model: sequence-parallel ranks run eager blocks (compile_blocks)
+                m = build(scn, dev)
+                m.set_attention(choice[0])
+            parallel.shard_model(m, layout)
+            inner = make(m)
             backend = parallel.CFGParallelDiT(inner, layout) if cfg_par else inner
             name = "+".join(([f"cfg-parallel"] if cfg_par else []) + ([f"ulysses-{ulysses}"] if ulysses > 1 else []))
             record(name, world, lambda: backend.forward(x2, t2, both), ulysses)
-            del backend, inner
+            del backend, inner, m
         except Exception as e:
             if rank == 0:
                 rows.append({"variant": lay, "gpus": world, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"})

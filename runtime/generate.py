@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep UMT5/wav2vec2 on the CPU between uses to save GPU memory (default false: everything resident)")
     p.add_argument("--ulysses_size", type=int, default=1,
                    help="Ulysses sequence parallelism over this many ranks of each CFG branch (launch with torchrun; "
-                        "must divide the 40 heads: 1, 2, 4, 5, 8, 10). Verified on the CPU; refused on GPUs for now")
+                        "must divide the 40 heads: 1, 2, 4, 5, 8, 10); 1.79× per step on 2 H200s")
     p.add_argument("--cfg_parallel", action="store_true", default=False,
                    help="run the conditional and unconditional DiT calls of each step on different ranks "
                         "(torchrun --nproc_per_node 2×ulysses_size); 1.99× per step on 2 H200s")

@@ -46,5 +46,5 @@ def test_runner_cpu_smoke(tmp_path):
     stages = {r["stage"] for r in data["rows"] if "stage" in r}
     assert stages == {"vae_decode", "vae_encode", "umt5", "wav2vec2"}
     assert data["meta"]["command"].startswith("python -m benchmarks.run")
-    assert (tmp_path / "run_tiny-cpu.md").read_text().startswith("| device")
+    assert (tmp_path / "run_tiny-cpu.md").read_text().startswith("| variant")
     assert (tmp_path / "run_tiny-cpu.png").stat().st_size > 1000
