@@ -1,0 +1,126 @@
+"""``python -m runtime.quality --ckpt_dir DIR --image I --audio A [--precision fp8]``: the same request in a
+reference precision (bf16) and a test precision (fp8, fp16), same seed, compared clip by clip.
+
+Prints per clip: PSNR and SSIM of the decoded frames (uint8, as written to the MP4) and the rel-L2 of the
+final latents, so FP8 can be checked on one's own checkpoint and inputs before it is used. The two pipelines
+are loaded one after the other (the first is freed before the second loads).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR in dB of two uint8 frame stacks (inf when identical)."""
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
+
+
+def ssim(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean SSIM (Wang et al. 2004: 11×11 Gaussian window, σ 1.5, K1 0.01, K2 0.03) over frames and channels of
+    uint8 [T, H, W, 3] stacks."""
+    x = torch.from_numpy(a).double().permute(0, 3, 1, 2).reshape(-1, 1, *a.shape[1:3])
+    y = torch.from_numpy(b).double().permute(0, 3, 1, 2).reshape(-1, 1, *b.shape[1:3])
+    g = torch.exp(-((torch.arange(11, dtype=torch.float64) - 5) ** 2) / (2 * 1.5 ** 2))
+    g = (g / g.sum())
+    win = (g[:, None] * g[None, :])[None, None]
+    f = lambda t: F.conv2d(t, win)  # noqa: E731  ("valid" window positions, as the reference implementation)
+    mx, my = f(x), f(y)
+    sxx, syy, sxy = f(x * x) - mx ** 2, f(y * y) - my ** 2, f(x * y) - mx * my
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (sxx + syy + c2))
+    return float(s.mean())
+
+
+def _run(args, precision: str):
+    """One generation; returns (frames uint8, per-clip latents, frames per clip)."""
+    from runtime.pipeline import S2VPipeline
+
+    pipe = S2VPipeline.from_pretrained(args.ckpt_dir, device=args.device, backend=args.backend, precision=precision)
+    latents: list[torch.Tensor] = []
+    decode = pipe.sampler._decode
+
+    from runtime.sampler import latent_frames
+
+    n = latent_frames(args.infer_frames)
+
+    def keep(z):  # the sampler decodes each clip's latents (after its motion/reference head) once: record them
+        latents.append(z[:, :, -n:].detach().float().cpu())
+        return decode(z)
+
+    pipe.sampler._decode = keep
+    r = pipe.generate(args.image, args.audio, prompt=args.prompt, seed=args.seed, infer_frames=args.infer_frames,
+                      sample_steps=args.sample_steps, num_clip=args.num_clip, size=args.size, progress=False)
+    del pipe
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return r.frames, latents, r.info
+
+
+def main(argv=None) -> int:
+    from runtime.demo import demo_image, demo_speech
+    from runtime.errors import S2VError
+
+    ap = argparse.ArgumentParser(prog="python -m runtime.quality", description=__doc__.splitlines()[0])
+    ap.add_argument("--ckpt_dir", default="tiny")
+    ap.add_argument("--image", default=None)
+    ap.add_argument("--audio", default=None)
+    ap.add_argument("--prompt", default="a person talking to the camera")
+    ap.add_argument("--precision", default="fp8", choices=["fp8", "fp16", "bf16"], help="the precision to check")
+    ap.add_argument("--reference", default="bf16", choices=["bf16", "fp16"], help="what it is compared with")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--infer_frames", type=int, default=80)
+    ap.add_argument("--sample_steps", type=int, default=40)
+    ap.add_argument("--num_clip", type=int, default=None)
+    ap.add_argument("--size", default=None)
+    ap.add_argument("--backend", default="torch")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    args = ap.parse_args(argv)
+    try:
+        if args.precision == "fp8":  # refuse before loading anything
+            from runtime.kernels.fp8 import unsupported_reason
+
+            dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            why = unsupported_reason(dev)
+            if why:
+                raise S2VError(why)
+        if args.ckpt_dir == "tiny":
+            args.image = args.image or demo_image()
+            args.audio = args.audio or demo_speech()
+        elif args.image is None or args.audio is None:
+            raise S2VError("--image and --audio are required with a real checkpoint")
+        ref_frames, ref_lat, info = _run(args, args.reference)
+        test_frames, test_lat, _ = _run(args, args.precision)
+    except S2VError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    rows, start = [], 0
+    for i, (lr, lt) in enumerate(zip(ref_lat, test_lat)):
+        n = min(args.infer_frames - (3 if i == 0 and start == 0 else 0), ref_frames.shape[0] - start)
+        if n <= 0:
+            break
+        a, b = ref_frames[start:start + n], test_frames[start:start + n]
+        rows.append({"clip": i, "frames": n, "psnr_db": psnr(a, b), "ssim": ssim(a, b),
+                     "latent_rel_l2": float((lt - lr).norm() / lr.norm())})
+        start += n
+    out = {"reference": args.reference, "precision": args.precision, "seed": args.seed, "size": info["size"],
+           "clips": rows}
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"{args.precision} vs {args.reference}, seed {args.seed}, {info['size'][0]}x{info['size'][1]}")
+        print("clip  frames  PSNR dB   SSIM    latent rel-L2")
+        for r in rows:
+            print(f"{r['clip']:4d}  {r['frames']:6d}  {r['psnr_db']:7.2f}  {r['ssim']:.4f}  {r['latent_rel_l2']:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
