@@ -24,12 +24,11 @@ P_SCALE = 256.0  # softmax probabilities are in [0, 1]: 256·p stays below e4m3'
 
 def available(device: torch.device | None = None, fp8: bool = False) -> str | None:
     """None when usable, else the reason it is not."""
-    if not torch.cuda.is_available():
-        return "no CUDA device"
-    dev = torch.device(device or "cuda")
-    if dev.type != "cuda":
-        return f"device {dev} is not CUDA"
-    major, _ = torch.cuda.get_device_capability(dev)
+    from runtime.kernels import cuda_capability
+
+    major, why = cuda_capability(device)
+    if why:
+        return why
     if major < 8:
         return "cuDNN fused attention needs compute capability 8.0 or newer"
     if fp8 and major < 9:

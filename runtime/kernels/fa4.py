@@ -10,12 +10,11 @@ import torch
 
 def available(device: torch.device | None = None) -> str | None:
     """None when usable, else the reason it is not."""
-    if not torch.cuda.is_available():
-        return "no CUDA device"
-    dev = torch.device(device or "cuda")
-    if dev.type != "cuda":
-        return f"device {dev} is not CUDA"
-    major, _ = torch.cuda.get_device_capability(dev)
+    from runtime.kernels import cuda_capability
+
+    major, why = cuda_capability(device)
+    if why:
+        return why
     if major not in (9, 10, 11, 12):  # the CuTe kernels target SM90/SM100/SM120
         return f"FlashAttention-4 has no kernels for compute capability {major}.x"
     try:

@@ -1,0 +1,88 @@
+"""Kernel choice and the FP8 tier on the CPU: scales against float64, the FP8 linear against F.linear, refusals."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from runtime.errors import BackendUnavailable, ConfigError
+from runtime.kernels import cudnn_sdpa, fa4, fp8
+from runtime.models.attention import attention, resolve_attention
+
+
+def test_weight_scales_per_output_channel():
+    w = torch.randn(48, 64, dtype=torch.float64) * torch.logspace(-3, 1, 48, dtype=torch.float64)[:, None]
+    w8, scale = fp8.weight_scales(w)
+    assert w8.dtype == torch.float8_e4m3fn and scale.shape == (1, 48)
+    torch.testing.assert_close(scale[0].double(), w.abs().amax(1) / 448, rtol=1e-6, atol=0)  # each row's max maps to 448
+    assert w8.float().abs().amax(1).eq(448).all()
+    back = w8.double() * scale[0, :, None].double()
+    assert float((back - w).norm() / w.norm()) < 0.05       # e4m3: 3 mantissa bits, ≤ 1/16 relative per element
+
+
+def test_row_and_tensor_quantisation_roundtrip():
+    x = torch.randn(32, 64) * 5
+    x8, s = fp8.quantize_rows(x)
+    assert s.shape == (32, 1) and float((x8.float() * s - x).norm() / x.norm()) < 0.05
+    t8, d = fp8.quantize_tensor(x)
+    assert d.shape == (1,) and float(d) == pytest.approx(float(x.abs().max()) / 448)
+    assert float((t8.float() * d - x).norm() / x.norm()) < 0.05
+
+
+def test_fp8_linear_against_float():
+    lin = nn.Linear(64, 48).to(torch.bfloat16)
+    x = torch.randn(2, 16, 64, dtype=torch.bfloat16)
+    ref = F.linear(x.double(), lin.weight.double(), lin.bias.double())
+    out = fp8.FP8Linear(lin)(x)
+    assert out.shape == (2, 16, 48) and out.dtype == torch.bfloat16
+    assert float((out.double() - ref).norm() / ref.norm()) < 0.06
+
+
+def test_quantize_blocks_replaces_the_listed_linears():
+    from runtime.tiny import tiny_dit
+
+    model = tiny_dit(torch.bfloat16, "cpu")
+    n = fp8.quantize_blocks(model)
+    blk = model.blocks[0]
+    assert n == len(model.blocks) * 6   # fused qkv, o, cross q/o, ffn up/down
+    assert isinstance(blk.self_attn.qkv, fp8.FP8Linear) and isinstance(blk.ffn[2], fp8.FP8Linear)
+    assert isinstance(blk.cross_attn.k, nn.Linear)           # kept in bf16 (fp8.KEEP)
+
+
+def test_fp8_refused_on_cpu():
+    from runtime.tiny import tiny_dit
+
+    assert "needs an NVIDIA Hopper" in fp8.unsupported_reason("cpu")
+    with pytest.raises(ConfigError, match="--precision bf16"):
+        tiny_dit(torch.bfloat16, "cpu").set_precision("fp8")
+
+
+def test_attention_choice_on_cpu():
+    dev = torch.device("cpu")
+    assert resolve_attention("auto", dev, torch.float32) == "sdpa"
+    for impl in ("cudnn", "fa4"):
+        with pytest.raises(BackendUnavailable, match="--attention auto or sdpa"):
+            resolve_attention(impl, dev, torch.bfloat16)
+    assert cudnn_sdpa.available(dev) and fa4.available(dev)  # reasons, not None
+
+
+def test_sdpa_path_equals_float64_reference():
+    q, k, v = (torch.randn(2, 10, 4 * 8, dtype=torch.float64) for _ in range(3))
+    out = attention(q, k, v, 4)
+    qh, kh, vh = (t.view(2, 10, 4, 8).transpose(1, 2) for t in (q, k, v))
+    ref = torch.softmax(qh @ kh.transpose(-1, -2) / 8 ** 0.5, -1) @ vh
+    torch.testing.assert_close(out, ref.transpose(1, 2).reshape(2, 10, 32))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the cuDNN/FA4/FP8 kernels need a GPU (checked on the H200)")
+@pytest.mark.parametrize("impl,tol", [("cudnn", 1e-2), ("fa4", 1e-2), ("fp8", 0.1)])
+def test_gpu_kernels_equal_sdpa(impl, tol):
+    dev = torch.device("cuda")
+    why = __import__("runtime.models.attention", fromlist=["x"]).unavailable_reason(impl, dev)
+    if why:
+        pytest.skip(why)
+    q, k, v = (torch.randn(1, 1000, 8 * 128, device=dev, dtype=torch.bfloat16) for _ in range(3))
+    ref = attention(q, k, v, 8, "sdpa").float()
+    out = attention(q, k, v, 8, impl).float()
+    assert float((out - ref).norm() / ref.norm()) < tol
