@@ -188,12 +188,17 @@ def _generate(args, image, audio, seed: int, size: str, save: Path) -> Path:
     logging.info("seed %d", seed)
     t0 = time.perf_counter()
     try:
-        result = pipe.generate(image, audio, prompt=args.prompt, seed=seed, infer_frames=args.infer_frames,
-                               sample_steps=args.sample_steps or 40, num_clip=args.num_clip, pose_video=args.pose_video,
-                               size=size, sample_shift=args.sample_shift if args.sample_shift is not None else 3.0,
-                               guide_scale=args.sample_guide_scale if args.sample_guide_scale is not None else 4.5,
-                               sample_solver=args.sample_solver, start_from_ref=args.start_from_ref,
-                               max_audio_s=args.max_audio_s, progress=None if main_rank else False)
+        kwargs = dict(prompt=args.prompt, seed=seed, infer_frames=args.infer_frames,
+                      sample_steps=args.sample_steps or 40, num_clip=args.num_clip, pose_video=args.pose_video, size=size,
+                      sample_shift=args.sample_shift if args.sample_shift is not None else 3.0,
+                      guide_scale=args.sample_guide_scale if args.sample_guide_scale is not None else 4.5,
+                      sample_solver=args.sample_solver, start_from_ref=args.start_from_ref,
+                      max_audio_s=args.max_audio_s, progress=None if main_rank else False)
+        if main_rank:
+            # Each clip is encoded as soon as it is decoded: host memory stays flat in the audio length.
+            result = pipe.generate_mp4(save, image, audio, overwrite=args.overwrite, **kwargs)
+        else:  # the other ranks take part in every step and write nothing
+            result = pipe.generate(image, audio, on_clip=lambda frames: None, **kwargs)
     except torch.cuda.OutOfMemoryError:
         from runtime.errors import S2VError
 
@@ -201,9 +206,9 @@ def _generate(args, image, audio, seed: int, size: str, save: Path) -> Path:
                        "(e.g. 832*480), --infer_frames 48, --offload_model true or --t5_cpu") from None
     if not main_rank:
         return save
-    out = result.save(save, overwrite=args.overwrite)
-    logging.info("generated %d frames (%dx%d, %d clips) in %.1fs → %s", result.frames.shape[0], result.frames.shape[2],
-                 result.frames.shape[1], result.info["clips"], time.perf_counter() - t0, out)
+    (height, width), out = result.info["size"], save
+    logging.info("generated %d frames (%dx%d, %d clips) in %.1fs → %s", result.info["frames"], width, height,
+                 result.info["clips"], time.perf_counter() - t0, out)
     return out
 
 

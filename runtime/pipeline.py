@@ -16,7 +16,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from runtime.errors import CheckpointError, InputError
+from runtime.errors import CheckpointError, InputError, OutputError
 
 log = logging.getLogger(__name__)
 
@@ -28,9 +28,12 @@ TINY_SIZE = "64*64"
 
 @dataclass
 class S2VResult:
-    """Frames exactly as they go into the MP4 (already trimmed to the audio, like ffmpeg ``-shortest``)."""
+    """Frames exactly as they go into the MP4 (already trimmed to the audio, like ffmpeg ``-shortest``).
 
-    frames: np.ndarray            # uint8 [T, H, W, 3]
+    ``frames`` is None when they were handed to ``generate(on_clip=...)`` instead (``info["frames"]`` counts them).
+    """
+
+    frames: np.ndarray | None     # uint8 [T, H, W, 3]
     fps: int
     audio: Any                    # runtime.media.AudioClip (waveform at 16 kHz + the original for muxing)
     seed: int
@@ -38,11 +41,14 @@ class S2VResult:
 
     @property
     def duration_s(self) -> float:
-        return self.frames.shape[0] / self.fps
+        return (self.info["frames"] if self.frames is None else self.frames.shape[0]) / self.fps
 
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
         from runtime.media import write_mp4
 
+        if self.frames is None:
+            raise OutputError("this result's frames were streamed to on_clip and not kept; write them as they come "
+                              "(S2VPipeline.generate_mp4 or runtime.media.Mp4Writer)")
         return write_mp4(path, self.frames, fps=self.fps, audio=self.audio, overwrite=overwrite)
 
 
@@ -167,7 +173,7 @@ class S2VPipeline:
                  sample_shift: float = 3.0, guide_scale: float = 4.5, sample_solver: str = "unipc",
                  negative_prompt: str = "", start_from_ref: bool = False,
                  progress: bool | Callable[[int, int, int, int], None] | None = None,
-                 max_audio_s: float | None = 600.0) -> S2VResult:
+                 max_audio_s: float | None = 600.0, on_clip: Callable[[np.ndarray], None] | None = None) -> S2VResult:
         """Reference image + audio (+ prompt, pose video) → S2VResult. Thread-safe: calls are serialized.
 
         image: path, bytes, numpy array or PIL image; audio: path, bytes, AudioClip or (array, rate).
@@ -175,8 +181,11 @@ class S2VPipeline:
         by the audio length are not rendered. progress: None/True = tqdm bars, False = silent, or a callable
         ``(clip, clips, step, steps)``. max_audio_s: longer audio is refused before it is decoded (None: no limit;
         the whole audio always goes through wav2vec2, as official, even when num_clip uses only part of it).
+        on_clip: called with each clip's uint8 frames [n, H, W, 3] (already trimmed to the audio) as soon as it is
+        decoded; nothing is kept, so memory stays flat in the audio length, and the result's ``frames`` is None.
+        An exception raised by ``progress`` or ``on_clip`` stops the generation.
         """
-        from runtime.media import load_audio, load_image
+        from runtime.media import load_image
         from runtime.preprocess import load_pose_video, parse_size, prepare_reference, target_size
         from runtime.sampler import SampleOptions
 
@@ -186,8 +195,7 @@ class S2VPipeline:
             raise InputError(f"num_clip={num_clip}: must be a positive integer (or omit it to follow the audio length)")
         area = parse_size(size or (TINY_SIZE if self.name == TINY else DEFAULT_SIZE))
         img = load_image(image)
-        clip = (load_audio(audio[0], src_rate=audio[1], max_seconds=max_audio_s) if isinstance(audio, tuple)
-                else load_audio(audio, max_seconds=max_audio_s))
+        clip = _load_audio(audio, max_audio_s)
 
         with self._lock, torch.no_grad():
             height, width = target_size(img.height, img.width, area)
@@ -200,12 +208,47 @@ class S2VPipeline:
                 clips -= 1                                              # fully cut by -shortest: skip the work
             context, context_null = self.encode_prompts(prompt, negative_prompt)
             pose = None if pose_video is None else load_pose_video(pose_video, clips, infer_frames, height, width, FPS)
+            sink = None if on_clip is None else _FrameSink(on_clip, max(keep, 1))
             with _progress(progress, clips, sample_steps) as cb:
-                video = self.sampler.sample(ref, context, context_null, audio_emb, clips, opts, pose_pixels=pose, progress=cb)
-        frames = video_to_uint8(video)[:max(keep, 1)]
+                video = self.sampler.sample(ref, context, context_null, audio_emb, clips, opts, pose_pixels=pose, progress=cb,
+                                            on_clip=sink)
+        frames = video_to_uint8(video)[:max(keep, 1)] if sink is None else None
         info = {"size": (height, width), "clips": clips, "official_clips": official_clips, "steps": sample_steps,
-                "backend": self.backend.name, "dtype": str(self.dit.dtype)}
+                "backend": self.backend.name, "dtype": str(self.dit.dtype),
+                "frames": frames.shape[0] if sink is None else sink.sent}
         return S2VResult(frames, FPS, clip, seed, info)
+
+    def generate_mp4(self, path: str | Path, image, audio, *, overwrite: bool = False, **kwargs) -> S2VResult:
+        """``generate`` straight into an MP4: each clip is encoded as soon as it is decoded (audio muxed and trimmed
+        as :meth:`S2VResult.save`), written to a temp file renamed to ``path`` at the end; on any error or interrupt
+        nothing is left behind. ``path`` is checked before any work. Returns the result with ``frames`` None."""
+        from runtime.media import Mp4Writer
+
+        clip = _load_audio(audio, kwargs.get("max_audio_s", 600.0))
+        with Mp4Writer(path, fps=FPS, audio=clip, overwrite=overwrite) as writer:
+            result = self.generate(image, clip, on_clip=writer.write, **kwargs)
+        return result
+
+
+def _load_audio(audio, max_audio_s: float | None):
+    from runtime.media import load_audio
+
+    if isinstance(audio, tuple):
+        return load_audio(audio[0], src_rate=audio[1], max_seconds=max_audio_s)
+    return load_audio(audio, max_seconds=max_audio_s)
+
+
+class _FrameSink:
+    """Sampler clips → uint8 frames for the caller, trimmed to the frames that survive the mux."""
+
+    def __init__(self, fn: Callable[[np.ndarray], None], limit: int):
+        self.fn, self.limit, self.sent = fn, limit, 0
+
+    def __call__(self, video: torch.Tensor) -> None:
+        frames = video_to_uint8(video)[:self.limit - self.sent]
+        if len(frames):
+            self.sent += len(frames)
+            self.fn(frames)
 
 
 class _progress:

@@ -24,6 +24,7 @@ from runtime.models.vae import WanVAE
 from runtime.scheduler import make_scheduler
 
 ProgressFn = Callable[[int, int, int, int], None]  # (clip, clips, step, steps) after each step
+ClipFn = Callable[[torch.Tensor], None]            # one decoded clip [3, n, H, W] float32 on the CPU
 
 
 def latent_frames(infer_frames: int, motion_frames: int = 73) -> int:
@@ -100,10 +101,11 @@ class S2VSampler:
     @torch.no_grad()
     def sample(self, ref_pixels: torch.Tensor, context: torch.Tensor, context_null: torch.Tensor, audio_emb: torch.Tensor,
                num_clip: int, opts: SampleOptions, pose_pixels: torch.Tensor | None = None,
-               progress: ProgressFn | None = None) -> torch.Tensor:
+               progress: ProgressFn | None = None, on_clip: ClipFn | None = None) -> torch.Tensor | None:
         """Generate ``num_clip`` clips. ref_pixels [1, 3, 1, H, W] in [−1, 1]; context/context_null [L, text_dim];
         audio_emb [1, layers, C_a, ≥ num_clip·infer_frames]; pose_pixels [1, 3, num_clip·infer_frames, H, W] or None.
-        Returns the video [3, N, H, W] float32 in [−1, 1], N = num_clip·infer_frames (− 3 with drop_first_motion)."""
+        Returns the video [3, N, H, W] float32 in [−1, 1], N = num_clip·infer_frames (− 3 with drop_first_motion).
+        With ``on_clip``, each clip's frames go there as soon as they are decoded, none are kept, and None is returned."""
         dev, dt = self.device, self.dtype
         _, _, _, height, width = ref_pixels.shape
         nf, lat_f = opts.infer_frames, opts.latent_frames
@@ -163,5 +165,8 @@ class S2VSampler:
             keep = min(opts.motion_frames, image.shape[2])
             history = torch.cat([history[:, :, keep:].float(), image[:, :, -keep:]], dim=2)  # promotes to fp32 as official
             motion_latents = self._encode(history)
-            out.append(image[0].cpu())
-        return torch.cat(out, dim=1)
+            if on_clip is None:
+                out.append(image[0].cpu())
+            else:
+                on_clip(image[0].cpu())
+        return torch.cat(out, dim=1) if on_clip is None else None

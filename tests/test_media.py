@@ -632,6 +632,56 @@ def test_write_mp4_real_write_error_in_ffmpeg(tmp_path):
     assert only_file(tmp_path) == []
 
 
+def decoded_rgb(path: Path) -> np.ndarray:
+    with av.open(str(path)) as c:
+        return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+
+
+@pytest.mark.parametrize("seconds,rate,channels", [(0.75, 44100, 2), (3.0, 16000, 1), (1.3, 37000, 1)])
+def test_mp4_writer_in_chunks_equals_write_mp4(tmp_path, seconds, rate, channels):
+    """Fed clip by clip, the writer makes the file write_mp4 makes from all frames at once (-shortest included)."""
+    frames, audio = ramp_frames(29), clip_of(seconds, rate, channels)
+    whole = write_mp4(tmp_path / "whole.mp4", frames, audio=audio)
+    with mp4.Mp4Writer(tmp_path / "chunks.mp4", audio=audio) as w:
+        for i in range(0, 29, 8):
+            w.write(frames[i:i + 8])
+    expected = min(29, int(seconds * 16))
+    assert w.frames_written == expected
+    a, b = probe_mp4(whole), probe_mp4(tmp_path / "chunks.mp4")
+    assert a["video"]["frames"] == b["video"]["frames"] == expected
+    assert a["audio"]["samples"] == b["audio"]["samples"]
+    assert a["audio"]["duration_s"] == pytest.approx(b["audio"]["duration_s"]) == pytest.approx(expected / 16, abs=FRAME_S)
+    assert np.array_equal(decoded_rgb(whole), decoded_rgb(tmp_path / "chunks.mp4"))
+    assert only_file(tmp_path) == ["chunks.mp4", "whole.mp4"]
+
+
+def test_mp4_writer_error_inside_block_leaves_nothing(tmp_path):
+    out = tmp_path / "out.mp4"
+    with pytest.raises(KeyboardInterrupt):
+        with mp4.Mp4Writer(out, audio=clip_of(2.0)) as w:
+            w.write(ramp_frames(8))
+            assert len(only_file(tmp_path)) == 1 and only_file(tmp_path)[0].endswith(".part")
+            raise KeyboardInterrupt
+    assert only_file(tmp_path) == []
+    with pytest.raises(OutputError, match="already aborted"):
+        w.write(ramp_frames(8))
+
+
+def test_mp4_writer_refusals(tmp_path):
+    out = tmp_path / "out.mp4"
+    out.write_bytes(b"precious")
+    with pytest.raises(OutputError, match="already exists"):
+        mp4.Mp4Writer(out)  # before any frame is made
+    with pytest.raises(InputError, match="same size"):
+        with mp4.Mp4Writer(tmp_path / "a.mp4") as w:
+            w.write(ramp_frames(2, 64, 64))
+            w.write(ramp_frames(2, 32, 64))
+    with pytest.raises(InputError, match="no video frames"):
+        with mp4.Mp4Writer(tmp_path / "b.mp4"):
+            pass
+    assert only_file(tmp_path) == ["out.mp4"] and out.read_bytes() == b"precious"
+
+
 def test_probe_errors(tmp_path):
     with pytest.raises(InputError, match="does not exist"):
         probe_mp4(tmp_path / "x.mp4")

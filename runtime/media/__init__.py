@@ -14,10 +14,10 @@ message naming the problem and the fix.
 from .audio import FEATURE_SAMPLE_RATE, MIN_AUDIO_SECONDS, AudioClip, load_audio
 from .common import VIDEO_FPS, PathLike
 from .image import MAX_IMAGE_PIXELS, MIN_IMAGE_SIDE, load_image
-from .mp4 import probe_mp4, write_mp4
+from .mp4 import Mp4Writer, probe_mp4, write_mp4
 from .pose import read_pose_frames
 
 __all__ = [
-    "AudioClip", "FEATURE_SAMPLE_RATE", "MAX_IMAGE_PIXELS", "MIN_AUDIO_SECONDS", "MIN_IMAGE_SIDE",
+    "AudioClip", "FEATURE_SAMPLE_RATE", "Mp4Writer", "MAX_IMAGE_PIXELS", "MIN_AUDIO_SECONDS", "MIN_IMAGE_SIDE",
     "PathLike", "VIDEO_FPS", "load_audio", "load_image", "probe_mp4", "read_pose_frames", "write_mp4",
 ]

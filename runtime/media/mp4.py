@@ -34,68 +34,149 @@ def write_mp4(path: PathLike, frames: np.ndarray, fps: int = VIDEO_FPS,
     ``-shortest`` is emulated exactly: video stops at floor(audio_s * fps) frames, audio at
     n_frames / fps seconds. Written to a hidden temp file beside ``path`` and renamed; on any
     failure (including KeyboardInterrupt) the temp file is removed and ``path`` is untouched.
+    :class:`Mp4Writer` is the same writer fed a clip at a time.
     """
-    dest = Path(path)
     frames = _check_frames(frames)
-    rate_v = Fraction(fps).limit_denominator(1001)
-    if rate_v <= 0:
-        raise InputError(f"fps is {fps}; pass a positive frame rate")
-    _check_destination(dest, overwrite)
-
-    n_video = frames.shape[0]
-    pcm = rate_a = None
-    if audio is not None:
-        if not isinstance(audio, AudioClip):
-            audio = load_audio(audio)  # a path or bytes works too
-        pcm, rate_a = _mux_audio(audio)
-        n_video = min(n_video, int(Fraction(pcm.shape[1]) * rate_v / rate_a))
-        if n_video == 0:
-            raise InputError(f"audio lasts {pcm.shape[1] / rate_a * 1000:.1f} ms, shorter than one "
-                             "video frame; pass longer audio")
-        pcm = pcm[:, : int(Fraction(n_video) * rate_a / rate_v)]
-
-    tmp = _create_temp(dest)
-    try:
-        with av.open(str(tmp), mode="w", format="mp4") as out:
-            v = out.add_stream("libx264", rate=rate_v, options={"crf": str(int(crf)), "preset": "medium"})
-            v.width, v.height, v.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-            a = None
-            if pcm is not None:
-                # Named layout: the aac encoder rejects FFmpeg's unnamed "2 channels" layouts.
-                a = out.add_stream("aac", rate=rate_a, layout="mono" if pcm.shape[0] == 1 else "stereo")
-                a.bit_rate = 192000
-            # Every stream is configured above, before the first mux opens the encoders.
-            _encode_all(out, v, a, frames[:n_video], rate_v, pcm, rate_a)
-        _fsync(tmp)
-        _publish(tmp, dest, overwrite)
-    except BaseException as exc:
-        _remove_quietly(tmp)
-        if isinstance(exc, (InputError, OutputError)) or not isinstance(exc, Exception):
-            raise  # our own errors, KeyboardInterrupt, SystemExit: propagate as they are
-        raise _output_error(exc, dest) from exc
-    return dest
+    with Mp4Writer(path, fps=fps, audio=audio, overwrite=overwrite, crf=crf) as writer:
+        writer.write(frames)
+    return writer.dest
 
 
-def _encode_all(out, v, a, frames: np.ndarray, rate_v: Fraction, pcm, rate_a) -> None:
-    # Interleave audio with video by time so the muxer's queue stays small.
-    a_pos = 0
-    chunk = 1024  # one AAC frame
-    for i, rgb in enumerate(frames):
-        vf = av.VideoFrame.from_ndarray(rgb, format="rgb24")
-        vf.pts = i
-        _mux(out, v.encode(vf))
-        if a is not None:
-            a_end = int(Fraction(i + 1) * rate_a / rate_v)
-            while a_pos + chunk <= a_end or (i == len(frames) - 1 and a_pos < pcm.shape[1]):
-                part = np.ascontiguousarray(pcm[:, a_pos: a_pos + chunk])
-                af = av.AudioFrame.from_ndarray(part, format="fltp", layout=a.layout.name)
-                af.sample_rate = rate_a
-                af.pts = a_pos
-                _mux(out, a.encode(af))
-                a_pos += part.shape[1]
-    _mux(out, v.encode(None))
-    if a is not None:
-        _mux(out, a.encode(None))
+class Mp4Writer:
+    """The MP4 of :func:`write_mp4`, encoded as frames arrive, so a long video never sits in memory.
+
+    ``write(frames)`` takes uint8 ``[n, H, W, 3]`` chunks (all of one size) and encodes them at once,
+    the audio interleaved up to the frames written so far; ``close()`` ends both streams at
+    n_frames / fps (``-shortest``: frames past the audio's end are dropped as they arrive) and renames
+    the temp file into place. Used as a context manager, an exception inside the block (including
+    KeyboardInterrupt) calls ``abort()``: the temp file is removed and ``path`` is untouched. The
+    bytes equal those of :func:`write_mp4` on the concatenated frames.
+    """
+
+    def __init__(self, path: PathLike, fps: int = VIDEO_FPS, audio: AudioClip | PathLike | bytes | None = None,
+                 overwrite: bool = False, crf: int = 10):
+        self.dest = Path(path)
+        self.rate_v = Fraction(fps).limit_denominator(1001)
+        if self.rate_v <= 0:
+            raise InputError(f"fps is {fps}; pass a positive frame rate")
+        _check_destination(self.dest, overwrite)
+        self.overwrite, self.crf = overwrite, crf
+        self.frames_written = 0
+        self.max_frames: int | None = None
+        self._pcm = self._rate_a = None
+        if audio is not None:
+            if not isinstance(audio, AudioClip):
+                audio = load_audio(audio)  # a path or bytes works too
+            self._pcm, self._rate_a = _mux_audio(audio)
+            self.max_frames = int(Fraction(self._pcm.shape[1]) * self.rate_v / self._rate_a)
+            if self.max_frames == 0:
+                raise InputError(f"audio lasts {self._pcm.shape[1] / self._rate_a * 1000:.1f} ms, shorter than "
+                                 "one video frame; pass longer audio")
+        self._a_pos = 0
+        self._out = self._v = self._a = None
+        self._state = "open"
+        self._tmp = _create_temp(self.dest)
+
+    def __enter__(self) -> "Mp4Writer":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+        return False
+
+    def write(self, frames: np.ndarray) -> None:
+        """Encode uint8 ``[n, H, W, 3]`` frames now (those past the audio's end are dropped)."""
+        self._guard(self._write, frames)
+
+    def close(self) -> Path:
+        """Finish both streams, sync, and rename the temp file to ``path``; returns ``path``."""
+        if self._state == "closed":
+            return self.dest
+        self._guard(self._finish)
+        self._state = "closed"
+        return self.dest
+
+    def abort(self) -> None:
+        """Drop the partial file (idempotent); ``path`` is left as it was."""
+        if self._state != "open":
+            return
+        self._state = "aborted"
+        if self._out is not None:
+            try:
+                self._out.close()
+            except Exception:  # the container is being thrown away; its own error is not the story
+                pass
+        _remove_quietly(self._tmp)
+
+    # -------------------------------------------------------------------------------------
+    def _guard(self, fn, *args) -> None:
+        if self._state != "open":
+            raise OutputError(f"{self.dest}: the MP4 writer is already {self._state}; open a new one")
+        try:
+            fn(*args)
+        except BaseException as exc:
+            self.abort()
+            if isinstance(exc, (InputError, OutputError)) or not isinstance(exc, Exception):
+                raise  # our own errors, KeyboardInterrupt, SystemExit: propagate as they are
+            raise _output_error(exc, self.dest) from exc
+
+    def _open(self, height: int, width: int) -> None:
+        out = av.open(str(self._tmp), mode="w", format="mp4")
+        self._out = out
+        v = out.add_stream("libx264", rate=self.rate_v, options={"crf": str(int(self.crf)), "preset": "medium"})
+        v.width, v.height, v.pix_fmt = width, height, "yuv420p"
+        if self._pcm is not None:
+            # Named layout: the aac encoder rejects FFmpeg's unnamed "2 channels" layouts.
+            self._a = out.add_stream("aac", rate=self._rate_a, layout="mono" if self._pcm.shape[0] == 1 else "stereo")
+            self._a.bit_rate = 192000
+        # Every stream is configured above, before the first mux opens the encoders.
+        self._v = v
+
+    def _write(self, frames: np.ndarray) -> None:
+        frames = _check_frames(frames)
+        if self._out is None:
+            self._open(frames.shape[1], frames.shape[2])
+        elif frames.shape[1:3] != (self._v.height, self._v.width):
+            raise InputError(f"video frames are {frames.shape[2]}x{frames.shape[1]} after "
+                             f"{self._v.width}x{self._v.height}; every chunk must have the same size")
+        if self.max_frames is not None:
+            frames = frames[: self.max_frames - self.frames_written]
+        for rgb in frames:
+            vf = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+            vf.pts = self.frames_written
+            _mux(self._out, self._v.encode(vf))
+            self.frames_written += 1
+            if self._a is not None:  # interleave audio with video by time so the muxer's queue stays small
+                self._write_audio(self._audio_end(), final=False)
+
+    def _finish(self) -> None:
+        if self.frames_written == 0:
+            raise InputError("no video frames to write; generate at least one frame")
+        if self._a is not None:
+            self._write_audio(self._audio_end(), final=True)
+        _mux(self._out, self._v.encode(None))
+        if self._a is not None:
+            _mux(self._out, self._a.encode(None))
+        self._out.close()
+        _fsync(self._tmp)
+        _publish(self._tmp, self.dest, self.overwrite)
+
+    def _audio_end(self) -> int:
+        return int(Fraction(self.frames_written) * self._rate_a / self.rate_v)
+
+    def _write_audio(self, end: int, final: bool) -> None:
+        # Whole AAC frames while frames arrive; the last, shorter one only when the video ends.
+        chunk = 1024
+        while self._a_pos + chunk <= end or (final and self._a_pos < end):
+            part = np.ascontiguousarray(self._pcm[:, self._a_pos: min(self._a_pos + chunk, end)])
+            af = av.AudioFrame.from_ndarray(part, format="fltp", layout=self._a.layout.name)
+            af.sample_rate = self._rate_a
+            af.pts = self._a_pos
+            _mux(self._out, self._a.encode(af))
+            self._a_pos += part.shape[1]
 
 
 def _mux(out, packets) -> None:
