@@ -1,0 +1,342 @@
+"""The HTTP video service as a real server process on 127.0.0.1 with the tiny model (python -m runtime.serve).
+
+Jobs are kept tiny (64x64, 16-frame clips, under a second of audio, 1-2 steps) so each takes seconds.
+"""
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+import wave
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi", reason="the server needs the 'serve' extra: pip install -e '.[serve]'")
+pytest.importorskip("uvicorn", reason="the server needs the 'serve' extra: pip install -e '.[serve]'")
+pytest.importorskip("multipart", reason="the server needs the 'serve' extra: pip install -e '.[serve]'")
+
+from runtime.demo import demo_image, demo_speech  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = {"sample_steps": "1", "infer_frames": "16"}
+START_TIMEOUT_S = 300
+JOB_TIMEOUT_S = 600
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def wav_bytes(seconds: float) -> bytes:
+    samples, rate = demo_speech(seconds)
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as f:
+        f.setnchannels(1), f.setsampwidth(2), f.setframerate(rate)
+        f.writeframes((samples * 32767).astype(np.int16).tobytes())
+    return buf.getvalue()
+
+
+def png_bytes() -> bytes:
+    buf = io.BytesIO()
+    demo_image(128).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+IMAGE, AUDIO = png_bytes(), wav_bytes(0.8)   # 0.8 s: 12 frames, one clip
+
+
+def multipart(fields: dict[str, str], files: dict[str, tuple[str, bytes]]) -> tuple[bytes, str]:
+    boundary = uuid.uuid4().hex
+    out = io.BytesIO()
+    for name, value in fields.items():
+        out.write(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode())
+    for name, (filename, data) in files.items():
+        out.write(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{filename}"\r\n'
+                  f'Content-Type: application/octet-stream\r\n\r\n'.encode() + data + b"\r\n")
+    out.write(f"--{boundary}--\r\n".encode())
+    return out.getvalue(), f"multipart/form-data; boundary={boundary}"
+
+
+class Server:
+    def __init__(self, data_dir: Path, *extra: str):
+        self.data_dir, self.extra = data_dir, extra
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.proc = None
+        self.log = data_dir.parent / f"{data_dir.name}-server.log"
+
+    def start(self) -> "Server":
+        cmd = [sys.executable, "-m", "runtime.serve", "--ckpt_dir", "tiny", "--host", "127.0.0.1",
+               "--port", str(self.port), "--data_dir", str(self.data_dir), "--device", "cpu", *self.extra]
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"server exited early:\n{self.log.read_text()[-3000:]}"
+            try:
+                status, _, body = self.request("GET", "/health")
+                if status == 200 and json.loads(body)["status"] == "ok":
+                    return self
+            except OSError:
+                pass
+            time.sleep(0.3)
+        raise AssertionError(f"server not ready in {START_TIMEOUT_S}s:\n{self.log.read_text()[-3000:]}")
+
+    def stop(self, sig=signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def request(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
+        req = urllib.request.Request(self.base + path, data=body, method=method, headers=headers or {})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return r.status, dict(r.headers), r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, dict(e.headers), e.read()
+
+    def json(self, method: str, path: str, **kw):
+        status, _, body = self.request(method, path, **kw)
+        return status, json.loads(body)
+
+    def submit(self, fields=None, files=None):
+        body, ctype = multipart({**FAST, **(fields or {})},
+                                files if files is not None else {"image": ("face.png", IMAGE), "audio": ("a.wav", AUDIO)})
+        return self.json("POST", "/v1/videos", body=body, headers={"Content-Type": ctype})
+
+    def wait(self, job_id: str, until=("completed", "failed", "cancelled"), timeout=JOB_TIMEOUT_S, seen=None):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status, job = self.json("GET", f"/v1/videos/{job_id}")
+            assert status == 200, job
+            if seen is not None:
+                seen.append(job)
+            if job["status"] in until:
+                return job
+            time.sleep(0.2)
+        raise AssertionError(f"job {job_id} still {job['status']} after {timeout}s")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def decode_mp4(data: bytes) -> tuple[int, float]:
+    """(video frames, audio seconds) of an MP4 held in memory."""
+    with av.open(io.BytesIO(data)) as c:
+        frames = sum(1 for _ in c.decode(video=0))
+    with av.open(io.BytesIO(data)) as c:
+        a = c.streams.audio[0]
+        seconds = float(a.duration * a.time_base)
+    return frames, seconds
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    # Limits small enough to test cheaply: 2 MiB of uploads, 5 s of audio, 128*128 output.
+    srv = Server(tmp_path_factory.mktemp("serve") / "data", "--max_upload_mb", "2", "--max_audio_s", "5",
+                 "--max_size", "128*128").start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def finished_job(server):
+    status, job = server.submit({"prompt": "a person talking", "seed": "3"})
+    assert status == 202, job
+    seen = []
+    done = server.wait(job["id"], seen=seen)
+    return job, done, seen
+
+
+# ------------------------------------------------------------------------------------------ tests
+def test_submit_poll_download(server, finished_job):
+    job, done, seen = finished_job
+    assert job["status"] == "queued" and job["id"].startswith("video_") and job["object"] == "video"
+    assert job["prompt"] == "a person talking" and job["seed"] == 3 and job["size"] == "64*64"
+    assert done["status"] == "completed", done
+    assert done["progress"] == 1 and done["url"] == f"/v1/videos/{job['id']}/content"
+    progress = [j["progress"] for j in seen]
+    assert progress == sorted(progress) and all(0 <= p <= 1 for p in progress)
+    assert {j["status"] for j in seen} <= {"queued", "in_progress", "completed"}
+
+    status, headers, data = server.request("GET", done["url"])
+    assert status == 200 and headers["content-type"] == "video/mp4"
+    frames, audio_s = decode_mp4(data)
+    assert frames == 12 and abs(audio_s - 0.75) <= 1 / 16   # 0.8 s of audio: floor(0.8 * 16) = 12 frames
+    status, headers, part = server.request("GET", done["url"], headers={"Range": "bytes=100-199"})
+    assert status == 206 and part == data[100:200] and headers["content-range"] == f"bytes 100-199/{len(data)}"
+
+    status, listing = server.json("GET", "/v1/videos")
+    assert status == 200 and listing["object"] == "list" and job["id"] in [j["id"] for j in listing["data"]]
+    status, health = server.json("GET", "/health")
+    assert health["status"] == "ok" and health["model"] == "tiny"
+
+
+@pytest.mark.parametrize("fields,files,status,param,message", [
+    ({}, {"image": ("x.png", b"not a picture" * 20), "audio": ("a.wav", AUDIO)}, 400, "image", "not a readable image"),
+    ({}, {"image": ("x.png", IMAGE), "audio": ("a.wav", b"RIFF garbage" * 50)}, 400, "audio", "not decodable audio"),
+    ({}, {"image": ("x.png", IMAGE)}, 400, "audio", "missing file field"),
+    ({}, {"image": ("x.png", IMAGE), "audio": ("a.wav", b"")}, 400, "audio", "empty"),
+    ({"sample_steps": "zero"}, None, 400, "sample_steps", "not an integer"),
+    ({"infer_frames": "10"}, None, 400, "infer_frames", "multiple of 4"),
+    ({"guide_scale": "nan"}, None, 400, "guide_scale", "out of range"),
+    ({"colour": "red"}, None, 400, "colour", "unknown field"),
+    ({"size": "256*256"}, None, 413, "size", "over this server's limit"),
+    ({}, {"image": ("x.png", IMAGE), "audio": ("a.wav", wav_bytes(6.0))}, 413, "audio", "over this server's limit"),
+    ({}, {"image": ("x.png", IMAGE), "audio": ("a.wav", AUDIO + b"\0" * (3 << 20))}, 413, None, "limit"),
+])
+def test_bad_uploads_are_refused_before_queueing(server, fields, files, status, param, message):
+    before = server.json("GET", "/v1/videos")[1]["data"]
+    got, body = server.submit(fields, files)
+    assert got == status, body
+    assert body["error"]["param"] == param and message in body["error"]["message"], body
+    assert server.json("GET", "/v1/videos")[1]["data"] == before
+    assert [p.name for p in (server.data_dir / "jobs").iterdir() if p.name.startswith(".")] == []
+
+
+def test_upload_without_content_length_or_multipart(server):
+    status, body = server.json("POST", "/v1/videos", body=b"{}", headers={"Content-Type": "application/json"})
+    assert status == 400 and "multipart" in body["error"]["message"]
+    status, body = server.json("GET", "/v1/videos/video_nope")
+    assert status == 404 and body["error"]["param"] == "id"
+
+
+def test_three_concurrent_submissions_run_in_order(server):
+    results = [None] * 3
+
+    def go(i):
+        results[i] = server.submit({"seed": str(i)})
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(status == 202 for status, _ in results), results
+    ids = [job["id"] for _, job in results]
+    done = [server.wait(i) for i in ids]
+    assert all(j["status"] == "completed" for j in done), done
+    data = server.json("GET", "/v1/videos")[1]["data"]   # newest first
+    listing = {j["id"]: j for j in data}
+    order = [j["id"] for j in reversed(data) if j["id"] in ids]  # the order the queue took them in
+    starts = [listing[i]["started_at"] for i in order]
+    ends = [listing[i]["completed_at"] for i in order]
+    assert starts == sorted(starts) and all(e <= s for e, s in zip(ends, starts[1:]))  # one at a time, FIFO
+    for i in ids:
+        status, _, data = server.request("GET", f"/v1/videos/{i}/content")
+        assert status == 200 and decode_mp4(data)[0] == 12
+
+
+def test_cancel_queued_and_running_then_delete(server):
+    _, running = server.submit({"sample_steps": "40"})
+    _, queued = server.submit()
+    server.wait(running["id"], until=("in_progress",))
+    status, body = server.json("DELETE", f"/v1/videos/{queued['id']}")
+    assert status == 200 and body["status"] == "cancelled"
+    status, body = server.json("DELETE", f"/v1/videos/{running['id']}")
+    assert status == 200 and body["status"] == "cancelled"
+    deadline = time.monotonic() + 120
+    while server.json("GET", "/health")[1]["running"] == running["id"]:  # the worker stops between steps
+        assert time.monotonic() < deadline, "the worker did not stop the cancelled job"
+        time.sleep(0.2)
+    job = server.json("GET", f"/v1/videos/{running['id']}")[1]
+    assert job["status"] == "cancelled" and job["progress"] < 1
+    assert server.json("GET", f"/v1/videos/{queued['id']}")[1]["status"] == "cancelled"
+    assert server.request("GET", f"/v1/videos/{running['id']}/content")[0] == 409
+    assert not (server.data_dir / "jobs" / running["id"] / "video.mp4").exists()
+    # Finished jobs: DELETE removes the record and the files.
+    for job_id in (queued["id"], running["id"]):
+        status, body = server.json("DELETE", f"/v1/videos/{job_id}")
+        assert status == 200 and body == {"id": job_id, "object": "video", "deleted": True}
+        assert server.json("GET", f"/v1/videos/{job_id}")[0] == 404
+        assert not (server.data_dir / "jobs" / job_id).exists()
+
+
+def test_kill_9_mid_job_then_restart_completes_it(tmp_path):
+    data = tmp_path / "data"
+    srv = Server(data).start()
+    try:
+        _, first = srv.submit()
+        assert srv.wait(first["id"])["status"] == "completed"
+        _, running = srv.submit({"sample_steps": "30"})
+        _, waiting = srv.submit()
+        srv.wait(running["id"], until=("in_progress",))
+        deadline = time.monotonic() + 120
+        while srv.json("GET", f"/v1/videos/{running['id']}")[1]["progress"] == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        srv.proc.send_signal(signal.SIGKILL)
+        srv.proc.wait()
+        with sqlite3.connect(data / "jobs.sqlite3") as db:  # what the crash left behind
+            left = dict(db.execute("SELECT id, status FROM jobs").fetchall())
+        assert left == {first["id"]: "completed", running["id"]: "in_progress", waiting["id"]: "queued"}
+
+        srv = Server(data).start()
+        # The finished result survived; the cut job runs again from the start, then the queued one.
+        status, _, video = srv.request("GET", f"/v1/videos/{first['id']}/content")
+        assert status == 200 and decode_mp4(video)[0] == 12
+        redone = srv.wait(running["id"])
+        assert redone["status"] == "completed" and redone["attempts"] == 2
+        after = srv.wait(waiting["id"])
+        assert after["status"] == "completed" and after["attempts"] == 1 and after["started_at"] >= redone["completed_at"]
+        status, _, video = srv.request("GET", f"/v1/videos/{running['id']}/content")
+        assert status == 200 and decode_mp4(video)[0] == 12
+        assert not list((data / "jobs").glob("*/.video.mp4.*.part"))
+    finally:
+        srv.stop()
+
+
+# ------------------------------------------------------------------------------------------ web page
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def chromium(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium); .ci/run installs it")
+    profile = tmp_path / f"profile-{uuid.uuid4().hex[:8]}"
+    return subprocess.run([exe, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args], capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_web_page_shows_progress_and_player(server, finished_job, tmp_path):
+    job_id = finished_job[1]["id"]
+    url = f"{server.base}/?job={job_id}"
+    dom = chromium(tmp_path, "--virtual-time-budget=5000", "--dump-dom", url).stdout
+    assert '<form id="form">' in dom and 'type="file"' in dom
+    assert f'<code id="job-id">{job_id}</code>' in dom
+    assert '<span id="status" class="completed">completed</span>' in dom
+    assert '<progress id="progress" max="1" value="1">' in dom
+    assert f'src="/v1/videos/{job_id}/content"' in dom and "<video" in dom
+
+    shot = tmp_path / "page.png"
+    res = chromium(tmp_path, "--virtual-time-budget=5000", "--window-size=800,700", f"--screenshot={shot}", url)
+    assert shot.is_file(), res.stderr[-2000:]
+    from PIL import Image
+
+    img = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    assert img.shape == (700, 800, 3)
+    # The progress bar is full: a long run of the accent blue across the page; the player is a black box below it.
+    blue = (img[..., 2] > 150) & (img[..., 0] < 80) & (img[..., 1] < 160)
+    assert blue.sum(axis=1).max() > 600, "no full progress bar in the screenshot"
+    bar_row = int(blue.sum(axis=1).argmax())
+    below = img[bar_row + 40:, 100:700]
+    assert (below.max(axis=2) < 30).mean() > 0.5, "no video player below the progress bar"
+    assert (img[:bar_row].std() > 20), "the form above the bar is blank"
