@@ -82,9 +82,10 @@ def create_app(store: JobStore, worker: Worker, limits: Limits, default_size: st
                         text[name] = value
                 params = parse_fields(text, limits, default_size)
                 # Decoding checks are CPU work: keep the event loop answering meanwhile.
-                await asyncio.to_thread(check_files, folder, files, limits, params["infer_frames"])
+                await asyncio.to_thread(check_files, folder, files, limits)
             finally:
                 await form.close()
+            params["max_audio_s"] = limits.max_audio_s  # the limit the upload was checked against
             params["files"] = {k: str(v) for k, v in files.items()}
             job = store.add(job_id, folder, params)
         except BaseException:

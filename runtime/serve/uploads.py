@@ -73,7 +73,7 @@ def parse_fields(form: dict[str, str], limits: Limits, default_size: str) -> dic
     return out
 
 
-def check_files(folder: Path, files: dict[str, Path], limits: Limits, infer_frames: int) -> None:
+def check_files(folder: Path, files: dict[str, Path], limits: Limits) -> None:
     """Decode each saved upload with the pipeline's own loaders; raise RequestError naming the bad one."""
     from runtime.media import load_audio, load_image, read_pose_frames
 
@@ -85,12 +85,16 @@ def check_files(folder: Path, files: dict[str, Path], limits: Limits, infer_fram
     except InputError as exc:
         raise RequestError("image", str(exc)) from None
     try:
-        clip = load_audio(folder / files["audio"])
+        # The loader refuses audio over the limit before decoding it when the container declares its length.
+        clip = load_audio(folder / files["audio"], max_seconds=limits.max_audio_s)
     except InputError as exc:
+        if "s limit" in str(exc):
+            raise RequestError("audio", f"audio is over this server's limit of {limits.max_audio_s:g} s "
+                                        "(--max_audio_s); send a shorter recording", 413) from None
         raise RequestError("audio", str(exc)) from None
-    if clip.native_duration_s > limits.max_audio_s:
+    if clip.native_duration_s > limits.max_audio_s:  # the loader's own rounding aside, the same limit
         raise RequestError("audio", f"audio lasts {clip.native_duration_s:.1f} s, over this server's limit of "
-                                    f"{limits.max_audio_s:g} s; send a shorter recording", 413)
+                                    f"{limits.max_audio_s:g} s (--max_audio_s); send a shorter recording", 413)
     if "pose_video" in files:
         try:
             read_pose_frames(folder / files["pose_video"], 1)
