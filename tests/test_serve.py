@@ -199,7 +199,7 @@ def test_submit_poll_download(server, finished_job):
     ({"colour": "red"}, None, 400, "colour", "unknown field"),
     ({"size": "256*256"}, None, 413, "size", "over this server's limit"),
     ({}, {"image": ("x.png", IMAGE), "audio": ("a.wav", wav_bytes(6.0))}, 413, "audio", "over this server's limit"),
-    ({}, {"image": ("x.png", IMAGE), "audio": ("a.wav", AUDIO + b"\0" * (3 << 20))}, 413, None, "limit"),
+    ({}, {"image": ("x.png", IMAGE), "audio": ("a.wav", AUDIO + b"\0" * (5 << 19))}, 413, "audio", "limit"),
 ])
 def test_bad_uploads_are_refused_before_queueing(server, fields, files, status, param, message):
     before = server.json("GET", "/v1/videos")[1]["data"]
@@ -208,6 +208,13 @@ def test_bad_uploads_are_refused_before_queueing(server, fields, files, status, 
     assert body["error"]["param"] == param and message in body["error"]["message"], body
     assert server.json("GET", "/v1/videos")[1]["data"] == before
     assert [p.name for p in (server.data_dir / "jobs").iterdir() if p.name.startswith(".")] == []
+
+
+def test_upload_declared_too_large_is_refused_unread(server):
+    body, ctype = multipart(FAST, {"image": ("face.png", IMAGE), "audio": ("a.wav", AUDIO)})
+    status, _, raw = server.request("POST", "/v1/videos", body=body,
+                                    headers={"Content-Type": ctype, "Content-Length": str(50 << 20)})
+    assert status == 413 and "limit of 2 MiB" in json.loads(raw)["error"]["message"]
 
 
 def test_upload_without_content_length_or_multipart(server):
