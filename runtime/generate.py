@@ -218,6 +218,9 @@ class _Terminated(BaseException):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from runtime.hostmem import release_large_frees
+
+    release_large_frees()  # peak host memory flat in the audio length (clips are streamed to the MP4)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(levelname)s: %(message)s", stream=sys.stderr)
     if not args.debug:
         logging.getLogger("transformers").setLevel(logging.ERROR)

@@ -64,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     limits = Limits(max_upload_bytes=int(args.max_upload_mb * (1 << 20)), max_audio_s=args.max_audio_s,
                     max_area=max_area, max_steps=args.max_steps)
 
+    from runtime.hostmem import release_large_frees
+
+    release_large_frees()  # a long-lived process: freed clip buffers must not pile up in the heap
     store = JobStore(args.data_dir)
     requeued = store.recover()
     if requeued:
