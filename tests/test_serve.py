@@ -4,8 +4,10 @@ Jobs are kept tiny (64x64, 16-frame clips, under a second of audio, 1-2 steps) s
 """
 from __future__ import annotations
 
+import fcntl
 import io
 import json
+import os
 import shutil
 import signal
 import socket
@@ -347,3 +349,109 @@ def test_web_page_shows_progress_and_player(server, finished_job, tmp_path):
     below = img[bar_row + 40:, 100:700]
     assert (below.max(axis=2) < 30).mean() > 0.5, "no video player below the progress bar"
     assert (img[:bar_row].std() > 20), "the form above the bar is blank"
+
+
+class DevTools:
+    """Headless Chromium driven over --remote-debugging-pipe (JSON messages ending in NUL on fds 3 and 4), to use
+    the page the way a person does: choose files, type, click."""
+
+    def __init__(self, url: str, profile: Path):
+        exe = shutil.which("chromium") or shutil.which("chromium-browser")
+        if exe is None:
+            pytest.skip("Debian's chromium is not installed (apt-get install chromium); .ci/run installs it")
+        cmd_r, cmd_w = os.pipe()
+        out_r, out_w = os.pipe()
+
+        def fds():  # runs in the child before it closes every descriptor but 0-2 and pass_fds
+            high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in (cmd_r, out_w)]  # neither may already be 3 or 4
+            os.dup2(high[0], 3)
+            os.dup2(high[1], 4)
+
+        self.proc = subprocess.Popen([exe, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--remote-debugging-pipe",
+                                      "--window-size=800,700", url], pass_fds=(3, 4), preexec_fn=fds,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        os.close(cmd_r), os.close(out_w)
+        self.w, self.r = os.fdopen(cmd_w, "wb", buffering=0), os.fdopen(out_r, "rb", buffering=0)
+        self.buf, self.n, self.session = b"", 0, None
+        page = next(t for t in self.call("Target.getTargets")["targetInfos"] if t["type"] == "page")
+        self.session = self.call("Target.attachToTarget", targetId=page["targetId"], flatten=True)["sessionId"]
+        deadline = time.monotonic() + 60
+        while self.js("document.readyState + ' ' + location.href") != "complete " + url:
+            assert time.monotonic() < deadline, "the page did not load"
+            time.sleep(0.2)
+
+    def call(self, method: str, **params):
+        self.n += 1
+        msg = {"id": self.n, "method": method, "params": params}
+        if self.session:
+            msg["sessionId"] = self.session
+        self.w.write(json.dumps(msg).encode() + b"\0")
+        while True:
+            while b"\0" not in self.buf:
+                chunk = self.r.read(1 << 16)
+                assert chunk, "chromium closed the DevTools pipe"
+                self.buf += chunk
+            raw, self.buf = self.buf.split(b"\0", 1)
+            reply = json.loads(raw)
+            if reply.get("id") == self.n:
+                assert "error" not in reply, f"{method}: {reply['error']}"
+                return reply["result"]
+
+    def js(self, expression: str):
+        return self.call("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
+
+    def choose_file(self, element_id: str, path: Path) -> None:
+        obj = self.call("Runtime.evaluate", expression=f"document.getElementById('{element_id}')")["result"]["objectId"]
+        self.call("DOM.setFileInputFiles", files=[str(path)], objectId=obj)
+
+    def screenshot(self) -> np.ndarray:
+        import base64
+
+        from PIL import Image
+
+        png = base64.b64decode(self.call("Page.captureScreenshot", format="png")["data"])
+        return np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+def test_web_page_upload_form_end_to_end(server, tmp_path):
+    """Choose the files, type a prompt, click Generate: the page posts the job, the bar follows it to 100 % and the
+    player shows the video."""
+    (tmp_path / "face.png").write_bytes(IMAGE)
+    (tmp_path / "speech.wav").write_bytes(AUDIO)
+    page = DevTools(server.base + "/", tmp_path / "profile")
+    try:
+        page.choose_file("image", tmp_path / "face.png")
+        page.choose_file("audio", tmp_path / "speech.wav")
+        page.js("document.getElementById('prompt').value = 'a person talking';"
+                "document.getElementById('sample_steps').value = '1'")
+        page.js("document.getElementById('submit').click()")
+        state = "[status.textContent, progress.value, player.hidden, player.getAttribute('src'), error.textContent]"
+        seen, deadline = [], time.monotonic() + JOB_TIMEOUT_S
+        while not seen or seen[-1][0] not in ("completed", "failed", "cancelled", "refused"):
+            assert time.monotonic() < deadline, seen[-1:]
+            time.sleep(0.3)
+            seen.append(page.js(f"(() => {{ const [status, progress, player, error] = ['status', 'progress', 'player', "
+                                f"'error'].map(i => document.getElementById(i)); return {state}; }})()"))
+        status, progress, hidden, src, error = seen[-1]
+        assert (status, progress, hidden, error) == ("completed", 1, False, ""), seen[-1]
+        job_id = src.split("/")[3]
+        job = server.json("GET", f"/v1/videos/{job_id}")[1]
+        assert job["prompt"] == "a person talking" and job["sample_steps"] == 1 and job["status"] == "completed"
+        assert [p for _, p, *_ in seen] == sorted(p for _, p, *_ in seen)   # the bar only moves forward
+        deadline = time.monotonic() + 60
+        while not page.js("document.getElementById('player').readyState >= 2"):   # a frame is decoded
+            assert time.monotonic() < deadline, "the player did not load the video"
+            time.sleep(0.2)
+        img = page.screenshot()
+    finally:
+        page.close()
+    blue = (img[..., 2] > 150) & (img[..., 0] < 80) & (img[..., 1] < 160)
+    bar_row = int(blue.sum(axis=1).argmax())
+    assert blue[bar_row].sum() > 600, "no full progress bar in the screenshot"
+    video = img[bar_row + 40:, 40:760]
+    assert (video.max(axis=2) > 40).mean() > 0.1, "the player shows no picture"
+
