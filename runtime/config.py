@@ -7,6 +7,7 @@ does not implement are rejected by name instead of being silently ignored.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,16 @@ _IGNORED_KEYS = {
     "_class_name", "_diffusers_version", "_name_or_path", "zero_init", "motion_token_num", "model_type",
     "enable_tsm", "trainable_token_pos_emb", "framepack_drop_mode", "args", "kwargs",
 }
+
+
+# Sane ranges, checked before anything is built or allocated (S2V-14B: dim 5120, ffn 13824, 40 heads, 40 layers).
+_INT_RANGES = {
+    "dim": (1, 1 << 15), "ffn_dim": (1, 1 << 17), "num_heads": (1, 512), "num_layers": (1, 512),
+    "in_dim": (1, 1024), "out_dim": (1, 1024), "freq_dim": (2, 1 << 14), "text_dim": (1, 1 << 15),
+    "text_len": (1, 1 << 14), "cond_dim": (1, 1024), "audio_dim": (1, 1 << 14), "num_audio_token": (1, 256),
+    "audio_layers": (1, 256), "ref_time_position": (0, 1 << 16),
+}
+MAX_PARAMETERS = 50e9  # 3.5x the 14B model; a bigger config.json is damaged or for another model
 
 
 @dataclass(frozen=True)
@@ -102,15 +113,21 @@ class DiTConfig:
             raise ConfigError(f"{source}: unknown option(s) {', '.join(unknown)}; remove them or use the official Wan2.2-S2V config.json")
         for key in ("patch_size", "window_size", "audio_inject_layers", "zip_frame_buckets"):
             if key in values:
-                if not isinstance(values[key], (list, tuple)):
-                    raise ConfigError(f"{source}: {key} must be a list, got {values[key]!r}")
-                values[key] = tuple(int(v) for v in values[key])
-        for key in ("dim", "ffn_dim", "num_heads", "num_layers", "in_dim", "out_dim", "freq_dim", "text_dim",
-                    "text_len", "cond_dim", "audio_dim", "num_audio_token"):
-            if key in values:
                 v = values[key]
-                if isinstance(v, bool) or not isinstance(v, int):
-                    raise ConfigError(f"{source}: {key} must be an integer, got {v!r}")
+                if not isinstance(v, (list, tuple)) or len(v) > 512 or not all(_is_int(x) for x in v):
+                    raise ConfigError(f"{source}: {key} must be a list of integers, got {_short(v)}")
+                values[key] = tuple(v)
+        for key in _INT_RANGES:
+            if key in values and not _is_int(values[key]):
+                raise ConfigError(f"{source}: {key} must be an integer, got {_short(values[key])}")
+        for key in ("eps", "rope_theta"):
+            v = values.get(key)
+            if key in values and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                raise ConfigError(f"{source}: {key} must be a number, got {_short(v)}")
+        for key in ("enable_adain", "zero_timestep", "enable_framepack", "enable_motioner", "add_last_motion",
+                    "qk_norm", "cross_attn_norm"):
+            if key in values and not isinstance(values[key], bool):
+                raise ConfigError(f"{source}: {key} must be true or false, got {_short(values[key])}")
         cfg = cls(**values, extra=extra)
         cfg.validate(source)
         return cfg
@@ -135,6 +152,19 @@ class DiTConfig:
         def bad(msg: str) -> ConfigError:
             return ConfigError(f"{source}: {msg}")
 
+        # Numbers first: everything below (and the model build) may allocate or divide by them.
+        for name, (lo, hi) in _INT_RANGES.items():
+            value = getattr(self, name)
+            if not lo <= value <= hi:
+                raise bad(f"{name}={value} is outside the sane range [{lo}, {hi}]; use the official Wan2.2-S2V config.json")
+        if not (math.isfinite(self.eps) and 0 < self.eps < 1):
+            raise bad(f"eps={self.eps} must be a small positive number (official 1e-06); use the official config.json")
+        if not (math.isfinite(self.rope_theta) and self.rope_theta > 1):
+            raise bad(f"rope_theta={self.rope_theta} must be a finite number > 1 (official 10000)")
+        params = self.num_layers * (8 * self.dim ** 2 + 2 * self.dim * self.ffn_dim)
+        if params > MAX_PARAMETERS:
+            raise bad(f"dim={self.dim}, ffn_dim={self.ffn_dim}, num_layers={self.num_layers} describe ~{params / 1e9:.0f}B "
+                      f"parameters, above the {MAX_PARAMETERS / 1e9:.0f}B this engine accepts; use the official config.json")
         if self.enable_motioner:
             raise bad("enable_motioner=true (the transformer motioner) is not supported; use the official S2V config (enable_framepack=true)")
         if not self.enable_framepack:
@@ -149,12 +179,6 @@ class DiTConfig:
             raise bad("qk_norm and cross_attn_norm must be true (as in S2V-14B)")
         if tuple(self.window_size) != (-1, -1):
             raise bad(f"window_size={list(self.window_size)} (local attention) is not supported; use [-1, -1]")
-        if self.cond_dim <= 0:
-            raise bad("cond_dim must be > 0 (the pose cond_encoder is part of S2V-14B)")
-        for name in ("dim", "ffn_dim", "num_heads", "num_layers", "in_dim", "out_dim", "freq_dim", "text_dim",
-                     "text_len", "audio_dim", "num_audio_token"):
-            if getattr(self, name) <= 0:
-                raise bad(f"{name} must be positive, got {getattr(self, name)}")
         if self.dim % self.num_heads or self.head_dim % 2:
             raise bad(f"dim={self.dim} must split into num_heads={self.num_heads} heads of even size")
         if self.head_dim < 6:
@@ -170,3 +194,12 @@ class DiTConfig:
             raise bad(f"audio_inject_layers={layers} must be strictly increasing block indices in [0, {self.num_layers})")
         if tuple(self.zip_frame_buckets) != (1, 2, 16):
             raise bad("zip_frame_buckets must be [1, 2, 16] (frame-pack layout of S2V)")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _short(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."

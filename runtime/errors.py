@@ -34,3 +34,7 @@ class BackendUnavailable(S2VError):
 
 class EngineMismatch(S2VError):
     """An engine/ONNX artefact was built for something other than what is requested."""
+
+
+class NumericalError(S2VError):
+    """A stage produced NaN/Inf or absurdly large values: damaged weights, config or engine."""

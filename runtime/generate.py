@@ -7,15 +7,24 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import random
+import secrets
 import signal
 import sys
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
 
 EXIT_SIGINT, EXIT_SIGTERM = 130, 143
+# How long a signal may wait for the main thread (busy in a native op: a DiT forward, a VAE decode, a checkpoint
+# read) before the process exits by itself.
+SIGNAL_GRACE_S = 2.0
+MAX_SEED = 2**63 - 1  # the official picks seeds in [0, sys.maxsize]
+# Pseudo-filesystems where an output file can never be written (and where probing could have side effects).
+_SYSTEM_DIRS = ("/proc", "/sys", "/dev")
 
 
 def str2bool(v: str) -> bool:
@@ -36,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frame_num", type=int, default=None, help="ignored by s2v (use --infer_frames), kept for compatibility")
     p.add_argument("--ckpt_dir", default="tiny", help="the Wan2.2-S2V-14B folder, or 'tiny' for the built-in toy model")
     p.add_argument("--offload_model", type=str2bool, default=None,
-                   help="keep UMT5/wav2vec2 on the CPU between uses to save GPU memory (default false: everything resident)")
+                   help="move the DiT to the CPU between clips and keep UMT5/wav2vec2 on the CPU between uses, to save "
+                        "GPU memory (default false: everything resident; the official default is true on one GPU)")
     p.add_argument("--ulysses_size", type=int, default=1,
                    help="Ulysses sequence parallelism over this many ranks of each CFG branch (launch with torchrun; "
                         "must divide the 40 heads: 1, 2, 4, 5, 8, 10); 1.79× per step on 2 H200s")
@@ -80,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DiT precision (default bf16 on CUDA, fp32 on the CPU); fp8: FP8 block linears and attention "
                         "on Hopper or newer (experimental: check it with python -m runtime.quality)")
     p.add_argument("--engines_dir", default="engines", help="where export.build wrote ONNX graphs and engines")
+    p.add_argument("--no_batch_cfg", action="store_true", default=False,
+                   help="run cond and uncond as two DiT calls per step, as the official (default: one batch-2 call; same math)")
     p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
     p.add_argument("--overwrite", action="store_true", default=False, help="replace --save_file if it exists")
     p.add_argument("--debug", action="store_true", default=False, help="show tracebacks")
@@ -94,8 +106,11 @@ EXAMPLE_PROMPT = ("Summer beach vacation style, a white cat wearing sunglasses s
 
 
 def validate(args) -> None:
+    """Every flag, before anything is loaded: a typo must not cost a model load."""
     from runtime.errors import InputError
+    from runtime.pipeline import check_backend, resolve_device
     from runtime.preprocess import parse_size
+    from runtime.sampler import MAX_STEPS
 
     if args.task != "s2v-14B":
         raise InputError(f"--task {args.task}: this engine runs only s2v-14B")
@@ -107,8 +122,15 @@ def validate(args) -> None:
         raise InputError(f"--infer_frames {args.infer_frames}: must be a positive multiple of 4 (e.g. 48 or 80)")
     if args.num_clip is not None and args.num_clip <= 0:
         raise InputError(f"--num_clip {args.num_clip}: must be a positive integer (or omit it to follow the audio)")
-    if args.sample_steps is not None and args.sample_steps <= 0:
-        raise InputError(f"--sample_steps {args.sample_steps}: must be a positive integer")
+    if args.sample_steps is not None and not 0 < args.sample_steps <= MAX_STEPS:
+        raise InputError(f"--sample_steps {args.sample_steps}: must be an integer in [1, {MAX_STEPS}] (official default 40)")
+    if args.sample_shift is not None and not (math.isfinite(args.sample_shift) and args.sample_shift > 0):
+        raise InputError(f"--sample_shift {args.sample_shift}: must be a positive finite number (official default 3.0)")
+    if args.sample_guide_scale is not None and not math.isfinite(args.sample_guide_scale):
+        raise InputError(f"--sample_guide_scale {args.sample_guide_scale}: must be a finite number "
+                         "(official default 4.5; 1 or less turns CFG off)")
+    if args.base_seed != -1 and not 0 <= args.base_seed <= MAX_SEED:
+        raise InputError(f"--base_seed {args.base_seed}: must be in [0, 2**63 - 1], or -1 for a random seed")
     if args.size is not None:
         parse_size(args.size)
     if not (0 < args.max_audio_s < float("inf")):
@@ -121,6 +143,53 @@ def validate(args) -> None:
         raise InputError(f"--tts_prompt_audio {args.tts_prompt_audio}: file not found; pass a 5-15 s recording")
     if args.ckpt_dir != "tiny" and (args.image is None or (args.audio is None and not args.enable_tts)):
         raise InputError("--image and --audio are required with a real checkpoint (or use --enable_tts with --tts_text)")
+    try:
+        resolve_device(args.device)
+    except InputError as err:
+        raise InputError(f"--{err}") from None  # "device 'x': ..." becomes "--device 'x': ..."
+    check_backend(args.backend, bool(args.offload_model))
+    for flag, path, what in (("--image", args.image, "image"), ("--audio", None if args.enable_tts else args.audio, "audio"),
+                             ("--pose_video", args.pose_video, "pose video")):
+        if path is not None:
+            check_readable(Path(path), flag, what)
+
+
+def check_readable(path: Path, flag: str, what: str) -> None:
+    from runtime.errors import InputError
+
+    if not path.exists():
+        raise InputError(f"{flag} {path}: {what} file does not exist; check the path")
+    if path.is_dir():
+        raise InputError(f"{flag} {path}: is a directory; pass the {what} file")
+    if not os.access(path, os.R_OK):
+        raise InputError(f"{flag} {path}: {what} file is not readable; fix its permissions")
+    if path.stat().st_size == 0:
+        raise InputError(f"{flag} {path}: {what} file is empty (0 bytes); pass a complete file")
+
+
+def check_output(save: Path, overwrite: bool) -> None:
+    """Refuse an output that could not be written, before any work; a probe file proves the folder writable."""
+    from runtime.errors import OutputError
+    from runtime.pipeline import check_mp4_name
+
+    if save.is_dir():
+        raise OutputError(f"--save_file {save}: is a directory; give a file name ending in .mp4")
+    check_mp4_name(save, "--save_file")
+    parent = save.parent
+    if not parent.is_dir():
+        raise OutputError(f"--save_file {save}: folder {parent} does not exist; create it or choose another path")
+    real = str(parent.resolve())
+    if any(real == d or real.startswith(d + "/") for d in _SYSTEM_DIRS):
+        raise OutputError(f"--save_file {save}: {real} is a system pseudo-filesystem; choose a normal folder")
+    if save.exists() and not overwrite:
+        raise OutputError(f"{save}: already exists; pass --overwrite to replace it or choose another --save_file")
+    probe = parent / f".{save.name}.{secrets.token_hex(4)}.probe"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        os.unlink(probe)
+    except OSError as exc:
+        raise OutputError(f"--save_file {save}: cannot write in {parent} ({exc.strerror}); fix its permissions "
+                          "or choose another folder") from None
 
 
 def default_save_file(args, size: str) -> Path:
@@ -130,6 +199,7 @@ def default_save_file(args, size: str) -> Path:
 
 
 def run(args) -> Path:
+    from runtime.media import load_audio, load_image
     from runtime.pipeline import DEFAULT_SIZE, TINY, TINY_SIZE
 
     tiny = args.ckpt_dir == TINY
@@ -138,12 +208,13 @@ def run(args) -> Path:
         args.prompt = EXAMPLE_PROMPT
     seed = args.base_seed if args.base_seed >= 0 else random.randint(0, 2**31 - 1)
     save = Path(args.save_file) if args.save_file else default_save_file(args, size)
-    if save.exists() and not args.overwrite:  # refuse before spending minutes on generation
-        from runtime.errors import OutputError
+    check_output(save, args.overwrite)  # refuse before spending minutes on generation
 
-        raise OutputError(f"{save}: already exists; pass --overwrite to replace it or choose another --save_file")
-
-    image, audio = args.image, args.audio
+    # Inputs are decoded before the model loads, so a bad file costs seconds, not a model load.
+    image = load_image(args.image) if args.image is not None else None
+    audio = None
+    if args.audio is not None and not args.enable_tts:
+        audio = load_audio(args.audio, max_seconds=args.max_audio_s)  # duration checked before decoding
     if tiny and image is None:
         from runtime.demo import demo_image
 
@@ -164,13 +235,25 @@ def run(args) -> Path:
     else:
         from runtime.media.audio import probe_audio
 
-        probe_audio(audio, args.max_audio_s)  # declared duration and stream checked before any model loads
     return _generate(args, image, audio, seed, size, save)
 
 
-def _generate(args, image, audio, seed: int, size: str, save: Path) -> Path:
+def _out_of_memory(exc: BaseException, where: str, hint: str):
+    """One line for an allocation failure (GPU or host), or None for any other error."""
     import torch
 
+    from runtime.errors import S2VError
+
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return S2VError(f"GPU out of memory {where}; try {hint}, --offload_model true or --t5_cpu")
+    if isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and "can't allocate" in str(exc)):
+        return S2VError(f"CPU out of memory (host RAM) {where}; try {hint}, close other programs, or use a machine "
+                        "with more memory")
+    return None
+
+
+def _generate(args, image, audio, seed: int, size: str, save: Path) -> Path:
+    from runtime.errors import OutputError
     from runtime.pipeline import S2VPipeline
 
     from runtime import parallel
@@ -180,10 +263,16 @@ def _generate(args, image, audio, seed: int, size: str, save: Path) -> Path:
     main_rank = layout is None or layout.is_main
     if not main_rank:
         logging.getLogger().setLevel(logging.WARNING)  # rank 0 reports progress and writes the MP4
-    pipe = S2VPipeline.from_pretrained(args.ckpt_dir, device=layout.device if layout else args.device,
-                                       backend=args.backend, t5_cpu=args.t5_cpu, offload_model=bool(args.offload_model),
-                                       engines_dir=args.engines_dir, attention=args.attention, precision=args.precision,
-                                       parallel=layout)
+    try:
+        pipe = S2VPipeline.from_pretrained(args.ckpt_dir, device=layout.device if layout else args.device,
+                                           backend=args.backend, t5_cpu=args.t5_cpu,
+                                           offload_model=bool(args.offload_model), engines_dir=args.engines_dir,
+                                           attention=args.attention, precision=args.precision, parallel=layout)
+    except (RuntimeError, MemoryError) as exc:
+        err = _out_of_memory(exc, f"while loading {args.ckpt_dir}", "another device")
+        if err is None:
+            raise
+        raise err from None
     logging.info("loaded %s on %s in %.1fs (backend %s)", args.ckpt_dir, pipe.device, time.perf_counter() - t0, args.backend)
     logging.info("seed %d", seed)
     t0 = time.perf_counter()
@@ -193,17 +282,21 @@ def _generate(args, image, audio, seed: int, size: str, save: Path) -> Path:
                       sample_shift=args.sample_shift if args.sample_shift is not None else 3.0,
                       guide_scale=args.sample_guide_scale if args.sample_guide_scale is not None else 4.5,
                       sample_solver=args.sample_solver, start_from_ref=args.start_from_ref,
-                      max_audio_s=args.max_audio_s, progress=None if main_rank else False)
+                      batch_cfg=not args.no_batch_cfg, max_audio_s=args.max_audio_s,
+                      progress=None if main_rank else False)
         if main_rank:
             # Each clip is encoded as soon as it is decoded: host memory stays flat in the audio length.
             result = pipe.generate_mp4(save, image, audio, overwrite=args.overwrite, **kwargs)
         else:  # the other ranks take part in every step and write nothing
             result = pipe.generate(image, audio, on_clip=lambda frames: None, **kwargs)
-    except torch.cuda.OutOfMemoryError:
-        from runtime.errors import S2VError
-
-        raise S2VError(f"GPU out of memory at --size {size}, --infer_frames {args.infer_frames}; try a smaller --size "
-                       "(e.g. 832*480), --infer_frames 48, --offload_model true or --t5_cpu") from None
+    except OutputError as err:  # the library's wording names its argument; here it is the flag
+        raise OutputError(str(err).replace("pass overwrite=True", "pass --overwrite")) from None
+    except (RuntimeError, MemoryError) as exc:
+        err = _out_of_memory(exc, f"at --size {size}, --infer_frames {args.infer_frames}",
+                             "a smaller --size (e.g. 832*480), --infer_frames 48")
+        if err is None:
+            raise
+        raise err from None
     if not main_rank:
         return save
     (height, width), out = result.info["size"], save
@@ -216,6 +309,77 @@ class _Terminated(BaseException):
     pass
 
 
+class _SignalWatch:
+    """SIGINT/SIGTERM are honoured within SIGNAL_GRACE_S even while the main thread is inside a native call.
+
+    Python runs signal handlers only between bytecodes of the main thread, so a long DiT forward or checkpoint
+    read would delay them by seconds or minutes. The C-level handler also writes the signal number to a pipe
+    (``signal.set_wakeup_fd``); a thread wakes on it, gives the main thread the grace period to unwind normally
+    (removing its temporary files), and otherwise exits with the signal's code. The only temporary file of a
+    run, the MP4 being written, is written from Python code, where the main thread's handler runs at once."""
+
+    def __init__(self, grace_s: float = SIGNAL_GRACE_S):
+        self.grace_s = grace_s
+        self.done = threading.Event()
+
+    def __enter__(self):
+        def on_term(signum, frame):
+            raise _Terminated()
+
+        self.active = threading.current_thread() is threading.main_thread()  # signals exist only there
+        if not self.active:
+            return self
+        self.old_term = signal.signal(signal.SIGTERM, on_term)
+        self.read_fd, self.write_fd = os.pipe()
+        os.set_blocking(self.write_fd, False)
+        self.old_fd = signal.set_wakeup_fd(self.write_fd, warn_on_full_buffer=False)
+        threading.Thread(target=self._watch, name="signal-watch", daemon=True).start()
+        return self
+
+    def _watch(self) -> None:
+        try:
+            self._wait_for_signal()
+        finally:
+            os.close(self.read_fd)
+
+    def _wait_for_signal(self) -> None:
+        while True:
+            data = os.read(self.read_fd, 64)
+            if not data or self.done.is_set():
+                return
+            codes = {signal.SIGINT: EXIT_SIGINT, signal.SIGTERM: EXIT_SIGTERM}
+            hits = [codes[s] for s in data if s in codes]
+            if hits and not self.done.wait(self.grace_s):
+                print("terminated: no output written" if hits[0] == EXIT_SIGTERM else "interrupted: no output written",
+                      file=sys.stderr, flush=True)
+                os._exit(hits[0])
+
+    def __exit__(self, *exc):
+        self.done.set()
+        if not self.active:
+            return False
+        signal.set_wakeup_fd(self.old_fd)
+        signal.signal(signal.SIGTERM, self.old_term)
+        os.close(self.write_fd)  # the watcher's read returns EOF and it ends
+        return False
+
+
+class _warnings_as_log_lines:
+    """Library warnings (long prompt, short pose video) as one log line each, without the source line."""
+
+    def __enter__(self):
+        import warnings
+
+        self.old = warnings.showwarning
+        warnings.showwarning = lambda message, category, *rest, **kw: logging.warning("%s", message)
+
+    def __exit__(self, *exc):
+        import warnings
+
+        warnings.showwarning = self.old
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from runtime.hostmem import release_large_frees
@@ -225,33 +389,30 @@ def main(argv: list[str] | None = None) -> int:
     if not args.debug:
         logging.getLogger("transformers").setLevel(logging.ERROR)
 
-    def on_term(signum, frame):
-        raise _Terminated()
-
-    signal.signal(signal.SIGTERM, on_term)
     from runtime.errors import S2VError
 
     from runtime import parallel
 
-    try:
-        validate(args)
-        out = run(args)
-        if parallel.is_main():
-            print(out)
-        return 0
-    except S2VError as err:
-        if args.debug:
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
-    except KeyboardInterrupt:
-        print("interrupted: no output written", file=sys.stderr)
-        return EXIT_SIGINT
-    except _Terminated:
-        print("terminated: no output written", file=sys.stderr)
-        return EXIT_SIGTERM
-    finally:
-        parallel.shutdown()  # every rank leaves the process group, on success, error or interrupt
+    with _SignalWatch(), _warnings_as_log_lines():
+        try:
+            validate(args)
+            out = run(args)
+            if parallel.is_main():
+                print(out)
+            return 0
+        except S2VError as err:
+            if args.debug:
+                raise
+            print(f"error: {err}", file=sys.stderr)
+            return err.exit_code
+        except KeyboardInterrupt:
+            print("interrupted: no output written", file=sys.stderr)
+            return EXIT_SIGINT
+        except _Terminated:
+            print("terminated: no output written", file=sys.stderr)
+            return EXIT_SIGTERM
+        finally:
+            parallel.shutdown()  # every rank leaves the process group, on success, error or interrupt
 
 
 if __name__ == "__main__":

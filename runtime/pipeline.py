@@ -7,7 +7,12 @@
 """
 from __future__ import annotations
 
+import inspect
 import logging
+import math
+import os
+import random
+import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +21,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from runtime.errors import CheckpointError, InputError, OutputError
+from runtime.errors import CheckpointError, ConfigError, InputError, OutputError
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +54,50 @@ class S2VResult:
         if self.frames is None:
             raise OutputError("this result's frames were streamed to on_clip and not kept; write them as they come "
                               "(S2VPipeline.generate_mp4 or runtime.media.Mp4Writer)")
+        check_mp4_name(path)
         return write_mp4(path, self.frames, fps=self.fps, audio=self.audio, overwrite=overwrite)
+
+
+def check_mp4_name(path: str | Path, flag: str = "path") -> None:
+    """The output is always H.264/AAC in MP4; another extension would mislabel it."""
+    if Path(path).suffix.lower() != ".mp4":
+        raise OutputError(f"{flag} {path}: the output is an MP4 video; give a file name ending in .mp4")
+
+
+def check_backend(backend: str, offload_model: bool = False) -> None:
+    from runtime.backends import BACKENDS
+    from runtime.errors import BackendUnavailable
+
+    if backend not in BACKENDS:
+        raise BackendUnavailable(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
+    if offload_model and backend == "torch-graph":
+        raise ConfigError("offload_model cannot be used with backend torch-graph (its CUDA graphs pin the DiT weights "
+                          "on the GPU); use backend torch or torch-compile, or turn offloading off")
 
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_device(spec: str | torch.device | None) -> torch.device:
+    """``cpu``, ``cuda`` or ``cuda:N`` that this PyTorch build can use, else one line naming the fix."""
+    if spec is None:
+        return default_device()
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, TypeError, ValueError):
+        raise InputError(f"device {spec!r} is not a device name; use cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise InputError(f"device {spec!r}: only cpu and cuda devices are supported; use cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        build = "has no CUDA support" if torch.version.cuda is None else "sees no GPU"
+        raise InputError(f"device {spec!r}: this PyTorch ({torch.__version__}) {build}; use cpu, or install a CUDA build of torch")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise InputError(f"device {spec!r}: only {torch.cuda.device_count()} GPU(s) visible; use cuda:0 .. "
+                         f"cuda:{torch.cuda.device_count() - 1}")
+    return device
 
 
 def video_to_uint8(video: torch.Tensor) -> np.ndarray:
@@ -75,6 +119,7 @@ class S2VPipeline:
         self.t5_cpu, self.offload_model = t5_cpu, offload_model
         self.name = name
         self.parallel = parallel  # runtime.parallel.Layout under torchrun, else None
+        check_backend(backend, offload_model)
         if precision == "fp8":
             dit.set_precision("fp8")  # refuses (ConfigError) where FP8 does not run: never a silent fallback
         dit.set_attention(attention)
@@ -83,7 +128,10 @@ class S2VPipeline:
         self.backend = make_backend(backend, dit, engines_dir=engines_dir, checkpoint=name or None)
         if parallel is not None and parallel.cfg_parallel:
             self.backend = par.CFGParallelDiT(self.backend, parallel)
-        self.sampler = S2VSampler(self.backend, vae, device)
+        # The official offload_model moves the DiT to the GPU for each clip's denoising only.
+        self.sampler = S2VSampler(self.backend, vae, device, offload=offload_model)
+        if offload_model:
+            self.sampler.move_dit("cpu")
         self._lock = threading.Lock()
 
     # ----------------------------------------------------------------- loading
@@ -104,7 +152,8 @@ class S2VPipeline:
         if precision in ("bf16", "fp16", "fp8") and dtype is None:
             dtype = torch.float16 if precision == "fp16" else torch.bfloat16
         extra = dict(attention=attention, precision=precision, parallel=parallel)
-        device = torch.device(device) if device is not None else default_device()
+        device = resolve_device(device)
+        check_backend(backend, offload_model)  # before minutes of loading
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         if str(path) == TINY:
@@ -120,6 +169,7 @@ class S2VPipeline:
     def _from_folder(cls, folder: Path, device, dtype, backend, t5_cpu, offload_model, engines_dir,
                      extra: dict) -> "S2VPipeline":
         from runtime import checkpoint as ck
+        from runtime.config import DiTConfig
         from runtime.models.audio import Wav2Vec2Features
         from runtime.models.dit import load_dit
         from runtime.models.text import TextEncoder
@@ -133,12 +183,14 @@ class S2VPipeline:
                 raise CheckpointError(f"{folder / rel}: missing from the checkpoint folder; download the complete "
                                       "Wan2.2-S2V-14B folder")
         ck.check_folder(folder)  # every file read stays inside the folder; before anything loads
+        # config.json is validated before anything is loaded: a damaged one must not cost a UMT5/VAE load first.
+        config = DiTConfig.from_json(folder / ck.DIT_CONFIG)
         t5_dtype = torch.bfloat16 if device.type == "cuda" and not t5_cpu else torch.float32
         t5_dev = "cpu" if (t5_cpu or offload_model) else device
         text = TextEncoder.from_checkpoint(folder, device=t5_dev, dtype=t5_dtype if t5_dev != "cpu" else torch.bfloat16)
         audio = Wav2Vec2Features.from_checkpoint(folder, device="cpu" if offload_model else device)
         vae = load_vae(folder / ck.VAE_FILE, device=device)
-        dit = load_dit(folder, dtype=dtype, device=device)
+        dit = load_dit(folder, dtype=dtype, device=device, config=config)
         return cls(dit, vae, text, audio, device, backend, t5_cpu, offload_model, name=str(folder), engines_dir=engines_dir,
                    **extra)
 
@@ -169,29 +221,37 @@ class S2VPipeline:
 
     # ----------------------------------------------------------------- generate
     def generate(self, image, audio, prompt: str = "", seed: int = 0, infer_frames: int = 80, sample_steps: int = 40,
-                 num_clip: int | None = None, pose_video: str | Path | None = None, size: str | None = None,
+                 num_clip: int | None = None, pose_video: str | Path | bytes | None = None, size: str | None = None,
                  sample_shift: float = 3.0, guide_scale: float = 4.5, sample_solver: str = "unipc",
-                 negative_prompt: str = "", start_from_ref: bool = False,
-                 progress: bool | Callable[[int, int, int, int], None] | None = None,
+                 negative_prompt: str = "", start_from_ref: bool = False, batch_cfg: bool = True,
+                 progress: bool | Callable[..., None] | None = None,
                  max_audio_s: float | None = 600.0, on_clip: Callable[[np.ndarray], None] | None = None) -> S2VResult:
         """Reference image + audio (+ prompt, pose video) → S2VResult. Thread-safe: calls are serialized.
 
-        image: path, bytes, numpy array or PIL image; audio: path, bytes, AudioClip or (array, rate).
-        num_clip None = as many clips as the audio needs (official rule); clips whose frames would all be cut
-        by the audio length are not rendered. progress: None/True = tqdm bars, False = silent, or a callable
-        ``(clip, clips, step, steps)``. max_audio_s: longer audio is refused before it is decoded (None: no limit;
-        the whole audio always goes through wav2vec2, as official, even when num_clip uses only part of it).
+        image: path, bytes, numpy array or PIL image; audio: path, bytes, AudioClip or (array, rate); pose_video:
+        path or bytes. seed -1 picks a random seed (logged, and returned as ``result.seed``). num_clip None = as
+        many clips as the audio needs (official rule); clips whose frames would all be cut by the audio length are
+        not rendered. batch_cfg False runs cond and uncond as two DiT calls per step (as the official; same math).
+        progress: None/True = tqdm bars, False = silent, or a callable ``(clip, clips, step, steps, stage)`` called
+        after each denoising step (stage "denoise") and each VAE decode / motion encode ("vae_decode",
+        "vae_encode", step = steps = 1); a callable taking only the first four gets the denoising steps.
+        max_audio_s: longer audio is refused before it is decoded (None: no limit; the whole audio always goes
+        through wav2vec2, as official, even when num_clip uses only part of it).
         on_clip: called with each clip's uint8 frames [n, H, W, 3] (already trimmed to the audio) as soon as it is
         decoded; nothing is kept, so memory stays flat in the audio length, and the result's ``frames`` is None.
         An exception raised by ``progress`` or ``on_clip`` stops the generation.
         """
         from runtime.media import load_image
-        from runtime.preprocess import load_pose_video, parse_size, prepare_reference, target_size
-        from runtime.sampler import SampleOptions
+        from runtime.preprocess import parse_size, prepare_reference, target_size
+        from runtime.sampler import SampleOptions, check_finite
 
+        if isinstance(seed, int) and not isinstance(seed, bool) and seed == -1:
+            seed = random.randint(0, 2**31 - 1)
+            log.info("seed %d (picked at random; pass seed=%d to repeat this video)", seed, seed)
         opts = SampleOptions(infer_frames=infer_frames, sample_steps=sample_steps, sample_shift=sample_shift,
-                             guide_scale=guide_scale, solver=sample_solver, seed=seed, start_from_ref=start_from_ref)
-        if num_clip is not None and num_clip <= 0:
+                             guide_scale=guide_scale, solver=sample_solver, seed=seed, start_from_ref=start_from_ref,
+                             batch_cfg=bool(batch_cfg))
+        if num_clip is not None and (isinstance(num_clip, bool) or not isinstance(num_clip, int) or num_clip <= 0):
             raise InputError(f"num_clip={num_clip}: must be a positive integer (or omit it to follow the audio length)")
         area = parse_size(size or (TINY_SIZE if self.name == TINY else DEFAULT_SIZE))
         img = load_image(image)
@@ -201,20 +261,23 @@ class S2VPipeline:
             height, width = target_size(img.height, img.width, area)
             ref = prepare_reference(img, height, width)
             audio_emb, official_clips = self.encode_audio(clip, infer_frames)
+            check_finite(audio_emb, "wav2vec2 audio encoder", limit=math.inf)  # its features have large outliers
             clips = official_clips if num_clip is None else min(num_clip, official_clips)
             keep = int(np.floor(clip.native_duration_s * FPS + 1e-9))   # frames that survive the mux
             drop = 0 if start_from_ref else 3
             while clips > 1 and (clips - 1) * infer_frames - drop >= keep:
                 clips -= 1                                              # fully cut by -shortest: skip the work
             context, context_null = self.encode_prompts(prompt, negative_prompt)
-            pose = None if pose_video is None else load_pose_video(pose_video, clips, infer_frames, height, width, FPS)
+            for c in (context, context_null):
+                check_finite(c, "UMT5 text encoder", limit=math.inf)
+            pose = None if pose_video is None else _load_pose(pose_video, clips, infer_frames, height, width, keep)
             sink = None if on_clip is None else _FrameSink(on_clip, max(keep, 1))
             with _progress(progress, clips, sample_steps) as cb:
                 video = self.sampler.sample(ref, context, context_null, audio_emb, clips, opts, pose_pixels=pose, progress=cb,
                                             on_clip=sink)
         frames = video_to_uint8(video)[:max(keep, 1)] if sink is None else None
         info = {"size": (height, width), "clips": clips, "official_clips": official_clips, "steps": sample_steps,
-                "backend": self.backend.name, "dtype": str(self.dit.dtype),
+                "backend": self.backend.name, "dtype": str(self.dit.dtype), "seed": seed,
                 "frames": frames.shape[0] if sink is None else sink.sent}
         return S2VResult(frames, FPS, clip, seed, info)
 
@@ -224,6 +287,7 @@ class S2VPipeline:
         nothing is left behind. ``path`` is checked before any work. Returns the result with ``frames`` None."""
         from runtime.media import Mp4Writer
 
+        check_mp4_name(path)
         clip = _load_audio(audio, kwargs.get("max_audio_s", 600.0))
         with Mp4Writer(path, fps=FPS, audio=clip, overwrite=overwrite) as writer:
             result = self.generate(image, clip, on_clip=writer.write, **kwargs)
@@ -251,6 +315,32 @@ class _FrameSink:
             self.fn(frames)
 
 
+def _load_pose(src, clips: int, infer_frames: int, height: int, width: int, audio_frames: int) -> torch.Tensor:
+    """Pose pixels from a path or the bytes of a video file (written to a private temp file for the decoder)."""
+    from runtime.preprocess import load_pose_video
+
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        if not len(src):
+            raise InputError("pose video bytes are empty; pass the contents of an mp4/mkv file")
+        with tempfile.NamedTemporaryFile(prefix="s2v-pose-", suffix=".video") as tmp:
+            tmp.write(src)
+            tmp.flush()
+            return load_pose_video(tmp.name, clips, infer_frames, height, width, FPS, needed=audio_frames)
+    if not isinstance(src, (str, os.PathLike)):
+        raise InputError(f"pose_video of type {type(src).__name__}; pass a path or the bytes of a video file")
+    return load_pose_video(src, clips, infer_frames, height, width, FPS, needed=audio_frames)
+
+
+def _accepts_stage(fn) -> bool:
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):  # some builtins have no signature: assume the current form
+        return True
+    if any(p.kind == p.VAR_POSITIONAL for p in params):
+        return True
+    return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params) >= 5
+
+
 class _progress:
     """tqdm bars per clip (default), nothing (False), or a user callback."""
 
@@ -259,12 +349,19 @@ class _progress:
 
     def __enter__(self):
         if callable(self.progress):
-            return self.progress
+            if _accepts_stage(self.progress):
+                return self.progress
+            user = self.progress  # the older (clip, clips, step, steps) form: denoising steps only
+            return lambda clip, clips, step, steps, stage: user(clip, clips, step, steps) if stage == "denoise" else None
         if self.progress is False:
             return None
         from tqdm.auto import tqdm
 
-        def cb(clip, clips, step, steps):
+        def cb(clip, clips, step, steps, stage):
+            if stage != "denoise":
+                if self.bar is not None:
+                    self.bar.set_postfix_str(f"{stage} done")
+                return
             if self.bar is None or step == 1:
                 if self.bar is not None:
                     self.bar.close()

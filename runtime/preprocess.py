@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 
 import numpy as np
 import torch
@@ -39,6 +40,9 @@ SIZE_AREAS: dict[str, int] = {
 }
 DIVISOR = 64
 MIN_AREA = DIVISOR * DIVISOR  # below this no H x W with both sides multiples of 64 exists
+# Largest accepted area: 1920*1080, 2.25x the largest official choice (1280*720). The DiT's attention grows with
+# the square of the area, so a typo like 10240*7040 would otherwise ask for days of work and terabytes.
+MAX_AREA = 1920 * 1080
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*[*xX]\s*(\d+)\s*$")
 # A decoded image above this many pixels is refused rather than risking host memory (PIL's own
 # decompression-bomb limit at open time is ~179 MP, so this only catches images built or opened without it).
@@ -50,7 +54,7 @@ def parse_size(size: str) -> int:
     """Area for a ``--size`` value.
 
     Accepts the official s2v strings (``SIZE_AREAS``) and, beyond the official, any well-formed ``H*W``
-    (or ``HxW``) of positive integers with ``H*W >= 64*64``; sides need not be multiples of anything since
+    (or ``HxW``) of positive integers with ``64*64 <= H*W <= 1920*1080``; sides need not be multiples of anything since
     only the product is used as a pixel budget.
     """
     if not isinstance(size, str):
@@ -66,6 +70,9 @@ def parse_size(size: str) -> int:
     h, w = int(match[1]), int(match[2])
     if h <= 0 or w <= 0 or h * w < MIN_AREA:
         raise InputError(f"--size {size!r} gives an area of {h * w} px, below the minimum {MIN_AREA} (64*64); use e.g. 480*832")
+    if h * w > MAX_AREA:
+        raise InputError(f"--size {size!r} gives an area of {h * w:,} px, above the maximum {MAX_AREA:,} (1920*1080; "
+                         "the model was trained up to 1280*720); use e.g. 1280*720")
     return h * w
 
 
@@ -224,12 +231,25 @@ def prepare_pose_frames(frames: np.ndarray, height: int, width: int) -> torch.Te
     return out
 
 
-def load_pose_video(path, clips: int, infer_frames: int, height: int, width: int, fps: int = 16) -> torch.Tensor:
+def load_pose_video(path, clips: int, infer_frames: int, height: int, width: int, fps: int = 16,
+                    needed: int | None = None) -> torch.Tensor:
     """The official pose input: the first ``clips · infer_frames`` frames (sampled at ~``fps``), resized and
-    center-cropped like ``prepare_pose_frames``, padded with −1 frames → [1, 3, clips · infer_frames, H, W]."""
+    center-cropped like ``prepare_pose_frames``, padded with −1 frames → [1, 3, clips · infer_frames, H, W].
+
+    Warns when the video is a single frame (a still image) or covers fewer than ``needed`` frames (the
+    frames the audio drives): the official pads those with "no pose" frames, which is rarely what was meant."""
     from runtime.media import read_pose_frames
 
     total = clips * infer_frames
-    pose = prepare_pose_frames(read_pose_frames(path, total, fps=fps), height, width)[None]
+    frames = read_pose_frames(path, total, fps=fps)
+    wanted = min(total, needed if needed is not None else total)
+    if len(frames) == 1 and wanted > 1:
+        warnings.warn(f"pose video {path} has a single frame (a still image?); the remaining {wanted - 1} frames "
+                      "get no pose guidance; pass a pose video as long as the audio", UserWarning, stacklevel=3)
+    elif len(frames) < wanted:
+        warnings.warn(f"pose video {path} covers {len(frames)} frames ({len(frames) / fps:.1f} s) but the audio "
+                      f"drives {wanted} ({wanted / fps:.1f} s); the rest get no pose guidance, as in the official "
+                      "code; pass a pose video as long as the audio", UserWarning, stacklevel=3)
+    pose = prepare_pose_frames(frames, height, width)[None]
     pad = total - pose.shape[2]
     return torch.cat([pose, -torch.ones(1, 3, pad, height, width, dtype=pose.dtype)], dim=2)

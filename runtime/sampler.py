@@ -8,28 +8,64 @@ dtype on the model device; the first clip has no motion tokens and is decoded af
 dropping 3 frames; later clips decode ``[motion latents ‖ new latents]`` and keep the last ``infer_frames``
 frames; the motion history is the last 73 generated pixel frames re-encoded by the VAE; CFG uses the
 negative prompt and zeroed audio with one guidance scale. Work that cannot change the output is skipped:
-the all(−1) pose video of a request without pose (it is multiplied by 0 upstream), and the initial
-all-zero motion encode when the first clip drops its motion tokens.
+the all(−1) pose video of a request without pose (it is multiplied by 0 upstream), the initial all-zero
+motion encode when the first clip drops its motion tokens, and the motion re-encode after the last clip.
+
+With ``offload=True`` the DiT is moved to the device before each clip's denoising and back to the CPU
+right after it (before the VAE decode), as the official ``offload_model`` does.
+
+Each stage's output is checked once per clip for NaN/Inf or absurd magnitudes (one host sync per check,
+never inside the denoising step), so damaged weights fail with the stage's name instead of a black video.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from runtime.errors import InputError
+from runtime.errors import InputError, NumericalError
 from runtime.models.dit import ClipConditions, WanS2VDiT, timestep_frequencies
 from runtime.models.vae import WanVAE
-from runtime.scheduler import make_scheduler
+from runtime.scheduler import SolverConfig, make_scheduler
 
-ProgressFn = Callable[[int, int, int, int], None]  # (clip, clips, step, steps) after each step
-ClipFn = Callable[[torch.Tensor], None]            # one decoded clip [3, n, H, W] float32 on the CPU
+# (clip, clips, step, steps, stage) after each piece of work: stage "denoise" after each of the ``steps``
+# denoising steps, then "vae_decode" and (except after the last clip) "vae_encode", each with step = steps = 1.
+ProgressFn = Callable[[int, int, int, int, str], None]
+ClipFn = Callable[[torch.Tensor], None]  # one decoded clip [3, n, H, W] float32 on the CPU
+STAGES = ("denoise", "vae_decode", "vae_encode")
+
+# Largest plausible magnitude of a latent or a decoded pixel. Real latents are ~N(0, 1) after the VAE's
+# per-channel normalisation and pixels lie in [−1, 1] (slightly beyond before clamping); a value 10⁴ times
+# larger only comes from damaged weights, config or engines, and would turn into a black or white video.
+MAX_MAGNITUDE = 1e4
+MAX_SEED = 2**63 - 1  # the official random.randint(0, sys.maxsize); torch generators take < 2**64
 
 
 def latent_frames(infer_frames: int, motion_frames: int = 73) -> int:
     """Noisy latent frames per clip: the official (infer + 3 + motion) // 4 − motion latents (80 → 20, 48 → 12)."""
     return (infer_frames + 3 + motion_frames) // 4 - (motion_frames + 3) // 4
+
+
+MAX_STEPS = 1000  # the schedule has 1000 training timesteps; more steps cannot add anything
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def check_finite(x: torch.Tensor, stage: str, limit: float = MAX_MAGNITUDE) -> None:
+    """Refuse NaN/Inf, or magnitudes above ``limit``, after ``stage`` (one reduction and one host sync)."""
+    peak = x.detach().abs().amax().item()  # NaN propagates through amax, so one number covers all cases
+    if not (math.isfinite(peak) and peak <= limit):
+        what = "NaN/Inf values" if not math.isfinite(peak) else f"values up to {peak:.3g}"
+        raise NumericalError(f"{stage} produced {what}; the weights, config.json or engine are damaged "
+                             "(re-download the checkpoint or rebuild the engines, or compare with --backend torch)")
 
 
 @dataclass(frozen=True)
@@ -46,10 +82,17 @@ class SampleOptions:
     batch_cfg: bool = True  # cond+uncond as one batch-2 DiT call (same math as two calls)
 
     def __post_init__(self):
-        if self.infer_frames <= 0 or self.infer_frames % 4:
+        if not _is_int(self.infer_frames) or self.infer_frames <= 0 or self.infer_frames % 4:
             raise InputError(f"infer_frames={self.infer_frames}: must be a positive multiple of 4 (e.g. 48 or 80)")
-        if self.sample_steps <= 0:
-            raise InputError(f"sample_steps={self.sample_steps}: must be a positive integer (official default 40)")
+        if not _is_int(self.sample_steps) or not 0 < self.sample_steps <= MAX_STEPS:
+            raise InputError(f"sample_steps={self.sample_steps}: must be an integer in [1, {MAX_STEPS}] (official default 40)")
+        if not _is_real(self.sample_shift) or not math.isfinite(self.sample_shift) or self.sample_shift <= 0:
+            raise InputError(f"sample_shift={self.sample_shift}: must be a positive finite number (official default 3.0)")
+        if not _is_real(self.guide_scale) or not math.isfinite(self.guide_scale):
+            raise InputError(f"guide_scale={self.guide_scale}: must be a finite number (official default 4.5; <= 1 turns CFG off)")
+        if not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED:
+            raise InputError(f"seed={self.seed}: must be an integer in [0, 2**63 - 1] (or -1 for a random one)")
+        SolverConfig(self.solver, self.sample_steps, self.sample_shift)  # names the solver choices
 
     @property
     def lat_motion_frames(self) -> int:
@@ -62,11 +105,18 @@ class SampleOptions:
 
 
 class S2VSampler:
-    def __init__(self, backend, vae: WanVAE, device: torch.device | str = "cpu"):
+    def __init__(self, backend, vae: WanVAE, device: torch.device | str = "cpu", offload: bool = False):
         self.backend = backend
         self.model: WanS2VDiT = backend.model
         self.vae = vae
         self.device = torch.device(device)
+        self.offload = offload
+
+    def move_dit(self, device: torch.device | str) -> None:
+        self.model.to(device)
+        if self.device.type == "cuda" and torch.device(device).type == "cpu":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()  # give the DiT's memory back to the VAE, as the official does
 
     @property
     def dtype(self) -> torch.dtype:
@@ -117,6 +167,7 @@ class S2VSampler:
 
         ref_pixels = ref_pixels.to(dev, torch.float32)
         ref_latents = self._encode(ref_pixels)
+        check_finite(ref_latents, "VAE encode of the reference image")
         # Pixel history of the last motion_frames frames (mid-grey zeros), optionally ending in the reference.
         history = torch.zeros(1, 3, opts.motion_frames, height, width, device=dev, dtype=dt)
         drop_first = opts.drop_first_motion and not opts.start_from_ref
@@ -124,9 +175,14 @@ class S2VSampler:
             history[:, :, -6:] = ref_pixels.to(dt)
         motion_latents = None if drop_first else self._encode(history)
 
+        def report(r: int, step: int, steps: int, stage: str) -> None:
+            if progress is not None:
+                progress(r, num_clip, step, steps, stage)
+
         use_cfg = opts.guide_scale > 1
         out = []
         for r in range(num_clip):
+            clip_name = f"clip {r + 1}/{num_clip}"
             gen = torch.Generator(device=dev).manual_seed(opts.seed + r)
             noise = torch.randn(16, lat_f, height // 8, width // 8, dtype=dt, device=dev, generator=gen)
             solver = make_scheduler(opts.solver, opts.sample_steps, opts.sample_shift, dev)
@@ -135,38 +191,51 @@ class S2VSampler:
             motion = None if first_without_motion else motion_latents
             pose = None if pose_pixels is None else self._pose_latents(pose_pixels[:, :, r * nf:(r + 1) * nf].to(dev))
             audio = audio_emb[..., r * nf:(r + 1) * nf]
-            cond = self.model.prepare(context, ref_latents, motion, pose, audio, lat_f, opts.motion_frames)
-            if use_cfg:
-                uncond = self.model.prepare(context_null, ref_latents, motion, pose, audio * 0, lat_f, opts.motion_frames)
-                both = ClipConditions.cat([cond, uncond]) if opts.batch_cfg else None
+            if self.offload:
+                self.move_dit(dev)
+            try:
+                cond = self.model.prepare(context, ref_latents, motion, pose, audio, lat_f, opts.motion_frames)
+                if use_cfg:
+                    uncond = self.model.prepare(context_null, ref_latents, motion, pose, audio * 0, lat_f, opts.motion_frames)
+                    both = ClipConditions.cat([cond, uncond]) if opts.batch_cfg else None
 
-            latents = noise[None]
-            t_freqs = timestep_frequencies(solver.timesteps.cpu(), self.model.cfg.freq_dim).to(dev)
-            for i in range(opts.sample_steps):
-                t_freq = t_freqs[i:i + 1]
-                if not use_cfg:
-                    v = self.backend.forward(latents, t_freq, cond)
-                elif opts.batch_cfg:
-                    vc, vu = self.backend.forward(latents.expand(2, -1, -1, -1, -1), t_freq.expand(2, -1), both).chunk(2)
-                    v = vu + opts.guide_scale * (vc - vu)
-                else:
-                    vc = self.backend.forward(latents, t_freq, cond)
-                    vu = self.backend.forward(latents, t_freq, uncond)
-                    v = vu + opts.guide_scale * (vc - vu)
-                latents = solver.step(v, latents)
-                if progress is not None:
-                    progress(r, num_clip, i + 1, opts.sample_steps)
+                latents = noise[None]
+                t_freqs = timestep_frequencies(solver.timesteps.cpu(), self.model.cfg.freq_dim).to(dev)
+                for i in range(opts.sample_steps):
+                    t_freq = t_freqs[i:i + 1]
+                    if not use_cfg:
+                        v = self.backend.forward(latents, t_freq, cond)
+                    elif opts.batch_cfg:
+                        vc, vu = self.backend.forward(latents.expand(2, -1, -1, -1, -1), t_freq.expand(2, -1), both).chunk(2)
+                        v = vu + opts.guide_scale * (vc - vu)
+                    else:
+                        vc = self.backend.forward(latents, t_freq, cond)
+                        vu = self.backend.forward(latents, t_freq, uncond)
+                        v = vu + opts.guide_scale * (vc - vu)
+                    latents = solver.step(v, latents)
+                    report(r, i + 1, opts.sample_steps, "denoise")
+            finally:
+                if self.offload:
+                    cond = uncond = both = None  # the conditions hold DiT outputs on the device
+                    self.move_dit("cpu")
+            check_finite(latents, f"DiT denoising of {clip_name}")
 
             head = ref_latents if first_without_motion else motion_latents
             # torch.cat promotes the bf16 latents to the fp32 VAE latents, as the official concatenation does
             image = self._decode(torch.cat([head.float(), latents.float()], dim=2))[:, :, -nf:]
+            check_finite(image, f"VAE decode of {clip_name}")
+            report(r, 1, 1, "vae_decode")
             if first_without_motion:
                 image = image[:, :, 3:]
-            keep = min(opts.motion_frames, image.shape[2])
-            history = torch.cat([history[:, :, keep:].float(), image[:, :, -keep:]], dim=2)  # promotes to fp32 as official
-            motion_latents = self._encode(history)
             if on_clip is None:
                 out.append(image[0].cpu())
             else:
-                on_clip(image[0].cpu())
+                on_clip(image[0].cpu())  # streamed: encoded while the next clip is generated
+            if r == num_clip - 1:
+                break  # the motion history would only feed a next clip
+            keep = min(opts.motion_frames, image.shape[2])
+            history = torch.cat([history[:, :, keep:].float(), image[:, :, -keep:]], dim=2)  # promotes to fp32 as official
+            motion_latents = self._encode(history)
+            check_finite(motion_latents, f"VAE encode of the motion frames after {clip_name}")
+            report(r, 1, 1, "vae_encode")
         return torch.cat(out, dim=1) if on_clip is None else None

@@ -48,19 +48,23 @@ def test_two_clips_and_trim_to_audio(pipe):
     assert np.array_equal(capped.frames, r.frames[:13])
 
 
-def test_start_from_ref_and_pose_video(pipe, tmp_path):
-    pose = tmp_path / "pose.mp4"
-    with av.open(str(pose), "w") as out:
+def write_pose_video(path, frames: int = 40, size: int = 64):
+    with av.open(str(path), "w") as out:
         s = out.add_stream("mpeg4", rate=16)
-        s.width = s.height = 64
+        s.width = s.height = size
         s.pix_fmt = "yuv420p"
-        for i in range(40):
-            fr = np.zeros((64, 64, 3), np.uint8)
-            fr[:, (i * 3) % 64:(i * 3) % 64 + 8] = 255
+        for i in range(frames):
+            fr = np.zeros((size, size, 3), np.uint8)
+            fr[:, (i * 3) % size:(i * 3) % size + 8] = 255
             for p in s.encode(av.VideoFrame.from_ndarray(fr, format="rgb24")):
                 out.mux(p)
         for p in s.encode():
             out.mux(p)
+    return path
+
+
+def test_start_from_ref_and_pose_video(pipe, tmp_path):
+    pose = write_pose_video(tmp_path / "pose.mp4")
     aud = speech(1.5)
     plain = pipe.generate(demo_image(), aud, seed=3, start_from_ref=True, **FAST)
     posed = pipe.generate(demo_image(), aud, seed=3, start_from_ref=True, pose_video=pose, **FAST)
@@ -114,6 +118,128 @@ def test_golden_e2e_matches_official():
             assert case.passed, case
 
 
+def test_progress_reports_vae_stages_and_four_argument_callbacks_still_work(pipe):
+    events, old = [], []
+    kw = dict(seed=1, sample_steps=2, infer_frames=16)
+    r = pipe.generate(demo_image(), speech(1.5), progress=lambda *a: events.append(a), **kw)
+    assert r.info["clips"] == 2
+    assert events == [(0, 2, 1, 2, "denoise"), (0, 2, 2, 2, "denoise"), (0, 2, 1, 1, "vae_decode"),
+                      (0, 2, 1, 1, "vae_encode"),  # the motion history for clip 2; none after the last clip
+                      (1, 2, 1, 2, "denoise"), (1, 2, 2, 2, "denoise"), (1, 2, 1, 1, "vae_decode")]
+    pipe.generate(demo_image(), speech(1.5), progress=lambda clip, clips, step, steps: old.append((clip, step)), **kw)
+    assert old == [(0, 1), (0, 2), (1, 1), (1, 2)]
+
+
+def test_motion_history_is_not_encoded_after_the_last_clip(pipe, monkeypatch):
+    calls = []
+    encode = pipe.vae.encode
+    monkeypatch.setattr(pipe.vae, "encode", lambda x: calls.append(x.shape[2]) or encode(x))
+    pipe.generate(demo_image(), speech(1.5), seed=1, **FAST)
+    assert calls == [1, 73]  # the reference, then the 73-frame history after clip 1 only (not after clip 2)
+
+
+def test_offload_model_moves_the_dit_off_the_device_between_clips(pipe, monkeypatch):
+    """As the official offload_model: DiT to the device before each clip's denoising, back to the CPU before the VAE."""
+    offloaded = S2VPipeline.from_pretrained("tiny", device="cpu", offload_model=True)
+
+    def record(p):
+        events = []
+        for obj, name in ((p.dit, "to"), (p.backend, "forward"), (p.sampler, "_decode")):
+            real = getattr(obj, name)
+            monkeypatch.setattr(obj, name, lambda *a, real=real, name=name, **k: events.append(name) or real(*a, **k))
+        return events
+
+    moved, resident = record(offloaded), record(pipe)
+    kw = dict(seed=1, sample_steps=2, infer_frames=16, progress=False)
+    a = offloaded.generate(demo_image(), speech(1.5), **kw)
+    b = pipe.generate(demo_image(), speech(1.5), **kw)
+    assert moved == ["to", "forward", "forward", "to", "_decode"] * 2
+    assert resident == ["forward", "forward", "_decode"] * 2  # without offloading the DiT never moves
+    assert np.array_equal(a.frames, b.frames)
+
+
+def test_offload_with_torch_graph_is_refused_before_loading(monkeypatch):
+    from runtime import tiny
+    from runtime.errors import ConfigError
+
+    monkeypatch.setattr(tiny, "tiny_dit", lambda *a, **k: pytest.fail("loaded before refusing"))
+    with pytest.raises(ConfigError, match="torch-graph"):
+        S2VPipeline.from_pretrained("tiny", device="cpu", backend="torch-graph", offload_model=True)
+
+
+def test_seed_minus_one_picks_reports_and_repeats(pipe, caplog):
+    with caplog.at_level("INFO", logger="runtime.pipeline"):
+        r = pipe.generate(demo_image(), speech(0.5), seed=-1, **FAST)
+    assert 0 <= r.seed < 2**31 and r.info["seed"] == r.seed
+    assert f"seed {r.seed}" in caplog.text
+    again = pipe.generate(demo_image(), speech(0.5), seed=r.seed, **FAST)
+    assert np.array_equal(r.frames, again.frames)
+
+
+def test_pose_video_as_bytes_and_short_or_still_pose_warns(pipe, tmp_path):
+    pose = write_pose_video(tmp_path / "pose.mp4", frames=40)
+    aud = speech(1.5)  # 24 video frames
+    a = pipe.generate(demo_image(), aud, seed=3, pose_video=pose, **FAST)
+    b = pipe.generate(demo_image(), aud, seed=3, pose_video=pose.read_bytes(), **FAST)
+    assert np.array_equal(a.frames, b.frames)
+    short = write_pose_video(tmp_path / "short.mp4", frames=8)
+    with pytest.warns(UserWarning, match="covers 8 frames .* but the audio drives 24"):
+        pipe.generate(demo_image(), aud, seed=3, pose_video=short, **FAST)
+    still = tmp_path / "still.png"
+    demo_image(64).save(still)
+    with pytest.warns(UserWarning, match="single frame"):
+        pipe.generate(demo_image(), aud, seed=3, pose_video=still, **FAST)
+    with pytest.raises(InputError, match="pose video bytes are empty"):
+        pipe.generate(demo_image(), aud, pose_video=b"", **FAST)
+
+
+def test_batch_cfg_off_makes_two_dit_calls_with_the_same_video(pipe, monkeypatch):
+    kw = dict(seed=5, sample_steps=2, infer_frames=16, progress=False)
+    batched = pipe.generate(demo_image(), speech(0.5), **kw)
+    batches = []
+    forward = pipe.backend.forward
+    monkeypatch.setattr(pipe.backend, "forward", lambda x, t, c: batches.append(x.shape[0]) or forward(x, t, c))
+    split = pipe.generate(demo_image(), speech(0.5), batch_cfg=False, **kw)
+    assert batches == [1, 1] * 2  # cond and uncond as separate calls, as the official
+    assert np.abs(batched.frames.astype(int) - split.frames).max() <= 1  # the same math, up to float rounding
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(guide_scale=float("inf")), "guide_scale=inf: must be a finite number"),
+    (dict(guide_scale=float("nan")), "guide_scale=nan"),
+    (dict(sample_shift=float("inf")), "sample_shift=inf: must be a positive finite number"),
+    (dict(sample_shift=float("nan")), "sample_shift=nan"),
+    (dict(sample_shift=0.0), "sample_shift=0.0"),
+    (dict(seed=10**20), "seed=100000000000000000000"),
+    (dict(seed=-5), "seed=-5"),
+    (dict(sample_steps=10**6), "sample_steps=1000000"),
+    (dict(sample_solver="euler"), "unknown sample solver"),
+    (dict(num_clip=1.5), "num_clip=1.5"),
+])
+def test_library_numbers_must_be_finite_and_in_range(pipe, monkeypatch, kwargs, match):
+    from runtime.errors import S2VError
+
+    monkeypatch.setattr(pipe, "encode_audio", lambda *a: pytest.fail("work started before the arguments were checked"))
+    with pytest.raises(S2VError, match=match):
+        pipe.generate(demo_image(), speech(0.5), **kwargs)
+
+
+def test_library_device_and_output_name_errors(pipe, tmp_path):
+    with pytest.raises(InputError, match="device 'foo' is not a device name"):
+        S2VPipeline.from_pretrained("tiny", device="foo")
+    r = pipe.generate(demo_image(), speech(0.5), seed=1, **FAST)
+    with pytest.raises(OutputError, match="ending in .mp4"):
+        r.save(tmp_path / "x.avi")
+    out = r.save(tmp_path / "x.mp4")
+    with pytest.raises(OutputError, match="pass overwrite=True"):  # the library names its argument, not the flag
+        r.save(out)
+    assert leftovers_of(tmp_path) == ["x.mp4"]
+
+
+def leftovers_of(folder):
+    return sorted(p.name for p in folder.iterdir())
+
+
 # ---------------------------------------------------------------------------------------------- CLI
 def test_cli_tiny_demo_writes_mp4_and_refuses_overwrite(tmp_path, capsys):
     out = tmp_path / "demo.mp4"
@@ -144,3 +270,26 @@ def test_cli_bad_flags_one_line_no_traceback(tmp_path, capsys, flags, msg):
     assert code == 2
     assert len(err) == 1 and msg in err[0] and "Traceback" not in err[0]
     assert not (tmp_path / "o.mp4").exists()
+
+
+def test_cli_passes_no_batch_cfg_and_names_the_flag_when_the_output_appears(tmp_path, capsys, monkeypatch):
+    """--no_batch_cfg reaches the library; a file created during the run is kept, and the message names --overwrite."""
+    out = tmp_path / "o.mp4"
+    seen = {}
+    generate = S2VPipeline.generate
+
+    def racing(self, *a, **k):
+        seen.update(k)
+        result = generate(self, *a, **k)
+        out.write_bytes(b"someone else's video")
+        return result
+
+    monkeypatch.setattr(S2VPipeline, "generate", racing)
+    code = cli(["--save_file", str(out), "--sample_steps", "1", "--infer_frames", "16", "--num_clip", "1", "--no_batch_cfg"])
+    err = capsys.readouterr().err
+    assert seen["batch_cfg"] is False
+    last = err.strip().splitlines()[-1]  # after the progress bars
+    assert code == 2 and err.count("error:") == 1 and "Traceback" not in err, err
+    assert "pass --overwrite" in last and "overwrite=True" not in last, last
+    assert out.read_bytes() == b"someone else's video"
+    assert leftovers_of(tmp_path) == ["o.mp4"]
