@@ -12,7 +12,6 @@ import logging
 import math
 import os
 import random
-import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -316,17 +315,9 @@ class _FrameSink:
 
 
 def _load_pose(src, clips: int, infer_frames: int, height: int, width: int, audio_frames: int) -> torch.Tensor:
-    """Pose pixels from a path or the bytes of a video file (written to a private temp file for the decoder)."""
     from runtime.preprocess import load_pose_video
 
-    if isinstance(src, (bytes, bytearray, memoryview)):
-        if not len(src):
-            raise InputError("pose video bytes are empty; pass the contents of an mp4/mkv file")
-        with tempfile.NamedTemporaryFile(prefix="s2v-pose-", suffix=".video") as tmp:
-            tmp.write(src)
-            tmp.flush()
-            return load_pose_video(tmp.name, clips, infer_frames, height, width, FPS, needed=audio_frames)
-    if not isinstance(src, (str, os.PathLike)):
+    if not isinstance(src, (str, os.PathLike, bytes, bytearray, memoryview)):
         raise InputError(f"pose_video of type {type(src).__name__}; pass a path or the bytes of a video file")
     return load_pose_video(src, clips, infer_frames, height, width, FPS, needed=audio_frames)
 

@@ -242,12 +242,13 @@ def load_pose_video(path, clips: int, infer_frames: int, height: int, width: int
 
     total = clips * infer_frames
     frames = read_pose_frames(path, total, fps=fps)
+    name = "pose video" + (" bytes" if isinstance(path, (bytes, bytearray, memoryview)) else f" {path}")
     wanted = min(total, needed if needed is not None else total)
     if len(frames) == 1 and wanted > 1:
-        warnings.warn(f"pose video {path} has a single frame (a still image?); the remaining {wanted - 1} frames "
+        warnings.warn(f"{name} has a single frame (a still image?); the remaining {wanted - 1} frames "
                       "get no pose guidance; pass a pose video as long as the audio", UserWarning, stacklevel=3)
     elif len(frames) < wanted:
-        warnings.warn(f"pose video {path} covers {len(frames)} frames ({len(frames) / fps:.1f} s) but the audio "
+        warnings.warn(f"{name} covers {len(frames)} frames ({len(frames) / fps:.1f} s) but the audio "
                       f"drives {wanted} ({wanted / fps:.1f} s); the rest get no pose guidance, as in the official "
                       "code; pass a pose video as long as the audio", UserWarning, stacklevel=3)
     pose = prepare_pose_frames(frames, height, width)[None]

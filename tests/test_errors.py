@@ -36,7 +36,8 @@ def leftovers(folder: Path) -> list[str]:
 
 
 def _interrupt(cmd: list[str], folder: Path, sig: int, after_s: float) -> tuple[int, str]:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # PYTHONPATH: the checkout under test, not whatever copy of the package is installed
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     proc = subprocess.Popen(cmd, cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     time.sleep(after_s)
     assert proc.poll() is None, "the run finished before it could be interrupted; make it longer"

@@ -16,6 +16,7 @@ from runtime.media import probe_mp4
 from tests.conftest import GOLDEN, write_inputs
 
 FAST = dict(sample_steps=3, infer_frames=16, progress=False)
+QUICK = dict(sample_steps=1, infer_frames=16, progress=False)  # where the number of steps does not matter
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +135,7 @@ def test_motion_history_is_not_encoded_after_the_last_clip(pipe, monkeypatch):
     calls = []
     encode = pipe.vae.encode
     monkeypatch.setattr(pipe.vae, "encode", lambda x: calls.append(x.shape[2]) or encode(x))
-    pipe.generate(demo_image(), speech(1.5), seed=1, **FAST)
+    pipe.generate(demo_image(), speech(1.5), seed=1, **QUICK)
     assert calls == [1, 73]  # the reference, then the 73-frame history after clip 1 only (not after clip 2)
 
 
@@ -150,11 +151,10 @@ def test_offload_model_moves_the_dit_off_the_device_between_clips(pipe, monkeypa
         return events
 
     moved, resident = record(offloaded), record(pipe)
-    kw = dict(seed=1, sample_steps=2, infer_frames=16, progress=False)
-    a = offloaded.generate(demo_image(), speech(1.5), **kw)
-    b = pipe.generate(demo_image(), speech(1.5), **kw)
-    assert moved == ["to", "forward", "forward", "to", "_decode"] * 2
-    assert resident == ["forward", "forward", "_decode"] * 2  # without offloading the DiT never moves
+    a = offloaded.generate(demo_image(), speech(1.5), seed=1, **QUICK)
+    b = pipe.generate(demo_image(), speech(1.5), seed=1, **QUICK)
+    assert moved == ["to", "forward", "to", "_decode"] * 2
+    assert resident == ["forward", "_decode"] * 2  # without offloading the DiT never moves
     assert np.array_equal(a.frames, b.frames)
 
 
@@ -169,28 +169,28 @@ def test_offload_with_torch_graph_is_refused_before_loading(monkeypatch):
 
 def test_seed_minus_one_picks_reports_and_repeats(pipe, caplog):
     with caplog.at_level("INFO", logger="runtime.pipeline"):
-        r = pipe.generate(demo_image(), speech(0.5), seed=-1, **FAST)
+        r = pipe.generate(demo_image(), speech(0.5), seed=-1, **QUICK)
     assert 0 <= r.seed < 2**31 and r.info["seed"] == r.seed
     assert f"seed {r.seed}" in caplog.text
-    again = pipe.generate(demo_image(), speech(0.5), seed=r.seed, **FAST)
+    again = pipe.generate(demo_image(), speech(0.5), seed=r.seed, **QUICK)
     assert np.array_equal(r.frames, again.frames)
 
 
 def test_pose_video_as_bytes_and_short_or_still_pose_warns(pipe, tmp_path):
     pose = write_pose_video(tmp_path / "pose.mp4", frames=40)
     aud = speech(1.5)  # 24 video frames
-    a = pipe.generate(demo_image(), aud, seed=3, pose_video=pose, **FAST)
-    b = pipe.generate(demo_image(), aud, seed=3, pose_video=pose.read_bytes(), **FAST)
+    a = pipe.generate(demo_image(), aud, seed=3, pose_video=pose, **QUICK)
+    b = pipe.generate(demo_image(), aud, seed=3, pose_video=pose.read_bytes(), **QUICK)
     assert np.array_equal(a.frames, b.frames)
     short = write_pose_video(tmp_path / "short.mp4", frames=8)
     with pytest.warns(UserWarning, match="covers 8 frames .* but the audio drives 24"):
-        pipe.generate(demo_image(), aud, seed=3, pose_video=short, **FAST)
+        pipe.generate(demo_image(), aud, seed=3, pose_video=short, **QUICK)
     still = tmp_path / "still.png"
     demo_image(64).save(still)
     with pytest.warns(UserWarning, match="single frame"):
-        pipe.generate(demo_image(), aud, seed=3, pose_video=still, **FAST)
+        pipe.generate(demo_image(), aud, seed=3, pose_video=still, **QUICK)
     with pytest.raises(InputError, match="pose video bytes are empty"):
-        pipe.generate(demo_image(), aud, pose_video=b"", **FAST)
+        pipe.generate(demo_image(), aud, pose_video=b"", **QUICK)
 
 
 def test_batch_cfg_off_makes_two_dit_calls_with_the_same_video(pipe, monkeypatch):
@@ -227,7 +227,7 @@ def test_library_numbers_must_be_finite_and_in_range(pipe, monkeypatch, kwargs, 
 def test_library_device_and_output_name_errors(pipe, tmp_path):
     with pytest.raises(InputError, match="device 'foo' is not a device name"):
         S2VPipeline.from_pretrained("tiny", device="foo")
-    r = pipe.generate(demo_image(), speech(0.5), seed=1, **FAST)
+    r = pipe.generate(demo_image(), speech(0.5), seed=1, **QUICK)
     with pytest.raises(OutputError, match="ending in .mp4"):
         r.save(tmp_path / "x.avi")
     out = r.save(tmp_path / "x.mp4")

@@ -4,8 +4,10 @@ Checked bit-identical to decord 0.6.0 on samples/pose.mp4 (yuv420p) and golden/e
 """
 from __future__ import annotations
 
+import io
 import logging
 from pathlib import Path
+from typing import Union
 
 import av
 import numpy as np
@@ -17,21 +19,27 @@ from .image import MAX_IMAGE_PIXELS
 log = logging.getLogger(__name__)
 
 
-def read_pose_frames(path: PathLike, num_frames: int, fps: int = VIDEO_FPS) -> np.ndarray:
-    """Frames of a pose video as uint8 ``[N, H, W, 3]``, N <= num_frames.
+def read_pose_frames(src: Union[PathLike, bytes], num_frames: int, fps: int = VIDEO_FPS) -> np.ndarray:
+    """Frames of a pose video (a path, or the bytes of a video file) as uint8 ``[N, H, W, 3]``, N <= num_frames.
 
     As official ``read_last_n_frames(..., reverse=True)``: interval = max(1, round(src_fps / fps))
     (Python round, half to even; src_fps is the stream's average frame rate), indices
     0, interval, 2*interval, ... below the frame count, at most ``num_frames``. The caller
     resizes, crops and pads (official pads with -1 frames).
     """
-    path = Path(path)
-    _check_readable_file(path, "pose video")
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        if not len(src):
+            raise InputError("pose video bytes are empty; pass the contents of an mp4/mkv file")
+        path, source = "pose video bytes", io.BytesIO(bytes(src))
+    else:
+        path = Path(src)
+        _check_readable_file(path, "pose video")
+        source = str(path)
     if num_frames <= 0:
         raise InputError(f"num_frames is {num_frames}; ask for at least one pose frame")
     frames: list[np.ndarray] = []
     try:
-        with av.open(str(path), mode="r") as container:
+        with av.open(source, mode="r") as container:
             if not container.streams.video:
                 raise InputError(f"{path} has no video stream; pass a pose video (mp4/mkv)")
             stream = container.streams.video[0]
@@ -62,7 +70,7 @@ def read_pose_frames(path: PathLike, num_frames: int, fps: int = VIDEO_FPS) -> n
     return np.stack(frames)
 
 
-def _check_frame_size(width: int, height: int, path: Path) -> None:
+def _check_frame_size(width: int, height: int, path: Union[Path, str]) -> None:
     if width * height > MAX_IMAGE_PIXELS:
         raise InputError(f"{path} has {width}x{height} px frames, more than {MAX_IMAGE_PIXELS:,} pixels; "
                          "downscale the pose video before use")
