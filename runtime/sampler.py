@@ -34,21 +34,18 @@ from runtime.scheduler import SolverConfig, make_scheduler
 # denoising steps, then "vae_decode" and (except after the last clip) "vae_encode", each with step = steps = 1.
 ProgressFn = Callable[[int, int, int, int, str], None]
 ClipFn = Callable[[torch.Tensor], None]  # one decoded clip [3, n, H, W] float32 on the CPU
-STAGES = ("denoise", "vae_decode", "vae_encode")
 
 # Largest plausible magnitude of a latent or a decoded pixel. Real latents are ~N(0, 1) after the VAE's
 # per-channel normalisation and pixels lie in [−1, 1] (slightly beyond before clamping); a value 10⁴ times
 # larger only comes from damaged weights, config or engines, and would turn into a black or white video.
 MAX_MAGNITUDE = 1e4
 MAX_SEED = 2**63 - 1  # the official random.randint(0, sys.maxsize); torch generators take < 2**64
+MAX_STEPS = 1000  # the schedule has 1000 training timesteps; more steps cannot add anything
 
 
 def latent_frames(infer_frames: int, motion_frames: int = 73) -> int:
     """Noisy latent frames per clip: the official (infer + 3 + motion) // 4 − motion latents (80 → 20, 48 → 12)."""
     return (infer_frames + 3 + motion_frames) // 4 - (motion_frames + 3) // 4
-
-
-MAX_STEPS = 1000  # the schedule has 1000 training timesteps; more steps cannot add anything
 
 
 def _is_int(v) -> bool:
