@@ -60,7 +60,7 @@ def test_each_clip_leaves_before_the_next_is_made_and_none_is_kept(pipe):
     audio_emb, _ = pipe.encode_audio(pipe_audio(), 16)
     ctx, ctx_null = pipe.encode_prompts("talk")
     out = pipe.sampler.sample(ref, ctx, ctx_null, audio_emb, 3, opts, on_clip=on_clip,
-                              progress=lambda r, n, i, s: events.append(("step", r, i)))
+                              progress=lambda r, n, i, s, stage: stage == "denoise" and events.append(("step", r, i)))
     assert out is None
     assert events == [("step", 0, 1), ("step", 0, 2), ("clip", 13),
                       ("step", 1, 1), ("step", 1, 2), ("previous clip alive", False), ("clip", 16),
