@@ -47,17 +47,12 @@ def _import_official(repo: Path):
     return s2v.WanModel_S2V
 
 
-def official_config(cfg) -> dict:
-    """Our DiTConfig → the official constructor's keyword arguments (as in the checkpoint's config.json)."""
-    from runtime.models.dit import official_config_dict
-
-    return official_config_dict(cfg)
-
-
 def build_official(repo: str | Path, cfg, state: dict[str, torch.Tensor]):
     """The official model over ``state`` (tensors shared, not copied), in eval mode."""
+    from runtime.models.dit import official_config_dict
+
     cls = _import_official(Path(repo))
-    kwargs = official_config(cfg)
+    kwargs = official_config_dict(cfg)
     with torch.device("meta"):
         model = cls(**kwargs)
     model.load_state_dict(state, strict=True, assign=True)

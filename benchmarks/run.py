@@ -300,13 +300,8 @@ def main(argv=None) -> int:
                 if attn == "fastest":
                     attn, times = fastest_attention(model, seq, device)
                     extra[v.spec] = {"chosen": attn, "seconds_per_call": times}
-                if v.precision != "fp8":
+                if v.precision != "fp8" or ":" in v.spec.split("@")[0]:  # fp8 + a named kernel: bf16 attention
                     model.set_attention(attn)
-                elif ":" in v.spec.split("@")[0]:  # FP8 linears with a named bf16 attention kernel
-                    model.attention_impl = "sdpa"
-                    model.precision = "native"
-                    model.set_attention(attn)
-                    model.precision = "fp8"
                 backend = make_backend(v.backend, model, engines_dir=args.engines_dir)
                 if hasattr(backend, "warmup"):
                     backend.warmup = args.graph_warmup

@@ -148,23 +148,12 @@ def validate(args) -> None:
     except InputError as err:
         raise InputError(f"--{err}") from None  # "device 'x': ..." becomes "--device 'x': ..."
     check_backend(args.backend, bool(args.offload_model))
+    from runtime.media.common import _check_readable_file
+
     for flag, path, what in (("--image", args.image, "image"), ("--audio", None if args.enable_tts else args.audio, "audio"),
                              ("--pose_video", args.pose_video, "pose video")):
         if path is not None:
-            check_readable(Path(path), flag, what)
-
-
-def check_readable(path: Path, flag: str, what: str) -> None:
-    from runtime.errors import InputError
-
-    if not path.exists():
-        raise InputError(f"{flag} {path}: {what} file does not exist; check the path")
-    if path.is_dir():
-        raise InputError(f"{flag} {path}: is a directory; pass the {what} file")
-    if not os.access(path, os.R_OK):
-        raise InputError(f"{flag} {path}: {what} file is not readable; fix its permissions")
-    if path.stat().st_size == 0:
-        raise InputError(f"{flag} {path}: {what} file is empty (0 bytes); pass a complete file")
+            _check_readable_file(Path(path), what, flag)
 
 
 def check_output(save: Path, overwrite: bool) -> None:

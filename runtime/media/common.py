@@ -12,12 +12,15 @@ PathLike = Union[str, os.PathLike]
 VIDEO_FPS = 16
 
 
-def _check_readable_file(path: Path, what: str) -> None:
+def _check_readable_file(path: Path, what: str, flag: str | None = None) -> None:
+    """One line naming the problem: missing, a directory, unreadable or empty. ``flag`` (a CLI option) leads the
+    message when the path came from the command line."""
+    subject = f"{flag} {path}: {what} file" if flag else f"{what} file {path}"
     if not path.exists():
-        raise InputError(f"{what} file {path} does not exist; check the path")
+        raise InputError(f"{subject} does not exist; check the path")
     if path.is_dir():
-        raise InputError(f"{what} path {path} is a directory; pass a file")
+        raise InputError(f"{f'{flag} {path}:' if flag else f'{what} path {path}'} is a directory; pass the {what} file")
     if not os.access(path, os.R_OK):
-        raise InputError(f"{what} file {path} is not readable; fix its permissions")
+        raise InputError(f"{subject} is not readable; fix its permissions")
     if path.stat().st_size == 0:
-        raise InputError(f"{what} file {path} is empty (0 bytes); pass a complete file")
+        raise InputError(f"{subject} is empty (0 bytes); pass a complete file")

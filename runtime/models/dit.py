@@ -421,8 +421,9 @@ class WanS2VDiT(nn.Module):
     def set_attention(self, impl: str) -> str:
         """Choose the self-attention kernel: ``auto`` (the fastest available on this device), ``sdpa``,
         ``cudnn``, ``fa4``; returns the kernel chosen. A named kernel that cannot run here raises
-        ``BackendUnavailable`` with the reason."""
-        if self.precision == "fp8":
+        ``BackendUnavailable`` with the reason. On an FP8 model ``auto`` keeps FP8 attention and a named kernel
+        runs bf16 attention beside the FP8 linears."""
+        if self.precision == "fp8" and impl == "auto":
             return self.attention_impl
         self.attention_impl = resolve_attention(impl, self.patch_embedding.weight.device, self.patch_embedding.weight.dtype)
         return self.attention_impl
