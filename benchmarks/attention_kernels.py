@@ -1,7 +1,7 @@
 """``python -m benchmarks.attention_kernels``: self-attention kernels and GEMMs at the S2V shapes, one run.
 
 Per token count (63,360 = later clip, 59,136 = first clip at 704×1024×80; 40 heads × 128): torch SDPA,
-cuDNN called directly, FlashAttention-4, and cuDNN FP8 (kernel alone, and with the per-tensor quantisation
+cuDNN called directly, FlashAttention-4 (its default tile and each SM90 tile of ``fa4.SWEEP_TILES``), and cuDNN FP8 (kernel alone, and with the per-tensor quantisation
 of q/k/v that the model does) — seconds per call, TFLOP/s (4·S²·5120 per call), and rel-L2 against a float32
 reference on a slice of queries. GEMMs at the FFN up-projection shape: bf16, FP8 row-wise (``_scaled_mm``).
 """
@@ -33,7 +33,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     dev = torch.device("cuda")
     torch.set_grad_enabled(False)
-    from runtime.kernels import cudnn_sdpa
+    from runtime.kernels import cudnn_sdpa, fa4
     from runtime.kernels.fp8 import quantize_rows, quantize_tensor, weight_scales
     from runtime.models.attention import _kernel, unavailable_reason
 
@@ -48,6 +48,7 @@ def main(argv=None) -> int:
         v8, dv = quantize_tensor(v)
         cases = {"sdpa": lambda: _kernel(q, k, v, "sdpa"), "cudnn": lambda: _kernel(q, k, v, "cudnn"),
                  "fa4": lambda: _kernel(q, k, v, "fa4"),
+                 **{f"fa4 {m}x{n}": (lambda t=(m, n): fa4.run(q, k, v, t)) for m, n in fa4.SWEEP_TILES},
                  "fp8 (kernel)": lambda: (cudnn_sdpa.sdpa_fp8(q8, k8, v8, dq, dk, dv).float() * dv),
                  "fp8 (with q/k/v quantisation)": lambda: _kernel(q, k, v, "fp8")}
         for name, fn in cases.items():

@@ -71,8 +71,11 @@ class FP8Linear(nn.Module):
 
     act_dtype = torch.bfloat16  # what the layer takes and returns (see runtime.models.dit._in)
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, fast_accum: bool = False):
         super().__init__()
+        # fast_accum: Hopper's FP8 tensor cores accumulate in reduced precision unless the GEMM promotes the
+        # partial sums to FP32 periodically; the fast mode skips that (faster, less accurate).
+        self.fast_accum = fast_accum
         w8, scale = weight_scales(linear.weight.detach())
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.register_buffer("weight", w8)
@@ -83,22 +86,26 @@ class FP8Linear(nn.Module):
         lead = x.shape[:-1]
         x8, sx = quantize_rows(x.reshape(-1, self.in_features))
         y = torch._scaled_mm(x8, self.weight.t(), scale_a=sx, scale_b=self.weight_scale, bias=self.bias,
-                             out_dtype=self.act_dtype)
+                             out_dtype=self.act_dtype, use_fast_accum=self.fast_accum)
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8_e4m3"
 
 
-def quantize_blocks(model: nn.Module) -> int:
-    """Replace the block linears named in ``QUANTISED`` by ``FP8Linear`` (in place); returns how many."""
+def quantize_blocks(model: nn.Module, names: tuple[str, ...] = QUANTISED, fast_accum: bool = False) -> int:
+    """Replace the block linears named in ``names`` (default ``QUANTISED``) by ``FP8Linear`` (in place); returns
+    how many."""
+    unknown = set(names) - set(QUANTISED)
+    if unknown:
+        raise ValueError(f"not quantisable: {sorted(unknown)}; choose from {QUANTISED}")
     n = 0
     for block in model.blocks:
-        for name in QUANTISED:
+        for name in names:
             parent_name, _, leaf = name.rpartition(".")
             parent = block.get_submodule(parent_name)
             layer = getattr(parent, leaf, None)
             if isinstance(layer, nn.Linear):
-                setattr(parent, leaf, FP8Linear(layer))
+                setattr(parent, leaf, FP8Linear(layer, fast_accum))
                 n += 1
     return n

@@ -1,0 +1,93 @@
+"""``python -m benchmarks.profile_forward``: where one DiT forward's GPU time goes, by kernel family.
+
+Random 14B weights at a scenario's shapes, compiled blocks (``torch-compile``: the kernels ``torch-graph`` replays,
+without the graph so that the profiler sees each launch), one profiled forward after warm-up. Kernels are grouped
+into attention / GEMM / fused elementwise (Triton) / other by name; the table gives milliseconds per forward, the
+share, and the ten most expensive kernels of each family.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import device_description, device_slug, markdown_table, write_results
+
+FAMILIES = (  # first match wins; names as CUPTI reports them
+    ("attention", re.compile(r"fmha|flash|attention|sdpa|cudnn_generated|fprop_sm90|kernel_cutlass_kernel_flash", re.I)),
+    ("gemm", re.compile(r"gemm|nvjet|sm90_xmma|cutlass|_scaled_mm|matmul", re.I)),
+    ("fused elementwise (triton)", re.compile(r"^triton_|triton", re.I)),
+    ("copy / cast / other elementwise", re.compile(r"elementwise|copy|cast|fill|reduce|cat|index", re.I)),
+)
+
+
+def family(name: str) -> str:
+    for fam, pat in FAMILIES:
+        if pat.search(name):
+            return fam
+    return "other"
+
+
+def main(argv=None) -> int:
+    from benchmarks.run import SCENARIOS, Variant, build, clip_conditions
+    from runtime.backends import make_backend
+    from runtime.models.dit import timestep_frequencies
+
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.profile_forward", description=__doc__.splitlines()[0])
+    ap.add_argument("--scenario", default="later-704x1024-80f", choices=sorted(SCENARIOS))
+    ap.add_argument("--variant", default="torch-compile", help="backend[:attention][@precision], as in benchmarks.run")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    scn = SCENARIOS[args.scenario]
+    dev = torch.device("cuda")
+    torch.set_grad_enabled(False)
+    v = Variant(args.variant)
+    model = build(scn, dev)
+    if v.precision == "fp8":
+        model.set_precision("fp8")
+    if v.precision != "fp8" or ":" in v.spec.split("@")[0]:
+        model.set_attention(v.attention)
+    x, cond, _, _ = clip_conditions(model, scn, dev, torch.bfloat16)
+    t_freq = timestep_frequencies([500.0], model.cfg.freq_dim).to(dev)
+    backend = make_backend(v.backend, model)
+    for _ in range(2):
+        backend.forward(x, t_freq, cond)
+    torch.cuda.synchronize(dev)
+    acts = torch.profiler.ProfilerActivity
+    with torch.profiler.profile(activities=[acts.CUDA]) as prof:
+        backend.forward(x, t_freq, cond)
+        torch.cuda.synchronize(dev)
+    kernels: dict[str, list[float]] = defaultdict(list)
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA and e.device_time > 0:
+            kernels[e.name].append(e.device_time / 1e3)  # ms
+    total = sum(sum(t) for t in kernels.values())
+    fam_ms: dict[str, float] = defaultdict(float)
+    fam_top: dict[str, list] = defaultdict(list)
+    for name, ts in kernels.items():
+        f = family(name)
+        fam_ms[f] += sum(ts)
+        fam_top[f].append((sum(ts), len(ts), name))
+    rows = [{"family": f, "ms_per_forward": ms, "share": ms / total,
+             "top": [{"ms": t, "calls": n, "kernel": k[:160]} for t, n, k in sorted(fam_top[f], reverse=True)[:10]]}
+            for f, ms in sorted(fam_ms.items(), key=lambda kv: -kv[1])]
+    table = markdown_table([{k: r[k] for k in ("family", "ms_per_forward", "share")} for r in rows],
+                           ["family", "ms_per_forward", "share"])
+    for r in rows:
+        table += f"\n\n**{r['family']}** (top kernels)\n\n" + markdown_table(r["top"], ["ms", "calls", "kernel"])
+    meta = {"device": device_description(dev), "scenario": scn.name, "variant": v.spec, "tokens": cond.num_tokens,
+            "kernel_ms_total": total,
+            "command": "python -m benchmarks.profile_forward " + " ".join(sys.argv[1:] if argv is None else argv),
+            "notes": "torch.profiler (CUPTI) kernel times of one forward after 2 warm-ups; random 14B weights"}
+    out = args.out or Path(__file__).resolve().parent / "results" / device_slug(dev)
+    write_results(out / f"profile_{scn.name}_{v.spec.replace(':', '-').replace('@', '-')}.json", rows, meta, table)
+    print(table, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
