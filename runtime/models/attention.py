@@ -19,10 +19,10 @@ import torch.nn.functional as F
 
 IMPLEMENTATIONS = ("sdpa", "cudnn", "fa4", "fp8", "onnx")
 # "auto": the first kernel of this list that can run, per compute capability major; elsewhere SDPA. On the H200
-# (benchmarks/results/nvidia-h200/attention_kernels.md) cuDNN called directly ran at 625 TFLOP/s against 621-628
-# for PyTorch's SDPA (which already dispatches to cuDNN): no gain, so SDPA stays the default until a kernel
-# measures faster (FlashAttention-4's SM90 path could not be loaded there yet).
-PREFERENCE: dict[int, tuple[str, ...]] = {}
+# (benchmarks/results/nvidia-h200/attention_kernels.md, 40 heads × 128, 59k-63k tokens): FlashAttention-4's SM90
+# forward 674-685 TFLOP/s, cuDNN called directly 623-625, PyTorch's SDPA (which dispatches to the same cuDNN
+# kernel) 617-625. Other majors keep SDPA until a kernel is measured faster there.
+PREFERENCE: dict[int, tuple[str, ...]] = {9: ("fa4",)}
 
 
 def unavailable_reason(impl: str, device: torch.device) -> str | None:
