@@ -41,8 +41,8 @@ def test_forward_matches_official(first, dtype, device):
     x, ctx, ref = r(1, 16, f, h, w), r(1, 7, cfg.text_dim), r(1, 16, 1, h, w)
     motion, audio = (None if first else r(1, 16, 19, h, w)), r(1, cfg.audio_layers, cfg.audio_dim, 4 * f)
     seen = {}
-    official.blocks[0].register_forward_pre_hook(lambda m, a, kw: seen.__setitem__("official", a[0].float()), with_kwargs=True)
-    ours.blocks[0].register_forward_pre_hook(lambda m, a: seen.__setitem__("ours", a[0].float()))
+    official.blocks[0].register_forward_pre_hook(lambda m, a, kw: seen.__setitem__("official", a[0].float().clone()), with_kwargs=True)
+    ours.blocks[0].register_forward_pre_hook(lambda m, a: seen.__setitem__("ours", a[0].float().clone()))
     with torch.no_grad():
         want = official_forward(official, x, 500.0, ctx, ref, motion, audio, first)
         cond = ours.prepare(ctx, ref, motion, None, audio, f)

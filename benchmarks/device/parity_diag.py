@@ -33,9 +33,9 @@ for cfg_name in ("tiny", "mid"):
             for name, mod in model.named_modules():
                 if name and name in names and not name.startswith("blocks."):
                     hooks.append(mod.register_forward_hook(
-                        lambda m, a, o, n=name, d=outs[who]: d.setdefault(n, o if isinstance(o, torch.Tensor) else None)))
+                        lambda m, a, o, n=name, d=outs[who]: (d.setdefault(n, o if isinstance(o, torch.Tensor) else None), None)[1]))
             hooks.append(model.blocks[0].register_forward_pre_hook(
-                lambda m, a, kw=None, d=outs[who]: d.setdefault("block0_in", a[0].float()), **({"with_kwargs": True} if who == "official" else {})))
+                lambda m, a, kw=None, d=outs[who]: (d.setdefault("block0_in", a[0].float()), None)[1], **({"with_kwargs": True} if who == "official" else {})))
         want = official_forward(official, x, 500.0, ctx, ref, motion, audio, first)
         cond = ours.prepare(ctx, ref, motion, None, audio, f)
         got = ours.step(x, timestep_frequencies([500.0], cfg.freq_dim).to(dev), *cond.as_tuple())
