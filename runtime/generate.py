@@ -85,10 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="torch",
                    help="DiT backend: torch, torch-compile, torch-graph (CUDA), onnxruntime, tensorrt")
     p.add_argument("--attention", default="auto", choices=["auto", "sdpa", "cudnn", "fa4"],
-                   help="self-attention kernel (auto: the fastest measured on this GPU, else PyTorch SDPA)")
+                   help="self-attention kernel (auto: FlashAttention-4 on Hopper when flash-attn-4 is installed, the fastest "
+                        "measured there; else PyTorch SDPA)")
     p.add_argument("--precision", default=None, choices=["bf16", "fp16", "fp8"],
-                   help="DiT precision (default bf16 on CUDA, fp32 on the CPU); fp8: FP8 block linears and attention "
-                        "on Hopper or newer (experimental: check it with python -m runtime.quality)")
+                   help="DiT precision (default bf16 on CUDA, fp32 on the CPU); fp8 (Hopper or newer): FP8 self-attention "
+                        "qkv/o and FFN linears plus FP8 attention; with a named --attention (fa4, sdpa, cudnn) the "
+                        "attention stays bf16, which is more accurate. Check either on your inputs with python -m "
+                        "runtime.quality")
     p.add_argument("--engines_dir", default="engines", help="where export.build wrote ONNX graphs and engines")
     p.add_argument("--no_batch_cfg", action="store_true", default=False,
                    help="run cond and uncond as two DiT calls per step, as the official (default: one batch-2 call; same math)")

@@ -38,11 +38,12 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
     return float(s.mean())
 
 
-def _run(args, precision: str):
+def _run(args, precision: str, attention: str = "auto"):
     """One generation; returns (frames uint8, per-clip latents, frames per clip)."""
     from runtime.pipeline import S2VPipeline
 
-    pipe = S2VPipeline.from_pretrained(args.ckpt_dir, device=args.device, backend=args.backend, precision=precision)
+    pipe = S2VPipeline.from_pretrained(args.ckpt_dir, device=args.device, backend=args.backend, precision=precision,
+                                       attention=attention)
     latents: list[torch.Tensor] = []
     decode = pipe.sampler._decode
 
@@ -74,6 +75,9 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt", default="a person talking to the camera")
     ap.add_argument("--precision", default="fp8", choices=["fp8", "fp16", "bf16"], help="the precision to check")
     ap.add_argument("--reference", default="bf16", choices=["bf16", "fp16"], help="what it is compared with")
+    ap.add_argument("--attention", default="auto", choices=["auto", "sdpa", "cudnn", "fa4"],
+                    help="the tested run's attention kernel (with fp8: auto = FP8 attention, a named kernel = bf16 "
+                         "attention beside the FP8 linears); the reference uses auto")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--infer_frames", type=int, default=80)
     ap.add_argument("--sample_steps", type=int, default=40)
@@ -97,7 +101,7 @@ def main(argv=None) -> int:
         elif args.image is None or args.audio is None:
             raise S2VError("--image and --audio are required with a real checkpoint")
         ref_frames, ref_lat, info = _run(args, args.reference)
-        test_frames, test_lat, _ = _run(args, args.precision)
+        test_frames, test_lat, _ = _run(args, args.precision, args.attention)
     except S2VError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -110,12 +114,14 @@ def main(argv=None) -> int:
         rows.append({"clip": i, "frames": n, "psnr_db": psnr(a, b), "ssim": ssim(a, b),
                      "latent_rel_l2": float((lt - lr).norm() / lr.norm())})
         start += n
-    out = {"reference": args.reference, "precision": args.precision, "seed": args.seed, "size": info["size"],
+    out = {"reference": args.reference, "precision": args.precision, "attention": args.attention, "seed": args.seed,
+           "size": info["size"],
            "clips": rows}
     if args.json:
         print(json.dumps(out))
     else:
-        print(f"{args.precision} vs {args.reference}, seed {args.seed}, {info['size'][0]}x{info['size'][1]}")
+        print(f"{args.precision} (attention {args.attention}) vs {args.reference}, seed {args.seed}, "
+              f"{info['size'][0]}x{info['size'][1]}")
         print("clip  frames  PSNR dB   SSIM    latent rel-L2")
         for r in rows:
             print(f"{r['clip']:4d}  {r['frames']:6d}  {r['psnr_db']:7.2f}  {r['ssim']:.4f}  {r['latent_rel_l2']:.4f}")

@@ -79,6 +79,37 @@ def test_attention_choice_on_cpu():
     assert cudnn_sdpa.available(dev) and fa4.available(dev)  # reasons, not None
 
 
+def test_auto_prefers_fa4_on_sm90_and_falls_back(monkeypatch):
+    """``auto`` on a (faked) Hopper picks FlashAttention-4 when it loads, PyTorch's SDPA when it does not, and SDPA
+    on majors without a measured preference; bf16/fp16 only."""
+    from runtime.models import attention as att
+
+    cap = {"major": 9}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (cap["major"], 0))
+    dev = torch.device("cuda")
+    monkeypatch.setattr(fa4, "available", lambda device=None: None)
+    assert resolve_attention("auto", dev, torch.bfloat16) == "fa4"
+    assert resolve_attention("auto", dev, torch.float32) == "sdpa"
+    cap["major"] = 8
+    assert resolve_attention("auto", dev, torch.bfloat16) == "sdpa"
+    cap["major"] = 9
+    monkeypatch.setattr(fa4, "available", lambda device=None: "flash-attn-4 unavailable (ModuleNotFoundError)")
+    assert resolve_attention("auto", dev, torch.bfloat16) == "sdpa"
+    assert att.PREFERENCE[9][0] == "fa4"
+
+
+def test_fa4_tile_override(monkeypatch):
+    monkeypatch.delenv("WAN_S2V_FA4_TILE", raising=False)
+    assert fa4.current_tile() == fa4.SM90_TILE
+    monkeypatch.setenv("WAN_S2V_FA4_TILE", "128x176")
+    assert fa4.current_tile() == (128, 176)
+    monkeypatch.setenv("WAN_S2V_FA4_TILE", "0")
+    assert fa4.current_tile() is None
+    monkeypatch.setenv("WAN_S2V_FA4_TILE", "wide")
+    with pytest.raises(ValueError, match="MxN"):
+        fa4.current_tile()
+
+
 def test_sdpa_path_equals_float64_reference():
     q, k, v = (torch.randn(2, 10, 4 * 8, dtype=torch.float64) for _ in range(3))
     out = attention(q, k, v, 4)

@@ -36,9 +36,9 @@ def test_fp8_refused_on_cpu_before_loading(capsys, monkeypatch):
 
 def test_tiny_fp16_against_bf16(capsys):
     assert main(["--precision", "fp16", "--reference", "bf16", "--device", "cpu", "--sample_steps", "2",
-                 "--infer_frames", "16", "--json"]) == 0
+                 "--infer_frames", "16", "--attention", "sdpa", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["precision"] == "fp16" and out["clips"]
+    assert out["precision"] == "fp16" and out["attention"] == "sdpa" and out["clips"]
     for row in out["clips"]:
         assert 10 < row["psnr_db"] < float("inf") or row["psnr_db"] == float("inf")
         assert 0 < row["ssim"] <= 1
