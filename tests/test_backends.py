@@ -197,3 +197,19 @@ def test_static_inputs_copy_conditions_once_per_clip():
     x2, t2, cond2 = step_inputs(model, seed=7)  # a new clip: its conditions are copied in
     static.load(x2, t2, cond2)
     torch.testing.assert_close(static.cond.context, cond2.context)
+
+
+def test_sequence_parallel_blocks_stay_eager_unless_asked(monkeypatch):
+    """Ulysses ranks run eager blocks (compiled ones disagreed on the H200s); WAN_S2V_SP_COMPILE=1 re-enables them
+    for a re-check on GPUs."""
+    from runtime.backends.torch_backend import compile_blocks
+    from runtime.parallel import SeqShard
+
+    model = tiny_dit()
+    model.sp = SeqShard(0, 2)
+    monkeypatch.delenv("WAN_S2V_SP_COMPILE", raising=False)
+    compile_blocks(model)
+    assert not model.compiled and not hasattr(model.blocks[0].forward, "_torchdynamo_orig_callable")
+    monkeypatch.setenv("WAN_S2V_SP_COMPILE", "1")
+    compile_blocks(model)
+    assert model.compiled and hasattr(model.blocks[0].forward, "_torchdynamo_orig_callable")
