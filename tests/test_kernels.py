@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from runtime.errors import BackendUnavailable, ConfigError
-from runtime.kernels import cudnn_sdpa, fa4, fp8
+from runtime.kernels import cudnn_sdpa, fa3, fa4, fp8
 from runtime.models.attention import attention, resolve_attention
 
 
@@ -28,6 +28,34 @@ def test_row_and_tensor_quantisation_roundtrip():
     t8, d = fp8.quantize_tensor(x)
     assert d.shape == (1,) and float(d) == pytest.approx(float(x.abs().max()) / 448)
     assert float((t8.float() * d - x).norm() / x.norm()) < 0.05
+
+
+def test_head_quantisation_against_float64():
+    """Per-(batch, head) scales for FlashAttention-3's FP8 forward: descale [B, H] = amax over (S, D) / 448."""
+    x = torch.randn(2, 40, 6, 16, dtype=torch.float64) * torch.logspace(-2, 2, 6, dtype=torch.float64)[:, None]
+    x8, d = fp8.quantize_heads(x)
+    assert x8.dtype == torch.float8_e4m3fn and x8.shape == x.shape and d.shape == (2, 6) and d.dtype == torch.float32
+    torch.testing.assert_close(d.double(), x.abs().amax(dim=(1, 3)) / 448, rtol=1e-6, atol=0)
+    assert x8.float().abs().amax(dim=(1, 3)).eq(448).all()  # each head's max maps to 448
+    back = x8.double() * d.double()[:, None, :, None]
+    for b in range(2):
+        for h in range(6):  # each head keeps its own relative precision despite a 10^4 spread of magnitudes
+            ref = x[b, :, h]
+            assert float((back[b, :, h] - ref).norm() / ref.norm()) < 0.05
+
+
+def test_fa3_refused_on_cpu_and_fake_shapes():
+    assert "CUDA" in fa3.available(torch.device("cpu"))  # a reason, not None
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        q = torch.empty(1, 64, 40, 3 * 128, dtype=torch.bfloat16)[..., :128]  # a fused-QKV view
+        out = torch.ops.wan_s2v.fa3_attention(q, q, q)
+        assert out.shape == (1, 64, 40, 128) and out.dtype == torch.bfloat16
+        q8 = torch.empty(2, 64, 40, 128, dtype=torch.float8_e4m3fn)
+        d = torch.empty(2, 40, dtype=torch.float32)
+        out8 = torch.ops.wan_s2v.fa3_attention_fp8(q8, q8, q8, d, d, d)
+        assert out8.shape == (2, 64, 40, 128) and out8.dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("fast_accum", [True, False])

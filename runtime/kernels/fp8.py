@@ -73,6 +73,14 @@ def quantize_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (xf / descale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), descale
 
 
+def quantize_heads(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-(batch, head) dynamic quantisation of [B, S, H, D] → (x8 [B, S, H, D], descale [B, H] fp32),
+    x[b, :, h] ≈ x8[b, :, h] · descale[b, h]: the descale layout FlashAttention-3's FP8 forward takes."""
+    xf = x.float()
+    descale = xf.abs().amax(dim=(1, 3)).clamp(min=1e-12) / E4M3_MAX
+    return (xf / descale[:, None, :, None]).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), descale
+
+
 class FP8Linear(nn.Module):
     """y = x wᵀ + b with e4m3 weights (per-channel scales) and per-token dynamic activation scales."""
 
