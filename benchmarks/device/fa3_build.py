@@ -63,6 +63,20 @@ def cuda_dirs(nvcc: Path) -> tuple[list[Path], list[Path]]:
     return incs, libs
 
 
+def cudart_flags(cuda_lib: list[Path]) -> list[str]:
+    """Link the CUDA runtime dynamically (the one torch loads): the toolkit's, else the pip wheel's."""
+    import torch
+
+    site = Path(torch.__file__).resolve().parent.parent / "nvidia"
+    for d in [*cuda_lib, site / "cu13" / "lib", site / "cuda_runtime" / "lib"]:
+        if (d / "libcudart.so").exists():
+            return [f"-L{d}", "-lcudart"]
+        versioned = sorted(d.glob("libcudart.so.*")) if d.is_dir() else []
+        if versioned:
+            return [f"-L{d}", f"-l:{versioned[0].name}"]
+    raise SystemExit(f"fa3_build: libcudart not found in {cuda_lib} or {site}")
+
+
 def sources(src: Path, split: bool) -> tuple[list[Path], Path]:
     h = src / "hopper"
     if split:
@@ -99,18 +113,20 @@ def build(src: Path, out: Path, jobs: int, split: bool) -> Path:
     objdir.mkdir(parents=True, exist_ok=True)
     abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
     inc_common = [f"-I{src / 'hopper'}", f"-I{src / 'csrc' / 'cutlass' / 'include'}"]
+    # CUDA 13 keeps CCCL (cuda/std, cub, thrust) under include/cccl; FA's setup.py adds it to the include path
+    cccl = [f"-I{d}" for d in cuda_inc if d.name == "cccl"]
     cu, api = sources(src, split)
     jobs_list = []
     for f in cu:
         obj = objdir / (f.stem + ".o")
-        cmd = [str(nvcc), "-c", str(f), "-o", str(obj), *inc_common, *NVCC_FLAGS, *feature_defines(), abi]
+        cmd = [str(nvcc), "-c", str(f), "-o", str(obj), *inc_common, *cccl, *NVCC_FLAGS, *feature_defines(), abi]
         jobs_list.append((f.name, obj, cmd))
     cxx = os.environ.get("CXX", "g++")
     py_inc = sysconfig.get_paths()["include"]
     api_obj = objdir / "flash_api_stable.o"
     api_cmd = [cxx, "-c", str(api), "-o", str(api_obj), "-O3", os.environ.get("FA3_CXX_STD", "-std=c++17"), "-fPIC",
                "-DPy_LIMITED_API=0x03090000", "-DTORCH_TARGET_VERSION=0x0209000000000000",
-               "-DTORCH_EXTENSION_NAME=_C", abi, *inc_common, *[f"-I{p}" for p in include_paths("cuda")],
+               "-DTORCH_EXTENSION_NAME=_C", abi, *inc_common, *[f"-I{p}" for p in include_paths()],
                *[f"-I{p}" for p in cuda_inc], f"-I{py_inc}", *feature_defines()]
     jobs_list.insert(0, (api.name, api_obj, api_cmd))
     env_path = os.environ.get("PATH", "")
@@ -139,12 +155,10 @@ def build(src: Path, out: Path, jobs: int, split: bool) -> Path:
     pkg.mkdir(parents=True, exist_ok=True)
     (pkg / "__init__.py").write_text('"""FlashAttention-3, forward-only SM90 build (head_dim 128, bf16/e4m3)."""\n')
     target = pkg / "_C.abi3.so"
-    tlib = library_paths("cuda")
-    cudart = next((d for d in cuda_lib if (d / "libcudart.so").exists()), None)
+    tlib = library_paths()
     link = [cxx, "-shared", "-o", str(target), *[str(o) for _, o, _ in jobs_list],
             *[f"-L{p}" for p in tlib], *[f"-Wl,-rpath,{p}" for p in tlib],
-            "-lc10", "-ltorch", "-ltorch_cpu", "-lc10_cuda", "-ltorch_cuda"]
-    link += [f"-L{cudart}", "-lcudart"] if cudart else ["-l:libcudart.so.13"]
+            "-lc10", "-ltorch", "-ltorch_cpu", "-lc10_cuda", "-ltorch_cuda", *cudart_flags(cuda_lib)]
     rc, dt = run(link, objdir / "link.log")
     if rc:
         print((objdir / "link.log").read_text(errors="replace")[-4000:])
