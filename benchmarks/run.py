@@ -176,7 +176,7 @@ class Variant:
         return self.spec.split("@")[1] if "@" in self.spec else "bf16"
 
 
-def fastest_attention(model, seq: int, device, candidates=("sdpa", "cudnn", "fa4")) -> tuple[str, dict]:
+def fastest_attention(model, seq: int, device, candidates=("sdpa", "cudnn", "fa4", "fa3")) -> tuple[str, dict]:
     """Time each available self-attention kernel once at this sequence length; the fastest wins. FlashAttention-4
     is tried with each SM90 tile of ``fa4.SWEEP_TILES`` (and its own default); a winning tile is kept in
     ``fa4.SM90_TILE`` for the rest of the process."""

@@ -84,9 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     # this project
     p.add_argument("--backend", default="torch",
                    help="DiT backend: torch, torch-compile, torch-graph (CUDA), onnxruntime, tensorrt")
-    p.add_argument("--attention", default="auto", choices=["auto", "sdpa", "cudnn", "fa4"],
+    p.add_argument("--attention", default="auto", choices=["auto", "sdpa", "cudnn", "fa4", "fa3", "fa3-fp8"],
                    help="self-attention kernel (auto: FlashAttention-4 on Hopper when flash-attn-4 is installed, the fastest "
-                        "measured there; else PyTorch SDPA)")
+                        "measured there; else PyTorch SDPA). fa3 / fa3-fp8: FlashAttention-3 built from source "
+                        "(benchmarks/device/build_fa3.sh), not measured yet")
     p.add_argument("--precision", default=None, choices=["bf16", "fp16", "fp8"],
                    help="DiT precision (default bf16 on CUDA, fp32 on the CPU); fp8 (Hopper or newer): FP8 self-attention "
                         "qkv/o and FFN linears plus FP8 attention; with a named --attention (fa4, sdpa, cudnn) the "

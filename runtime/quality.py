@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt", default="a person talking to the camera")
     ap.add_argument("--precision", default="fp8", choices=["fp8", "fp16", "bf16"], help="the precision to check")
     ap.add_argument("--reference", default="bf16", choices=["bf16", "fp16"], help="what it is compared with")
-    ap.add_argument("--attention", default="auto", choices=["auto", "sdpa", "cudnn", "fa4"],
+    ap.add_argument("--attention", default="auto", choices=["auto", "sdpa", "cudnn", "fa4", "fa3", "fa3-fp8"],
                     help="the tested run's attention kernel (with fp8: auto = FP8 attention, a named kernel = bf16 "
                          "attention beside the FP8 linears); the reference uses auto")
     ap.add_argument("--seed", type=int, default=0)

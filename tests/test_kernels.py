@@ -101,7 +101,7 @@ def test_fp8_refused_on_cpu():
 def test_attention_choice_on_cpu():
     dev = torch.device("cpu")
     assert resolve_attention("auto", dev, torch.float32) == "sdpa"
-    for impl in ("cudnn", "fa4"):
+    for impl in ("cudnn", "fa4", "fa3", "fa3-fp8"):
         with pytest.raises(BackendUnavailable, match="--attention auto or sdpa"):
             resolve_attention(impl, dev, torch.bfloat16)
     assert cudnn_sdpa.available(dev) and fa4.available(dev)  # reasons, not None
@@ -147,7 +147,7 @@ def test_sdpa_path_equals_float64_reference():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the cuDNN/FA4/FP8 kernels need a GPU (checked on the H200)")
-@pytest.mark.parametrize("impl,tol", [("cudnn", 1e-2), ("fa4", 1e-2), ("fp8", 0.1)])
+@pytest.mark.parametrize("impl,tol", [("cudnn", 1e-2), ("fa4", 1e-2), ("fa3", 1e-2), ("fp8", 0.1), ("fa3-fp8", 0.1)])
 def test_gpu_kernels_equal_sdpa(impl, tol):
     dev = torch.device("cuda")
     why = __import__("runtime.models.attention", fromlist=["x"]).unavailable_reason(impl, dev)

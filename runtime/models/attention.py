@@ -6,7 +6,9 @@ runtime can swap in a faster kernel for the long self-attention (two thirds of t
 - ``sdpa``: PyTorch's ``scaled_dot_product_attention`` (everywhere; on Hopper it dispatches to cuDNN);
 - ``cudnn``: cuDNN's fused attention called directly (``runtime.kernels.cudnn_sdpa``);
 - ``fa4``: FlashAttention-4's CuTe kernels (``runtime.kernels.fa4``);
+- ``fa3``: FlashAttention-3's SM90 kernels, built from source (``runtime.kernels.fa3``; not measured yet);
 - ``fp8``: cuDNN FP8 attention with per-tensor dynamic scales (``--precision fp8``);
+- ``fa3-fp8``: FlashAttention-3's FP8 forward, per-head dynamic scales, bf16 output (not measured yet);
 - ``onnx``: the opset-23 ``Attention`` node (export).
 
 Every kernel reads the [B, S, H, D] view of the projections, so no transpose or copy surrounds it. Under
@@ -17,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IMPLEMENTATIONS = ("sdpa", "cudnn", "fa4", "fp8", "onnx")
+IMPLEMENTATIONS = ("sdpa", "cudnn", "fa4", "fa3", "fp8", "fa3-fp8", "onnx")
 # "auto": the first kernel of this list that can run, per compute capability major; elsewhere SDPA. On the H200
 # (benchmarks/results/nvidia-h200/attention_kernels.md, 40 heads × 128, 59k-63k tokens): FlashAttention-4's SM90
 # forward 674-685 TFLOP/s, cuDNN called directly 623-625, PyTorch's SDPA (which dispatches to the same cuDNN
@@ -36,11 +38,15 @@ def unavailable_reason(impl: str, device: torch.device) -> str | None:
         from runtime.kernels import fa4
 
         return fa4.available(device)
+    if impl in ("fa3", "fa3-fp8"):
+        from runtime.kernels import fa3
+
+        return fa3.available(device)
     if impl == "fp8":
         from runtime.kernels import fp8
 
         return fp8.unsupported_reason(device)
-    return f"unknown attention kernel {impl!r}; choose one of: auto, {', '.join(IMPLEMENTATIONS[:3])}"
+    return f"unknown attention kernel {impl!r}; choose one of: auto, {', '.join(IMPLEMENTATIONS[:4])}"
 
 
 def resolve_attention(impl: str, device: torch.device, dtype: torch.dtype) -> str:
@@ -59,7 +65,7 @@ def resolve_attention(impl: str, device: torch.device, dtype: torch.dtype) -> st
     why = unavailable_reason(impl, device)
     if why:
         raise BackendUnavailable(f"attention kernel {impl!r} cannot run here: {why}; use --attention auto or sdpa")
-    if impl in ("cudnn", "fa4") and dtype not in (torch.bfloat16, torch.float16):
+    if impl in ("cudnn", "fa4", "fa3", "fa3-fp8") and dtype not in (torch.bfloat16, torch.float16):
         raise BackendUnavailable(f"attention kernel {impl!r} needs a bf16/fp16 model, not {dtype}; use --attention sdpa")
     return impl
 
@@ -74,6 +80,16 @@ def _kernel(q4: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor, impl: str) -> 
         from runtime.kernels import fa4
 
         return fa4.attention(q4, k4, v4)
+    if impl == "fa3":
+        from runtime.kernels import fa3
+
+        return fa3.attention(q4, k4, v4)
+    if impl == "fa3-fp8":
+        from runtime.kernels import fa3
+        from runtime.kernels.fp8 import quantize_heads
+
+        (q8, dq), (k8, dk), (v8, dv) = quantize_heads(q4), quantize_heads(k4), quantize_heads(v4)
+        return fa3.attention_fp8(q8, k8, v8, dq, dk, dv).to(q4.dtype)
     if impl == "fp8":
         from runtime.kernels import cudnn_sdpa
         from runtime.kernels.fp8 import quantize_tensor
