@@ -11,6 +11,10 @@ three-then-two in two TUs. ``--no-split`` uses the library's own ``instantiation
 
 ``python3 benchmarks/device/fa3_build.py --check`` imports the result and compares it with PyTorch's SDPA on a
 small problem (needs the GPU).
+
+``--torch-root DIR`` builds without importing torch, against an unpacked torch wheel (its ``torch/`` folder) of
+the GPU machine's version: a cross-build on a CPU machine (``fa3_cross_build.sh``), whose ``.so`` is carried to
+the GPU machine instead of building there.
 """
 from __future__ import annotations
 
@@ -63,11 +67,35 @@ def cuda_dirs(nvcc: Path) -> tuple[list[Path], list[Path]]:
     return incs, libs
 
 
-def cudart_flags(cuda_lib: list[Path]) -> list[str]:
-    """Link the CUDA runtime dynamically (the one torch loads): the toolkit's, else the pip wheel's."""
-    import torch
+class TorchTree:
+    """What the build needs from torch: version, C++ ABI, include and library folders — from the importable torch,
+    or from an unpacked wheel's ``torch/`` folder (``--torch-root``)."""
 
-    site = Path(torch.__file__).resolve().parent.parent / "nvidia"
+    def __init__(self, root: Path | None = None):
+        if root is None:
+            import torch
+            from torch.utils.cpp_extension import include_paths, library_paths
+
+            self.root = Path(torch.__file__).resolve().parent
+            self.version, self.cuda = torch.__version__, torch.version.cuda
+            self.cxx11_abi = bool(torch._C._GLIBCXX_USE_CXX11_ABI)
+            self.includes, self.libs = [Path(p) for p in include_paths()], [Path(p) for p in library_paths()]
+        else:
+            self.root = root.resolve()
+            ns: dict = {}
+            exec((self.root / "version.py").read_text(), ns)
+            self.version, self.cuda = ns["__version__"], ns["cuda"]
+            self.cxx11_abi = True  # every torch >= 2.7 wheel is built with the C++11 ABI
+            self.includes = [self.root / "include", self.root / "include" / "torch" / "csrc" / "api" / "include"]
+            self.libs = [self.root / "lib"]
+            missing = [str(p) for p in (*self.includes, *self.libs) if not p.is_dir()]
+            if missing:
+                raise SystemExit(f"fa3_build: --torch-root {root}: not an unpacked torch wheel (missing {missing})")
+
+
+def cudart_flags(cuda_lib: list[Path], torch_root: Path) -> list[str]:
+    """Link the CUDA runtime dynamically (the one torch loads): the toolkit's, else the pip wheel's."""
+    site = torch_root.parent / "nvidia"
     for d in [*cuda_lib, site / "cu13" / "lib", site / "cuda_runtime" / "lib"]:
         if (d / "libcudart.so").exists():
             return [f"-L{d}", "-lcudart"]
@@ -99,19 +127,17 @@ def run(cmd: list[str], log: Path) -> tuple[int, float]:
     return rc, time.time() - t
 
 
-def build(src: Path, out: Path, jobs: int, split: bool) -> Path:
-    import torch
-    from torch.utils.cpp_extension import include_paths, library_paths
-
+def build(src: Path, out: Path, jobs: int, split: bool, torch_root: Path | None = None) -> Path:
+    tt = TorchTree(torch_root)
     src, out = src.resolve(), out.resolve()
     nvcc = find_nvcc()
     cuda_inc, cuda_lib = cuda_dirs(nvcc)
     ver = subprocess.run([str(nvcc), "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1]
-    print(f"fa3_build: torch {torch.__version__} (CUDA {torch.version.cuda}), nvcc {nvcc} ({ver}), {jobs} jobs, "
+    print(f"fa3_build: torch {tt.version} (CUDA {tt.cuda}) at {tt.root}, nvcc {nvcc} ({ver}), {jobs} jobs, "
           f"split={split}", flush=True)
     objdir = out / "build"
     objdir.mkdir(parents=True, exist_ok=True)
-    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
+    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(tt.cxx11_abi)}"
     inc_common = [f"-I{src / 'hopper'}", f"-I{src / 'csrc' / 'cutlass' / 'include'}"]
     # CUDA 13 keeps CCCL (cuda/std, cub, thrust) under include/cccl; FA's setup.py adds it to the include path
     cccl = [f"-I{d}" for d in cuda_inc if d.name == "cccl"]
@@ -126,7 +152,7 @@ def build(src: Path, out: Path, jobs: int, split: bool) -> Path:
     api_obj = objdir / "flash_api_stable.o"
     api_cmd = [cxx, "-c", str(api), "-o", str(api_obj), "-O3", os.environ.get("FA3_CXX_STD", "-std=c++17"), "-fPIC",
                "-DPy_LIMITED_API=0x03090000", "-DTORCH_TARGET_VERSION=0x0209000000000000",
-               "-DTORCH_EXTENSION_NAME=_C", abi, *inc_common, *[f"-I{p}" for p in include_paths()],
+               "-DTORCH_EXTENSION_NAME=_C", abi, *inc_common, *[f"-I{p}" for p in tt.includes],
                *[f"-I{p}" for p in cuda_inc], f"-I{py_inc}", *feature_defines()]
     jobs_list.insert(0, (api.name, api_obj, api_cmd))
     env_path = os.environ.get("PATH", "")
@@ -155,10 +181,10 @@ def build(src: Path, out: Path, jobs: int, split: bool) -> Path:
     pkg.mkdir(parents=True, exist_ok=True)
     (pkg / "__init__.py").write_text('"""FlashAttention-3, forward-only SM90 build (head_dim 128, bf16/e4m3)."""\n')
     target = pkg / "_C.abi3.so"
-    tlib = library_paths()
+    tlib = tt.libs
     link = [cxx, "-shared", "-o", str(target), *[str(o) for _, o, _ in jobs_list],
             *[f"-L{p}" for p in tlib], *[f"-Wl,-rpath,{p}" for p in tlib],
-            "-lc10", "-ltorch", "-ltorch_cpu", "-lc10_cuda", "-ltorch_cuda", *cudart_flags(cuda_lib)]
+            "-lc10", "-ltorch", "-ltorch_cpu", "-lc10_cuda", "-ltorch_cuda", *cudart_flags(cuda_lib, tt.root)]
     rc, dt = run(link, objdir / "link.log")
     if rc:
         print((objdir / "link.log").read_text(errors="replace")[-4000:])
@@ -204,11 +230,13 @@ def main() -> int:
     ap.add_argument("--jobs", type=int, default=int(os.environ.get("MAX_JOBS", "16")))
     ap.add_argument("--no-split", dest="split", action="store_false")
     ap.add_argument("--check", action="store_true", help="only import the build and compare with SDPA")
+    ap.add_argument("--torch-root", type=Path, default=None,
+                    help="an unpacked torch wheel's torch/ folder to build against, without importing torch")
     args = ap.parse_args()
     if args.check:
         check(args.out)
     else:
-        build(args.src, args.out, args.jobs, args.split)
+        build(args.src, args.out, args.jobs, args.split, args.torch_root)
     return 0
 
 
