@@ -177,32 +177,19 @@ class Variant:
 
 
 def fastest_attention(model, seq: int, device, candidates=("sdpa", "cudnn", "fa4", "fa3")) -> tuple[str, dict]:
-    """Time each available self-attention kernel once at this sequence length; the fastest wins. FlashAttention-4
-    is tried with each SM90 tile of ``fa4.SWEEP_TILES`` (and its own default); a winning tile is kept in
-    ``fa4.SM90_TILE`` for the rest of the process."""
-    from runtime.kernels import fa4
+    """Time each available self-attention kernel once at this sequence length; the fastest wins."""
     from runtime.models.attention import _kernel, unavailable_reason
 
     cfg = model.cfg
     q = torch.randn(1, seq, cfg.num_heads, cfg.head_dim, device=device, dtype=model.dtype)
-    times, tiles = {}, {}
+    times = {}
     for impl in candidates:
-        if unavailable_reason(impl, device) is not None:
-            continue
-        options = [(impl, None)]
-        if impl == "fa4" and torch.cuda.get_device_capability(device)[0] == 9:
-            options += [(f"fa4 {m}x{n}", (m, n)) for m, n in fa4.SWEEP_TILES]
-        for name, tile in options:
-            fn = (lambda t=tile: fa4.run(q, q, q, t)) if impl == "fa4" else (lambda i=impl: _kernel(q, q, q, i))
+        if unavailable_reason(impl, device) is None:
             try:
-                times[name] = median(time_fn(fn, device, warmup=1, repeat=3))
-                tiles[name] = tile
+                times[impl] = median(time_fn(lambda: _kernel(q, q, q, impl), device, warmup=1, repeat=3))
             except Exception as err:  # a kernel that fails here is simply not a candidate
-                print(f"attention {name}: {type(err).__name__}: {str(err)[:300]}", flush=True)
-    best = min(times, key=times.get)
-    if best.startswith("fa4"):
-        fa4.SM90_TILE = tiles[best]
-    return best.split()[0], times
+                print(f"attention {impl}: {type(err).__name__}: {err}", flush=True)
+    return min(times, key=times.get), times
 
 
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -312,9 +299,7 @@ def main(argv=None) -> int:
                 attn = v.attention
                 if attn == "fastest":
                     attn, times = fastest_attention(model, seq, device)
-                    from runtime.kernels import fa4
-
-                    extra[v.spec] = {"chosen": attn, "seconds_per_call": times, "fa4_tile": fa4.SM90_TILE}
+                    extra[v.spec] = {"chosen": attn, "seconds_per_call": times}
                 if v.precision != "fp8" or ":" in v.spec.split("@")[0]:  # fp8 + a named kernel: bf16 attention
                     model.set_attention(attn)
                 extra.setdefault(v.spec, {})["attention"] = model.attention_impl

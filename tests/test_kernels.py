@@ -126,18 +126,6 @@ def test_auto_prefers_fa4_on_sm90_and_falls_back(monkeypatch):
     assert att.PREFERENCE[9][0] == "fa4"
 
 
-def test_fa4_tile_override(monkeypatch):
-    monkeypatch.delenv("WAN_S2V_FA4_TILE", raising=False)
-    assert fa4.current_tile() == fa4.SM90_TILE
-    monkeypatch.setenv("WAN_S2V_FA4_TILE", "128x176")
-    assert fa4.current_tile() == (128, 176)
-    monkeypatch.setenv("WAN_S2V_FA4_TILE", "0")
-    assert fa4.current_tile() is None
-    monkeypatch.setenv("WAN_S2V_FA4_TILE", "wide")
-    with pytest.raises(ValueError, match="MxN"):
-        fa4.current_tile()
-
-
 def test_sdpa_path_equals_float64_reference():
     q, k, v = (torch.randn(2, 10, 4 * 8, dtype=torch.float64) for _ in range(3))
     out = attention(q, k, v, 4)

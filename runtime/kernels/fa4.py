@@ -3,34 +3,14 @@
 Takes the model's layout directly: q/k/v [B, S, H, D] (a free view of [B, S, H·D]), returns [B, Sq, H, D].
 Kernels are JIT-compiled per configuration on first use (seconds), then cached by the library.
 
-The SM90 forward's tile is a tuning choice: the library's default for head_dim 128 is 128×128, while wider
-key tiles (FA3's C++ kernel uses 128×176 for non-causal head_dim 128) cut the softmax bookkeeping per FLOP.
-``SM90_TILE`` holds the tile measured fastest at the S2V shapes (``benchmarks.attention_kernels`` sweeps them);
-``WAN_S2V_FA4_TILE=MxN`` overrides it (``0`` = the library's own choice) for such sweeps.
+The model uses the library's own SM90 tile: ``benchmarks.attention_kernels`` sweeps ``SWEEP_TILES`` through
+``run(..., tile)`` and none beat it at the S2V shapes (all within 3 % on the H200).
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
-# (tile_m, tile_n) for the SM90 forward at head_dim 128, or None for the library's choice.
-SM90_TILE: tuple[int, int] | None = None
 SWEEP_TILES: tuple[tuple[int, int], ...] = ((128, 128), (128, 144), (128, 160), (128, 176), (128, 192))
-
-
-def current_tile() -> tuple[int, int] | None:
-    """The SM90 tile in force: ``WAN_S2V_FA4_TILE`` if set, else ``SM90_TILE``."""
-    raw = os.environ.get("WAN_S2V_FA4_TILE", "").strip().lower()
-    if not raw:
-        return SM90_TILE
-    if raw in ("0", "none", "default"):
-        return None
-    try:
-        m, n = (int(x) for x in raw.split("x"))
-    except ValueError:
-        raise ValueError(f"WAN_S2V_FA4_TILE={raw!r}: expected MxN such as 128x176, or 0 for the library default") from None
-    return m, n
 
 
 def available(device: torch.device | None = None) -> str | None:
@@ -65,7 +45,7 @@ def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tile: tuple[int, int]
 
 @torch.library.custom_op("wan_s2v::fa4_attention", mutates_args=())
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    return run(q, k, v, current_tile()).contiguous()
+    return run(q, k, v).contiguous()
 
 
 @attention.register_fake
