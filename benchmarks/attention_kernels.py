@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import device_description, device_slug, markdown_table, median, time_fn, write_results
+from benchmarks.common import device_description, markdown_table, median, results_dir, time_fn, write_results
 
 TOKENS = (63360, 59136)
 HEADS, HEAD_DIM = 40, 128
@@ -126,7 +126,7 @@ def main(argv=None) -> int:
             "command": "python -m benchmarks.attention_kernels " + " ".join(sys.argv[1:] if argv is None else argv),
             "cudnn": torch.backends.cudnn.version(), "errors": errors,
             "notes": "CUDA events, median of repeats after 2 warm-ups; rel-L2 on the first 2048 queries vs float32"}
-    out = args.out or Path(__file__).resolve().parent / "results" / device_slug(dev)
+    out = results_dir(args.out, dev)
     write_results(out / "attention_kernels.json", rows, meta, table)
     print(table)
     return 0

@@ -25,6 +25,11 @@ def device_slug(device: torch.device | str | None = None) -> str:
     return f"nvidia-{m.group(1)}" if m else re.sub(r"[^a-z0-9]+", "-", name).strip("-")
 
 
+def results_dir(out: Path | None, device: torch.device | str | None = None, suffix: str = "") -> Path:
+    """``out`` if given, else ``benchmarks/results/<device slug><suffix>``."""
+    return out or RESULTS / f"{device_slug(device)}{suffix}"
+
+
 def device_description(device: torch.device | str | None = None) -> str:
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import (device_description, device_slug, markdown_table, median, peak_mem_gib, time_fn,
-                               write_results)
+from benchmarks.common import (device_description, device_slug, markdown_table, median, peak_mem_gib, results_dir,
+                               time_fn, write_results)
 from runtime.backends.torch_backend import compile_blocks
 from runtime.config import DiTConfig
 from runtime.models.dit import build_dit, timestep_frequencies
@@ -130,7 +130,7 @@ def main(argv=None) -> int:
     if sdpa:
         table += "\n\n" + markdown_table(sdpa, ["backend", "seq", "attention_s", "tflops"])
     print(table)
-    out = args.out or Path(__file__).resolve().parent / "results" / device_slug(device)
+    out = results_dir(args.out, device)
     write_results(out / "dit_forward.json", rows, meta, table)
     return 0
 

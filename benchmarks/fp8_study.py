@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import device_description, device_slug, markdown_table, write_results
+from benchmarks.common import device_description, markdown_table, results_dir, write_results
 
 ALL = ("self_attn.qkv", "self_attn.o", "cross_attn.q", "cross_attn.o", "ffn.0", "ffn.2")
 CONFIGS = {  # name: (linears, fast_accum, attention, softmax scale P); names hold no commas (--configs splits on them)
@@ -71,7 +71,7 @@ def main(argv=None) -> int:
             "command": "python -m benchmarks.fp8_study " + " ".join(sys.argv[1:] if argv is None else argv),
             "notes": "eager forwards, random 14B weights (bf16), timestep 500; rel-L2 of the velocity vs the bf16 SDPA "
                      "forward; 'seconds' includes building the configuration"}
-    out = args.out or Path(__file__).resolve().parent / "results" / device_slug(dev)
+    out = results_dir(args.out, dev)
     write_results(out / f"fp8_study_{scn.name}.json", rows, meta, table)
     print(table, flush=True)
     return 0

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from benchmarks.common import device_description, device_slug, markdown_table, median, time_fn, write_results
+from benchmarks.common import device_description, device_slug, markdown_table, median, results_dir, time_fn, write_results
 
 
 def main(argv=None) -> int:
@@ -114,7 +114,7 @@ def main(argv=None) -> int:
             parallel.shard_model(m, layout)
             inner = make(m)
             backend = parallel.CFGParallelDiT(inner, layout) if cfg_par else inner
-            name = "+".join(([f"cfg-parallel"] if cfg_par else []) + ([f"ulysses-{ulysses}"] if ulysses > 1 else []))
+            name = "+".join((["cfg-parallel"] if cfg_par else []) + ([f"ulysses-{ulysses}"] if ulysses > 1 else []))
             record(name, world, lambda: backend.forward(x2, t2, both), ulysses)
             del backend, inner, m
         except Exception as e:
@@ -135,7 +135,7 @@ def main(argv=None) -> int:
                 "command": f"torchrun --nproc_per_node {world} -m benchmarks.multi_gpu " + " ".join(sys.argv[1:] if argv is None else argv),
                 "notes": "random 14B weights (bf16), same on every rank; one CFG step = the batch-2 call; CUDA events, "
                          "median of repeats after a warm-up/capture call; NCCL, NVLink multicast off"}
-        out = args.out or Path(__file__).resolve().parent / "results" / f"{device_slug(dev)}-x{world}"
+        out = results_dir(args.out, dev, f"-x{world}")
         write_results(out / f"multi_gpu_{scn.name}.json", rows, meta, table)
         print(table)
     dist.barrier()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import device_description, device_slug, markdown_table, write_results
+from benchmarks.common import device_description, markdown_table, results_dir, write_results
 
 FAMILIES = (  # first match wins; names as CUPTI reports them
     ("attention", re.compile(r"fmha|flash|attention|sdpa|cudnn_generated|fprop_sm90|kernel_cutlass_kernel_flash", re.I)),
@@ -83,7 +83,7 @@ def main(argv=None) -> int:
             "kernel_ms_total": total,
             "command": "python -m benchmarks.profile_forward " + " ".join(sys.argv[1:] if argv is None else argv),
             "notes": "torch.profiler (CUPTI) kernel times of one forward after 2 warm-ups; random 14B weights"}
-    out = args.out or Path(__file__).resolve().parent / "results" / device_slug(dev)
+    out = results_dir(args.out, dev)
     write_results(out / f"profile_{scn.name}_{v.spec.replace(':', '-').replace('@', '-')}.json", rows, meta, table)
     print(table, flush=True)
     return 0

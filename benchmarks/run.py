@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import device_description, device_slug, markdown_table, median, time_fn, write_results
+from benchmarks.common import device_description, device_slug, markdown_table, median, results_dir, time_fn, write_results
 from benchmarks.flops import dit_forward_flops
 from runtime.sampler import latent_frames
 
@@ -217,7 +217,7 @@ def main(argv=None) -> int:
     stages = {s.strip() for s in args.stages.split(",")}
     variants = [Variant(v) for v in args.variants.split(",") if v]
     step_set = set(args.step_variants.split(",")) if args.step_variants is not None else {v.spec for v in variants if v.spec != "official"}
-    out_dir = args.out or Path(__file__).resolve().parent / "results" / device_slug(device)
+    out_dir = results_dir(args.out, device)
     path = out_dir / f"run_{scn.name}.json"
 
     from runtime.backends import make_backend
