@@ -130,30 +130,26 @@ def _mib(n: int) -> str:
     return f"{n / (1 << 20):g} MiB"
 
 
-def _int(form, name, default, lo, hi):
+def _number(form, name, default, lo, hi, cast, what):
     raw = form.get(name)
     if raw is None or not raw.strip():
         return default
     try:
-        v = int(raw.strip())
+        v = cast(raw.strip())
     except ValueError:
-        raise RequestError(name, f"{name}={raw!r} is not an integer") from None
-    if not lo <= v <= hi:
-        raise RequestError(name, f"{name}={v} is out of range; use {lo}..{hi}")
+        raise RequestError(name, f"{name}={raw!r} is not {what}") from None
+    if (cast is float and not math.isfinite(v)) or not lo <= v <= hi:
+        fmt = "{:g}" if cast is float else "{}"
+        raise RequestError(name, f"{name}={v} is out of range; use {fmt.format(lo)}..{fmt.format(hi)}")
     return v
+
+
+def _int(form, name, default, lo, hi):
+    return _number(form, name, default, lo, hi, int, "an integer")
 
 
 def _float(form, name, default, lo, hi):
-    raw = form.get(name)
-    if raw is None or not raw.strip():
-        return default
-    try:
-        v = float(raw.strip())
-    except ValueError:
-        raise RequestError(name, f"{name}={raw!r} is not a number") from None
-    if not math.isfinite(v) or not lo <= v <= hi:
-        raise RequestError(name, f"{name}={v} is out of range; use {lo:g}..{hi:g}")
-    return v
+    return _number(form, name, default, lo, hi, float, "a number")
 
 
 def _bool(form, name) -> bool:
