@@ -59,18 +59,22 @@ def weight_scales(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return w8, scale[None, :].contiguous()
 
 
+def _to_e4m3(xf: torch.Tensor, descale: torch.Tensor) -> torch.Tensor:
+    return (xf / descale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+
+
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row dynamic quantisation of [M, K] → (x8, scale [M, 1] fp32), x ≈ x8 · scale."""
     xf = x.float()
     scale = xf.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / E4M3_MAX
-    return (xf / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), scale
+    return _to_e4m3(xf, scale), scale
 
 
 def quantize_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-tensor dynamic quantisation → (x8, descale [1] fp32), x ≈ x8 · descale; the scale stays on the device."""
     xf = x.float()
     descale = xf.abs().amax().clamp(min=1e-12).reshape(1) / E4M3_MAX
-    return (xf / descale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), descale
+    return _to_e4m3(xf, descale), descale
 
 
 def quantize_heads(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,7 +82,7 @@ def quantize_heads(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     x[b, :, h] ≈ x8[b, :, h] · descale[b, h]: the descale layout FlashAttention-3's FP8 forward takes."""
     xf = x.float()
     descale = xf.abs().amax(dim=(1, 3)).clamp(min=1e-12) / E4M3_MAX
-    return (xf / descale[:, None, :, None]).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), descale
+    return _to_e4m3(xf, descale[:, None, :, None]), descale
 
 
 class FP8Linear(nn.Module):
