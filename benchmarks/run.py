@@ -300,7 +300,7 @@ def main(argv=None) -> int:
                 if attn == "fastest":
                     attn, times = fastest_attention(model, seq, device)
                     extra[v.spec] = {"chosen": attn, "seconds_per_call": times}
-                model.set_attention(attn)  # on an FP8 model, auto keeps FP8 attention, a named kernel runs bf16
+                model.set_attention(attn)  # FP8 attention only where named (:fp8, :fa3-fp8), as in the runtime
                 extra.setdefault(v.spec, {})["attention"] = model.attention_impl
                 backend = make_backend(v.backend, model, engines_dir=args.engines_dir)
                 if hasattr(backend, "warmup"):

@@ -144,8 +144,9 @@ class S2VPipeline:
         dtype: DiT parameter dtype (default bf16 on CUDA, float32 on CPU). The VAE runs in float32, wav2vec2
         in float32, UMT5 in bf16 (float32 on CPU), as the official pipeline. backend: torch, torch-compile,
         torch-graph, onnxruntime or tensorrt (the last two read ``engines_dir`` written by ``export.build``).
-        attention: self-attention kernel (auto, sdpa, cudnn, fa4). precision: None/"bf16"/"fp16" (the DiT dtype)
-        or "fp8" (FP8 block linears and attention on Hopper+; refused elsewhere). parallel: the
+        attention: self-attention kernel (``runtime.models.attention.CHOICES``; auto = the fastest exact one here).
+        precision: None/"bf16"/"fp16" (the DiT dtype) or "fp8" (FP8 block linears on Hopper+, refused elsewhere;
+        attention stays bf16 unless an FP8 kernel is named). parallel: the
         ``runtime.parallel.init(...)`` layout when running under torchrun (CFG parallel / Ulysses).
         """
         if precision in ("bf16", "fp16", "fp8") and dtype is None:

@@ -68,6 +68,8 @@ def main(argv=None) -> int:
     from runtime.demo import demo_image, demo_speech
     from runtime.errors import S2VError
 
+    from runtime.models.attention import CHOICES as ATTENTION_CHOICES
+
     ap = argparse.ArgumentParser(prog="python -m runtime.quality", description=__doc__.splitlines()[0])
     ap.add_argument("--ckpt_dir", default="tiny")
     ap.add_argument("--image", default=None)
@@ -75,9 +77,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt", default="a person talking to the camera")
     ap.add_argument("--precision", default="fp8", choices=["fp8", "fp16", "bf16"], help="the precision to check")
     ap.add_argument("--reference", default="bf16", choices=["bf16", "fp16"], help="what it is compared with")
-    ap.add_argument("--attention", default="auto", choices=["auto", "sdpa", "cudnn", "fa4", "fa3", "fa3-fp8"],
-                    help="the tested run's attention kernel (with fp8: auto = FP8 attention, a named kernel = bf16 "
-                         "attention beside the FP8 linears); the reference uses auto")
+    ap.add_argument("--attention", default="auto", choices=ATTENTION_CHOICES,
+                    help="the tested run's attention kernel (fp8 / fa3-fp8: FP8 attention); the reference uses auto")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--infer_frames", type=int, default=80)
     ap.add_argument("--sample_steps", type=int, default=40)

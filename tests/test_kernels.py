@@ -101,29 +101,46 @@ def test_fp8_refused_on_cpu():
 def test_attention_choice_on_cpu():
     dev = torch.device("cpu")
     assert resolve_attention("auto", dev, torch.float32) == "sdpa"
-    for impl in ("cudnn", "fa4", "fa3", "fa3-fp8"):
+    for impl in ("cudnn", "fa4", "fa3", "fp8", "fa3-fp8"):
         with pytest.raises(BackendUnavailable, match="--attention auto or sdpa"):
             resolve_attention(impl, dev, torch.bfloat16)
     assert cudnn_sdpa.available(dev) and fa4.available(dev)  # reasons, not None
 
 
-def test_auto_prefers_fa4_on_sm90_and_falls_back(monkeypatch):
-    """``auto`` on a (faked) Hopper picks FlashAttention-4 when it loads, PyTorch's SDPA when it does not, and SDPA
-    on majors without a measured preference; bf16/fp16 only."""
+def test_auto_prefers_fa4_then_fa3_on_sm90_and_falls_back(monkeypatch):
+    """``auto`` on a (faked) Hopper picks FlashAttention-4 when it loads, else FlashAttention-3 when built, else
+    PyTorch's SDPA, and SDPA on majors without a measured preference; bf16/fp16 only; never an FP8 kernel."""
+    from runtime.kernels import fa3
     from runtime.models import attention as att
 
     cap = {"major": 9}
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (cap["major"], 0))
     dev = torch.device("cuda")
     monkeypatch.setattr(fa4, "available", lambda device=None: None)
+    monkeypatch.setattr(fa3, "available", lambda device=None: None)
     assert resolve_attention("auto", dev, torch.bfloat16) == "fa4"
     assert resolve_attention("auto", dev, torch.float32) == "sdpa"
     cap["major"] = 8
     assert resolve_attention("auto", dev, torch.bfloat16) == "sdpa"
     cap["major"] = 9
     monkeypatch.setattr(fa4, "available", lambda device=None: "flash-attn-4 unavailable (ModuleNotFoundError)")
+    assert resolve_attention("auto", dev, torch.bfloat16) == "fa3"
+    monkeypatch.setattr(fa3, "available", lambda device=None: "FlashAttention-3 unavailable (ModuleNotFoundError)")
     assert resolve_attention("auto", dev, torch.bfloat16) == "sdpa"
-    assert att.PREFERENCE[9][0] == "fa4"
+    assert att.PREFERENCE[9] == ("fa4", "fa3")
+    assert not set(att.FP8_ATTENTION) & {k for ks in att.PREFERENCE.values() for k in ks}
+
+
+def test_fp8_model_keeps_exact_attention_unless_fp8_is_named():
+    """``--precision fp8`` quantises linears only: ``auto`` resolves as on a bf16 model (here the CPU: SDPA)."""
+    from runtime.tiny import tiny_dit
+
+    model = tiny_dit(torch.bfloat16, "cpu")
+    fp8.quantize_blocks(model)
+    model.precision = "fp8"  # what set_precision does after its device check (which refuses the CPU)
+    assert model.set_attention("auto") == "sdpa"
+    with pytest.raises(BackendUnavailable, match="attention kernel 'fp8' cannot run here"):
+        model.set_attention("fp8")
 
 
 def test_sdpa_path_equals_float64_reference():

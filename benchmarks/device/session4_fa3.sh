@@ -23,7 +23,7 @@ if [ "${1:-}" = build ]; then
   grep -v "^{" $OUT/kernels.log | grep "|" | head -20
 elif [ "${1:-}" = run ]; then  # carry .fa3bin again if the build phase used it
   timeout 560 python3 -m benchmarks.run --scenario later-704x1024-80f \
-      --variants official,torch-graph:fa3,torch-graph:fa3-fp8,torch-graph:fa3-fp8@fp8 \
+      --variants official,torch-graph:fa3,torch-graph:fa3@fp8,torch-graph:fa3-fp8@fp8 \
       --step-variants none --official-repo .official --repeat 2 --graph-warmup 1 --stages dit --out $R > $OUT/later.log 2>&1
   grep -E "ready|Error" $OUT/later.log | tail -8; tail -9 $OUT/later.log; rm -f $R/*.png
 else

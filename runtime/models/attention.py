@@ -6,9 +6,10 @@ runtime can swap in a faster kernel for the long self-attention (two thirds of t
 - ``sdpa``: PyTorch's ``scaled_dot_product_attention`` (everywhere; on Hopper it dispatches to cuDNN);
 - ``cudnn``: cuDNN's fused attention called directly (``runtime.kernels.cudnn_sdpa``);
 - ``fa4``: FlashAttention-4's CuTe kernels (``runtime.kernels.fa4``);
-- ``fa3``: FlashAttention-3's SM90 kernels, built from source (``runtime.kernels.fa3``; not measured yet);
-- ``fp8``: cuDNN FP8 attention with per-tensor dynamic scales (``--precision fp8``);
-- ``fa3-fp8``: FlashAttention-3's FP8 forward, per-head dynamic scales, bf16 output (not measured yet);
+- ``fa3``: FlashAttention-3's SM90 kernels, built from source (``runtime.kernels.fa3``);
+- ``fp8``: cuDNN FP8 attention with per-tensor dynamic scales, e4m3 output;
+- ``fa3-fp8``: FlashAttention-3's FP8 forward, per-head dynamic scales, bf16 output (7 % faster than ``fp8`` in
+  the model, same accuracy);
 - ``onnx``: the opset-23 ``Attention`` node (export).
 
 Every kernel reads the [B, S, H, D] view of the projections, so no transpose or copy surrounds it. Under
@@ -20,11 +21,17 @@ import torch
 import torch.nn.functional as F
 
 IMPLEMENTATIONS = ("sdpa", "cudnn", "fa4", "fa3", "fp8", "fa3-fp8", "onnx")
+# what users may name (--attention): "onnx" is the exporter's
+CHOICES = ("auto",) + tuple(i for i in IMPLEMENTATIONS if i != "onnx")
+# Kernels that quantise q/k/v (and P) to e4m3: never chosen by "auto", only when named (see runtime.kernels.fp8).
+FP8_ATTENTION = ("fp8", "fa3-fp8")
 # "auto": the first kernel of this list that can run, per compute capability major; elsewhere SDPA. On the H200
-# (benchmarks/results/nvidia-h200/attention_kernels.md, 40 heads × 128, 59k-63k tokens): FlashAttention-4's SM90
-# forward 674-685 TFLOP/s, cuDNN called directly 623-625, PyTorch's SDPA (which dispatches to the same cuDNN
-# kernel) 617-625. Other majors keep SDPA until a kernel is measured faster there.
-PREFERENCE: dict[int, tuple[str, ...]] = {9: ("fa4",)}
+# (benchmarks/results/nvidia-h200/attention_kernels*.md, 40 heads × 128, 59k-63k tokens): FlashAttention-4's SM90
+# forward 674-685 TFLOP/s, FlashAttention-3 (built from source) 670-673, cuDNN called directly 623-625, PyTorch's
+# SDPA (which dispatches to the same cuDNN kernel) 605-625. In the model FA3 and FA4 give the same later-clip
+# forward (7.73 s each), so FA3 is the fallback where FA4 is not installed. Other majors keep SDPA until a kernel
+# is measured faster there.
+PREFERENCE: dict[int, tuple[str, ...]] = {9: ("fa4", "fa3")}
 
 
 def unavailable_reason(impl: str, device: torch.device) -> str | None:
@@ -43,10 +50,10 @@ def unavailable_reason(impl: str, device: torch.device) -> str | None:
 
         return fa3.available(device)
     if impl == "fp8":
-        from runtime.kernels import fp8
+        from runtime.kernels import cudnn_sdpa
 
-        return fp8.unsupported_reason(device)
-    return f"unknown attention kernel {impl!r}; choose one of: auto, {', '.join(IMPLEMENTATIONS[:4])}"
+        return cudnn_sdpa.available(device, fp8=True)
+    return f"unknown attention kernel {impl!r}; choose one of: auto, {', '.join(IMPLEMENTATIONS[:-1])}"
 
 
 def resolve_attention(impl: str, device: torch.device, dtype: torch.dtype) -> str:
@@ -65,7 +72,7 @@ def resolve_attention(impl: str, device: torch.device, dtype: torch.dtype) -> st
     why = unavailable_reason(impl, device)
     if why:
         raise BackendUnavailable(f"attention kernel {impl!r} cannot run here: {why}; use --attention auto or sdpa")
-    if impl in ("cudnn", "fa4", "fa3", "fa3-fp8") and dtype not in (torch.bfloat16, torch.float16):
+    if impl in ("cudnn", "fa4", "fa3", "fp8", "fa3-fp8") and dtype not in (torch.bfloat16, torch.float16):
         raise BackendUnavailable(f"attention kernel {impl!r} needs a bf16/fp16 model, not {dtype}; use --attention sdpa")
     return impl
 

@@ -17,6 +17,7 @@ model; the form differs where export and speed need it:
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -25,8 +26,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from runtime.config import DiTConfig
-from runtime.models.attention import attention, resolve_attention
+from runtime.models.attention import FP8_ATTENTION, attention, resolve_attention
 from runtime.models.rope import expand_rope, rope_inputs, s2v_token_groups
+
+log = logging.getLogger(__name__)
 
 # Parameters kept in float32 whatever the model dtype: the official code computes these modules under
 # an fp32 autocast (or adds them to fp32 tensors), so holding them in fp32 is exact and avoids per-step casts.
@@ -430,13 +433,14 @@ class WanS2VDiT(nn.Module):
         return self.patch_embedding.weight.dtype
 
     def set_attention(self, impl: str) -> str:
-        """Choose the self-attention kernel: ``auto`` (the fastest available on this device), ``sdpa``,
-        ``cudnn``, ``fa4``; returns the kernel chosen. A named kernel that cannot run here raises
-        ``BackendUnavailable`` with the reason. On an FP8 model ``auto`` keeps FP8 attention and a named kernel
-        runs bf16 attention beside the FP8 linears."""
-        if self.precision == "fp8" and impl == "auto":
-            return self.attention_impl
+        """Choose the self-attention kernel: ``auto`` (the fastest exact kernel available on this device), or one
+        of ``IMPLEMENTATIONS``; returns the kernel chosen. A named kernel that cannot run here raises
+        ``BackendUnavailable`` with the reason. FP8 attention (``fp8``, ``fa3-fp8``) is only ever named, never
+        picked: it adds rel-L2 ~0.2 to a forward (``runtime.kernels.fp8``), so it is logged when chosen."""
         self.attention_impl = resolve_attention(impl, self.patch_embedding.weight.device, self.patch_embedding.weight.dtype)
+        if self.attention_impl in FP8_ATTENTION:
+            log.warning("attention %s: FP8 q/k/v/P add ~0.2 rel-L2 to each forward (measured on random 14B weights); "
+                        "check it on your inputs with python -m runtime.quality", impl)
         return self.attention_impl
 
     def fuse_qkv(self) -> None:
@@ -445,8 +449,8 @@ class WanS2VDiT(nn.Module):
             block.self_attn.fuse_qkv()
 
     def set_precision(self, precision: str) -> None:
-        """``fp8``: block linears in FP8 e4m3 and FP8 self-attention (Hopper+; ``runtime.kernels.fp8``).
-        Irreversible for this model object (the BF16 block weights are replaced)."""
+        """``fp8``: the block linears of ``fp8.QUANTISED`` in FP8 e4m3 (Hopper+; ``runtime.kernels.fp8``); attention
+        stays as chosen by ``set_attention`` (bf16 unless an FP8 kernel is named). Irreversible for this model object (the BF16 block weights are replaced)."""
         if precision == self.precision or (precision in ("bf16", "fp16") and self.precision == "native"):
             return
         if precision != "fp8":
@@ -460,7 +464,6 @@ class WanS2VDiT(nn.Module):
         if self.dtype != torch.bfloat16:
             raise ConfigError(f"--precision fp8 quantises a bf16 model; this one is {self.dtype}: load it in bf16")
         fp8.quantize_blocks(self)
-        self.attention_impl = "fp8"
         self.precision = "fp8"
 
     def set_export(self, enabled: bool) -> None:
