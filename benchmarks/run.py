@@ -184,7 +184,7 @@ def fastest_attention(model, seq: int, device, candidates=("sdpa", "cudnn", "fa4
     q = torch.randn(1, seq, cfg.num_heads, cfg.head_dim, device=device, dtype=model.dtype)
     times = {}
     for impl in candidates:
-        if unavailable_reason(impl, device) is None:
+        if unavailable_reason(impl, device, cfg.head_dim) is None:
             try:
                 times[impl] = median(time_fn(lambda: _kernel(q, q, q, impl), device, warmup=1, repeat=3))
             except Exception as err:  # a kernel that fails here is simply not a candidate

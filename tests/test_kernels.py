@@ -125,6 +125,10 @@ def test_auto_prefers_fa4_then_fa3_on_sm90_and_falls_back(monkeypatch):
     cap["major"] = 9
     monkeypatch.setattr(fa4, "available", lambda device=None: "flash-attn-4 unavailable (ModuleNotFoundError)")
     assert resolve_attention("auto", dev, torch.bfloat16) == "fa3"
+    assert resolve_attention("auto", dev, torch.bfloat16, head_dim=128) == "fa3"
+    assert resolve_attention("auto", dev, torch.bfloat16, head_dim=16) == "sdpa"  # the build has head_dim 128 only
+    with pytest.raises(BackendUnavailable, match="head_dim"):
+        resolve_attention("fa3", dev, torch.bfloat16, head_dim=16)
     monkeypatch.setattr(fa3, "available", lambda device=None: "FlashAttention-3 unavailable (ModuleNotFoundError)")
     assert resolve_attention("auto", dev, torch.bfloat16) == "sdpa"
     assert att.PREFERENCE[9] == ("fa4", "fa3")

@@ -34,7 +34,8 @@ FP8_ATTENTION = ("fp8", "fa3-fp8")
 PREFERENCE: dict[int, tuple[str, ...]] = {9: ("fa4", "fa3")}
 
 
-def unavailable_reason(impl: str, device: torch.device) -> str | None:
+def unavailable_reason(impl: str, device: torch.device, head_dim: int | None = None) -> str | None:
+    """None when ``impl`` can run on ``device`` (for heads of ``head_dim``, when given), else why not."""
     if impl in ("sdpa", "onnx"):
         return None
     if impl == "cudnn":
@@ -48,6 +49,8 @@ def unavailable_reason(impl: str, device: torch.device) -> str | None:
     if impl in ("fa3", "fa3-fp8"):
         from runtime.kernels import fa3
 
+        if head_dim is not None and head_dim not in fa3.HEAD_DIMS:
+            return f"the FlashAttention-3 build has kernels for head_dim {fa3.HEAD_DIMS} only; this model has {head_dim}"
         return fa3.available(device)
     if impl == "fp8":
         from runtime.kernels import cudnn_sdpa
@@ -56,8 +59,9 @@ def unavailable_reason(impl: str, device: torch.device) -> str | None:
     return f"unknown attention kernel {impl!r}; choose one of: auto, {', '.join(IMPLEMENTATIONS[:-1])}"
 
 
-def resolve_attention(impl: str, device: torch.device, dtype: torch.dtype) -> str:
-    """``auto`` → the preferred kernel that runs on ``device`` for ``dtype``; a named kernel is checked."""
+def resolve_attention(impl: str, device: torch.device, dtype: torch.dtype, head_dim: int | None = None) -> str:
+    """``auto`` → the preferred kernel that runs on ``device`` for ``dtype`` (and ``head_dim``); a named kernel is
+    checked."""
     from runtime.errors import BackendUnavailable
 
     device = torch.device(device)
@@ -66,10 +70,10 @@ def resolve_attention(impl: str, device: torch.device, dtype: torch.dtype) -> st
             return "sdpa"
         major = torch.cuda.get_device_capability(device)[0]
         for cand in PREFERENCE.get(major, ("sdpa",)):
-            if unavailable_reason(cand, device) is None:
+            if unavailable_reason(cand, device, head_dim) is None:
                 return cand
         return "sdpa"
-    why = unavailable_reason(impl, device)
+    why = unavailable_reason(impl, device, head_dim)
     if why:
         raise BackendUnavailable(f"attention kernel {impl!r} cannot run here: {why}; use --attention auto or sdpa")
     if impl in ("cudnn", "fa4", "fa3", "fp8", "fa3-fp8") and dtype not in (torch.bfloat16, torch.float16):

@@ -437,7 +437,8 @@ class WanS2VDiT(nn.Module):
         of ``IMPLEMENTATIONS``; returns the kernel chosen. A named kernel that cannot run here raises
         ``BackendUnavailable`` with the reason. FP8 attention (``fp8``, ``fa3-fp8``) is only ever named, never
         picked: it adds rel-L2 ~0.2 to a forward (``runtime.kernels.fp8``), so it is logged when chosen."""
-        self.attention_impl = resolve_attention(impl, self.patch_embedding.weight.device, self.patch_embedding.weight.dtype)
+        weight = self.patch_embedding.weight
+        self.attention_impl = resolve_attention(impl, weight.device, weight.dtype, self.cfg.head_dim)
         if self.attention_impl in FP8_ATTENTION:
             log.warning("attention %s: FP8 q/k/v/P add ~0.2 rel-L2 to each forward (measured on random 14B weights); "
                         "check it on your inputs with python -m runtime.quality", impl)
