@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Session 4, call 6 (nvidia-h200, carry .fa3bin .whl2 .official): the changed tree on a GPU — GPU tests (kernels,
+# Session 4, call 6 (nvidia-h200, carry .fa3bin .whl2 .whl3 .official): the changed tree on a GPU — GPU tests (kernels,
 # CUDA-graph backends, official parity in bf16), and the tiny model end to end on CUDA with the new defaults.
 set -o pipefail
 export PYTHONPATH=$PWD/.fa3bin:/tmp/site:$PWD PYTHONUNBUFFERED=1

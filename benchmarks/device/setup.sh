@@ -12,6 +12,9 @@ install() { python3 -m pip install -q --no-index --no-deps --no-compile --no-cac
 if [ -d .whl2 ]; then
   install .whl2/*.whl
 fi
+if [ -d .whl3 ]; then  # the media stack (PyAV, soxr, ftfy) for the pipeline tests and runtime.generate
+  install .whl3/*.whl
+fi
 if [ -d .whl1 ]; then
   cp .whl1/cu13.part.* /tmp/
   install .whl1/*.whl

@@ -50,7 +50,8 @@ def unavailable_reason(impl: str, device: torch.device, head_dim: int | None = N
         from runtime.kernels import fa3
 
         if head_dim is not None and head_dim not in fa3.HEAD_DIMS:
-            return f"the FlashAttention-3 build has kernels for head_dim {fa3.HEAD_DIMS} only; this model has {head_dim}"
+            dims = ", ".join(map(str, fa3.HEAD_DIMS))
+            return f"the FlashAttention-3 build has kernels for head_dim {dims} only; this model has {head_dim}"
         return fa3.available(device)
     if impl == "fp8":
         from runtime.kernels import cudnn_sdpa
