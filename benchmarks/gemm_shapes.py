@@ -64,7 +64,14 @@ def main(argv=None) -> int:
         for case, fn in cases.items():
             try:
                 out = fn()
-                r = ref_gelu if "gelu" in case else 0.05 * (ref - b.float()) + b.float() if "0.05" in case else ref
+                if "gelu" in case:
+                    r = ref_gelu
+                elif "no bias" in case:
+                    r = ref - b.float()
+                elif "0.05" in case:
+                    r = 0.05 * (ref - b.float()) + b.float()
+                else:
+                    r = ref
                 err = float((out.float() - r).norm() / r.norm())
                 t = median(time_fn(fn, dev, warmup=3, repeat=args.repeat))
                 rows.append({"linear": name, "backend": case, "m": TOKENS, "n": n, "k": kd, "seconds": t,

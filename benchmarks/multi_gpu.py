@@ -108,7 +108,7 @@ def main(argv=None) -> int:
         try:
             layout = parallel.configure(ulysses, cfg_par, dev)
             m = model
-            if ulysses > 1:  # a fresh, uncompiled model: sequence-parallel ranks run eager blocks (compile_blocks)
+            if ulysses > 1:  # a fresh model, sharded before its blocks are compiled (as the pipeline does)
                 m = build(scn, dev)
                 m.set_attention(choice[0])
             parallel.shard_model(m, layout)

@@ -19,7 +19,9 @@ from benchmarks.common import device_description, markdown_table, median, result
 from benchmarks.flops import dit_forward_flops
 
 FAMILIES = (  # first match wins; names as CUPTI reports them
-    # Triton first: inductor names a fused norm/RoPE kernel after the ops it feeds (…_fa3_attention_…)
+    # Triton first: inductor names a fused norm/RoPE kernel after the ops it feeds (…_fa3_attention_…); its GEMM
+    # templates (max-autotune) are GEMMs
+    ("gemm", re.compile(r"^triton_tem", re.I)),
     ("fused elementwise (triton)", re.compile(r"^triton_|triton", re.I)),
     ("attention", re.compile(r"fmha|flash|attention|sdpa|cudnn_generated|fprop_sm90|kernel_cutlass_kernel_flash", re.I)),
     ("gemm", re.compile(r"gemm|nvjet|sm90_xmma|cutlass|_scaled_mm|matmul", re.I)),

@@ -201,8 +201,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
     ap.add_argument("--scenario", default="tiny-cpu", choices=sorted(SCENARIOS))
     ap.add_argument("--variants", default="torch",
-                    help="comma list of backend[:attention][@precision] (attention: sdpa, cudnn, fa4, fastest; "
-                         "precision: bf16, fp8), or 'official' (needs --official-repo)")
+                    help="comma list of backend[:attention][@precision] (attention: auto, sdpa, cudnn, fa4, fa3, "
+                         "fp8, fa3-fp8, fastest; precision: bf16, fp8 = FP8 linears, attention as named), or "
+                         "'official' (needs --official-repo)")
     ap.add_argument("--step-variants", default=None, help="variants whose CFG step is timed too (default: all but official)")
     ap.add_argument("--official-repo", default=None, help="a checkout of Wan-Video/Wan2.2 (the folder holding wan/)")
     ap.add_argument("--repeat", type=int, default=3)

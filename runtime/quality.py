@@ -89,13 +89,20 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = ap.parse_args(argv)
     try:
-        if args.precision == "fp8":  # refuse before loading anything
+        # refuse before loading anything (the reference run alone takes minutes)
+        dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if args.precision == "fp8":
             from runtime.kernels.fp8 import unsupported_reason
 
-            dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
             why = unsupported_reason(dev)
             if why:
                 raise S2VError(why)
+        if args.attention != "auto":
+            from runtime.models.attention import unavailable_reason
+
+            why = unavailable_reason(args.attention, dev)
+            if why:
+                raise S2VError(f"--attention {args.attention} cannot run here: {why}")
         if args.ckpt_dir == "tiny":
             args.image = args.image or demo_image()
             args.audio = args.audio or demo_speech()

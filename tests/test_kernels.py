@@ -127,24 +127,43 @@ def test_auto_prefers_fa4_then_fa3_on_sm90_and_falls_back(monkeypatch):
     assert resolve_attention("auto", dev, torch.bfloat16) == "fa3"
     assert resolve_attention("auto", dev, torch.bfloat16, head_dim=128) == "fa3"
     assert resolve_attention("auto", dev, torch.bfloat16, head_dim=16) == "sdpa"  # the build has head_dim 128 only
-    with pytest.raises(BackendUnavailable, match="head_dim"):
-        resolve_attention("fa3", dev, torch.bfloat16, head_dim=16)
+    for impl in ("fa3", "fa3-fp8"):
+        with pytest.raises(BackendUnavailable, match="head_dim"):
+            resolve_attention(impl, dev, torch.bfloat16, head_dim=16)
+    assert resolve_attention("auto", dev, torch.float16, head_dim=128) == "sdpa"  # the build has bf16 kernels only
+    with pytest.raises(BackendUnavailable, match="bf16 kernels only"):
+        resolve_attention("fa3", dev, torch.float16, head_dim=128)
     monkeypatch.setattr(fa3, "available", lambda device=None: "FlashAttention-3 unavailable (ModuleNotFoundError)")
     assert resolve_attention("auto", dev, torch.bfloat16) == "sdpa"
     assert att.PREFERENCE[9] == ("fa4", "fa3")
     assert not set(att.FP8_ATTENTION) & {k for ks in att.PREFERENCE.values() for k in ks}
 
 
-def test_fp8_model_keeps_exact_attention_unless_fp8_is_named():
-    """``--precision fp8`` quantises linears only: ``auto`` resolves as on a bf16 model (here the CPU: SDPA)."""
+def test_fp8_model_keeps_exact_attention_unless_fp8_is_named(monkeypatch, caplog):
+    """``--precision fp8`` quantises linears only: the attention stays what it was and ``auto`` resolves as on a
+    bf16 model (here the CPU: SDPA); an FP8 kernel runs only when named, and is logged."""
+    import runtime.models.dit as dit_mod
     from runtime.tiny import tiny_dit
 
     model = tiny_dit(torch.bfloat16, "cpu")
-    fp8.quantize_blocks(model)
-    model.precision = "fp8"  # what set_precision does after its device check (which refuses the CPU)
+    monkeypatch.setattr(fp8, "unsupported_reason", lambda device: None)  # let the CPU pass the Hopper check
+    model.set_precision("fp8")
+    assert model.precision == "fp8" and isinstance(model.blocks[0].ffn[0], fp8.FP8Linear)
+    assert model.attention_impl == "sdpa"
     assert model.set_attention("auto") == "sdpa"
     with pytest.raises(BackendUnavailable, match="attention kernel 'fp8' cannot run here"):
         model.set_attention("fp8")
+    seen = {}
+
+    def fake_resolve(impl, device, dtype, head_dim=None):
+        seen.update(impl=impl, dtype=dtype, head_dim=head_dim)
+        return impl
+
+    monkeypatch.setattr(dit_mod, "resolve_attention", fake_resolve)
+    with caplog.at_level("WARNING", logger="runtime.models.dit"):
+        assert model.set_attention("fa3-fp8") == "fa3-fp8"
+    assert seen == {"impl": "fa3-fp8", "dtype": torch.bfloat16, "head_dim": model.cfg.head_dim}
+    assert "FP8 q/k/v/P add ~0.2 rel-L2" in caplog.text
 
 
 def test_sdpa_path_equals_float64_reference():

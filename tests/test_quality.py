@@ -34,6 +34,15 @@ def test_fp8_refused_on_cpu_before_loading(capsys, monkeypatch):
     assert len(err) == 1 and "needs an NVIDIA Hopper" in err[0] and "--precision bf16" in err[0]
 
 
+def test_unrunnable_attention_refused_before_loading(capsys, monkeypatch):
+    import runtime.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline.S2VPipeline, "from_pretrained", lambda *a, **k: pytest.fail("loaded a model"))
+    assert main(["--precision", "bf16", "--attention", "fa3-fp8", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--attention fa3-fp8 cannot run here" in err[0], err
+
+
 def test_tiny_fp16_against_bf16(capsys):
     assert main(["--precision", "fp16", "--reference", "bf16", "--device", "cpu", "--sample_steps", "2",
                  "--infer_frames", "16", "--attention", "sdpa", "--json"]) == 0

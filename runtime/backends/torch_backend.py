@@ -8,7 +8,6 @@ from runtime.errors import BackendUnavailable
 from runtime.models.dit import ClipConditions, WanS2VDiT
 
 
-
 class TorchDiT:
     """Eager reference: ``forward(x, t_freq, cond) -> velocity`` (fp32)."""
 
@@ -26,8 +25,8 @@ def compile_blocks(model: WanS2VDiT) -> None:
 
     With nn-module inlining the parameters are graph inputs, so all blocks share one compiled graph per
     shape. Measured on an H200 at 704×1024: 9.21 s → 8.09 s per later-clip forward. Sequence-parallel (Ulysses)
-    ranks compile too: with the real-valued RoPE their step agrees with one GPU (rel-L2 0.005 on two H200s, as CFG
-    parallel's 0.004; the complex-valued RoPE had given 0.33 there)."""
+    ranks compile too: since the real-valued RoPE their step agrees with one GPU (rel-L2 0.005 on two H200s, as CFG
+    parallel's 0.004); compiled blocks had disagreed there before (0.16 after two blocks), cause not isolated."""
     cfg = torch._dynamo.config
     for knob in ("recompile_limit", "cache_size_limit"):  # renamed across torch versions
         if hasattr(cfg, knob):

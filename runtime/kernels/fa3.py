@@ -19,7 +19,8 @@ import torch
 # k_new, v_new, q_v, out, cu_seqlens_q, cu_seqlens_k, cu_seqlens_k_new, seqused_q, seqused_k, max_seqlen_q,
 # max_seqlen_k, page_table, kv_batch_idx, leftpad_k, rotary_cos, rotary_sin, seqlens_rotary — all None here.
 _UNUSED = (None,) * 17
-HEAD_DIMS = (128,)  # what build_fa3.sh / fa3_build.py compile (the 14B model's head_dim)
+HEAD_DIMS = (128,)  # what build_fa3.sh / fa3_build.py compile (the 14B model's head_dim) ...
+DTYPES = (torch.bfloat16,)  # ... and in bf16 only (fp16 is compiled out; FP8 inputs come from a bf16 model)
 
 
 def _ops():

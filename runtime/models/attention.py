@@ -34,8 +34,10 @@ FP8_ATTENTION = ("fp8", "fa3-fp8")
 PREFERENCE: dict[int, tuple[str, ...]] = {9: ("fa4", "fa3")}
 
 
-def unavailable_reason(impl: str, device: torch.device, head_dim: int | None = None) -> str | None:
-    """None when ``impl`` can run on ``device`` (for heads of ``head_dim``, when given), else why not."""
+def unavailable_reason(impl: str, device: torch.device, head_dim: int | None = None,
+                       dtype: torch.dtype | None = None) -> str | None:
+    """None when ``impl`` can run on ``device`` (for heads of ``head_dim`` and a model of ``dtype``, when given),
+    else why not."""
     if impl in ("sdpa", "onnx"):
         return None
     if impl == "cudnn":
@@ -52,6 +54,8 @@ def unavailable_reason(impl: str, device: torch.device, head_dim: int | None = N
         if head_dim is not None and head_dim not in fa3.HEAD_DIMS:
             dims = ", ".join(map(str, fa3.HEAD_DIMS))
             return f"the FlashAttention-3 build has kernels for head_dim {dims} only; this model has {head_dim}"
+        if dtype is not None and dtype not in fa3.DTYPES:
+            return f"the FlashAttention-3 build has bf16 kernels only; this model is {dtype}"
         return fa3.available(device)
     if impl == "fp8":
         from runtime.kernels import cudnn_sdpa
@@ -71,10 +75,10 @@ def resolve_attention(impl: str, device: torch.device, dtype: torch.dtype, head_
             return "sdpa"
         major = torch.cuda.get_device_capability(device)[0]
         for cand in PREFERENCE.get(major, ("sdpa",)):
-            if unavailable_reason(cand, device, head_dim) is None:
+            if unavailable_reason(cand, device, head_dim, dtype) is None:
                 return cand
         return "sdpa"
-    why = unavailable_reason(impl, device, head_dim)
+    why = unavailable_reason(impl, device, head_dim, dtype)
     if why:
         raise BackendUnavailable(f"attention kernel {impl!r} cannot run here: {why}; use --attention auto or sdpa")
     if impl in ("cudnn", "fa4", "fa3", "fp8", "fa3-fp8") and dtype not in (torch.bfloat16, torch.float16):
