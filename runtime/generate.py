@@ -84,8 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--start_from_ref", action="store_true", default=False, help="start the video from the reference image")
     p.add_argument("--infer_frames", type=int, default=80, help="frames per clip, a multiple of 4 (48 or 80)")
     # this project
-    p.add_argument("--backend", default="torch",
-                   help="DiT backend: torch, torch-compile, torch-graph (CUDA), onnxruntime, tensorrt")
+    p.add_argument("--backend", default="auto",
+                   help="DiT backend: auto (torch-graph on CUDA: compiled blocks + CUDA graph, ~30 s of compilation per "
+                        "clip shape; torch on the CPU or with --offload_model), torch, torch-compile, torch-graph, "
+                        "onnxruntime, tensorrt")
     p.add_argument("--attention", default="auto", choices=ATTENTION_CHOICES,
                    help="self-attention kernel. auto: the fastest exact kernel measured on this GPU that is installed "
                         "(Hopper: FlashAttention-4 from flash-attn-4, else FlashAttention-3 built from source by "
@@ -266,7 +268,7 @@ def _generate(args, image, audio, seed: int, size: str, save: Path) -> Path:
         if err is None:
             raise
         raise err from None
-    logging.info("loaded %s on %s in %.1fs (backend %s)", args.ckpt_dir, pipe.device, time.perf_counter() - t0, args.backend)
+    logging.info("loaded %s on %s in %.1fs (backend %s)", args.ckpt_dir, pipe.device, time.perf_counter() - t0, pipe.backend_name)
     logging.info("seed %d", seed)
     t0 = time.perf_counter()
     try:

@@ -64,11 +64,11 @@ def check_mp4_name(path: str | Path, flag: str = "path") -> None:
 
 
 def check_backend(backend: str, offload_model: bool = False) -> None:
-    from runtime.backends import BACKENDS
+    from runtime.backends import CHOICES
     from runtime.errors import BackendUnavailable
 
-    if backend not in BACKENDS:
-        raise BackendUnavailable(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
+    if backend not in CHOICES:
+        raise BackendUnavailable(f"unknown backend {backend!r}; choose one of: {', '.join(CHOICES)}")
     if offload_model and backend == "torch-graph":
         raise ConfigError("offload_model cannot be used with backend torch-graph (its CUDA graphs pin the DiT weights "
                           "on the GPU); use backend torch or torch-compile, or turn offloading off")
@@ -106,11 +106,11 @@ def video_to_uint8(video: torch.Tensor) -> np.ndarray:
 
 
 class S2VPipeline:
-    def __init__(self, dit, vae, text_encoder, audio_encoder, device: torch.device, backend: str = "torch",
+    def __init__(self, dit, vae, text_encoder, audio_encoder, device: torch.device, backend: str = "auto",
                  t5_cpu: bool = False, offload_model: bool = False, name: str = "", engines_dir: str = "engines",
                  attention: str = "auto", precision: str | None = None, parallel=None):
         from runtime import parallel as par
-        from runtime.backends import make_backend
+        from runtime.backends import make_backend, resolve_backend
         from runtime.sampler import S2VSampler
 
         self.dit, self.vae, self.text_encoder, self.audio_encoder = dit, vae, text_encoder, audio_encoder
@@ -119,6 +119,8 @@ class S2VPipeline:
         self.name = name
         self.parallel = parallel  # runtime.parallel.Layout under torchrun, else None
         check_backend(backend, offload_model)
+        backend = resolve_backend(backend, device, offload_model)
+        self.backend_name = backend
         if precision == "fp8":
             dit.set_precision("fp8")  # refuses (ConfigError) where FP8 does not run: never a silent fallback
         dit.set_attention(attention)
@@ -136,14 +138,15 @@ class S2VPipeline:
     # ----------------------------------------------------------------- loading
     @classmethod
     def from_pretrained(cls, path: str | Path = TINY, device: str | torch.device | None = None,
-                        dtype: torch.dtype | None = None, backend: str = "torch", t5_cpu: bool = False,
+                        dtype: torch.dtype | None = None, backend: str = "auto", t5_cpu: bool = False,
                         offload_model: bool = False, engines_dir: str = "engines", attention: str = "auto",
                         precision: str | None = None, parallel=None) -> "S2VPipeline":
         """Load the official ``Wan2.2-S2V-14B/`` folder unchanged, or ``"tiny"`` (built-in random toy model).
 
         dtype: DiT parameter dtype (default bf16 on CUDA, float32 on CPU). The VAE runs in float32, wav2vec2
-        in float32, UMT5 in bf16 (float32 on CPU), as the official pipeline. backend: torch, torch-compile,
-        torch-graph, onnxruntime or tensorrt (the last two read ``engines_dir`` written by ``export.build``).
+        in float32, UMT5 in bf16 (float32 on CPU), as the official pipeline. backend: auto (torch-graph on CUDA,
+        torch on the CPU or with offload_model), torch, torch-compile, torch-graph, onnxruntime or tensorrt (the last
+        two read ``engines_dir`` written by ``export.build``).
         attention: self-attention kernel (``runtime.models.attention.CHOICES``; auto = the fastest exact one here).
         precision: None/"bf16"/"fp16" (the DiT dtype) or "fp8" (FP8 block linears on Hopper+, refused elsewhere;
         attention stays bf16 unless an FP8 kernel is named). parallel: the

@@ -84,7 +84,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sample_steps", type=int, default=40)
     ap.add_argument("--num_clip", type=int, default=None)
     ap.add_argument("--size", default=None)
-    ap.add_argument("--backend", default="torch")
+    ap.add_argument("--backend", default="auto", help="as runtime.generate's (auto: torch-graph on CUDA, torch on the CPU)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = ap.parse_args(argv)

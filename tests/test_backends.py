@@ -208,3 +208,21 @@ def test_sequence_parallel_ranks_compile_their_blocks():
     model.sp = SeqShard(0, 2)
     compile_blocks(model)
     assert model.compiled and hasattr(model.blocks[0].forward, "_torchdynamo_orig_callable")
+
+
+def test_auto_backend_is_the_graph_on_cuda_and_eager_elsewhere():
+    """The default ``--backend auto``: the fastest path on CUDA, the float32 reference path on the CPU, eager when the
+    DiT is offloaded (CUDA graphs would pin it); named backends pass through."""
+    from runtime.backends import resolve_backend
+    from runtime.pipeline import check_backend
+
+    assert resolve_backend("auto", "cuda") == "torch-graph"
+    assert resolve_backend("auto", torch.device("cuda", 1)) == "torch-graph"
+    assert resolve_backend("auto", "cpu") == "torch"
+    assert resolve_backend("auto", "cuda", offload_model=True) == "torch"
+    assert resolve_backend("torch-compile", "cuda") == "torch-compile"
+    check_backend("auto", offload_model=True)  # auto never conflicts with offloading
+    with pytest.raises(BackendUnavailable, match="choose one of: auto, torch"):
+        check_backend("graph")
+    pipe = S2VPipeline.from_pretrained("tiny", device="cpu")
+    assert pipe.backend_name == "torch" and pipe.backend.name == "torch"

@@ -14,8 +14,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--data_dir", required=True, help="where the job table, uploads and videos live (kept across restarts)")
-    p.add_argument("--backend", default="torch",
-                   help="DiT backend: torch, torch-compile, torch-graph (CUDA), onnxruntime, tensorrt")
+    p.add_argument("--backend", default="auto",
+                   help="DiT backend: auto (torch-graph on CUDA, torch on the CPU or with --offload_model), torch, "
+                        "torch-compile, torch-graph, onnxruntime, tensorrt")
     p.add_argument("--engines_dir", default="engines", help="where export.build wrote ONNX graphs and engines")
     p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
     p.add_argument("--offload_model", action="store_true", help="keep UMT5/wav2vec2 on the CPU between uses")
