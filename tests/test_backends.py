@@ -226,3 +226,39 @@ def test_auto_backend_is_the_graph_on_cuda_and_eager_elsewhere():
         check_backend("graph")
     pipe = S2VPipeline.from_pretrained("tiny", device="cpu")
     assert pipe.backend_name == "torch" and pipe.backend.name == "torch"
+
+
+def test_graph_backend_drops_other_shapes_when_a_capture_runs_out_of_memory(monkeypatch):
+    """A server meeting many resolutions: graphs are kept per shape until a capture hits OOM, then the others go
+    and the capture is retried once; OOM with nothing to drop is raised. (Logic only: captures are faked.)"""
+    from runtime.backends import torch_backend as tb
+
+    state = {"oom": 0, "made": 0}
+
+    class FakeCaptured:
+        def __init__(self, model, x, t_freq, cond, warmup):
+            if state["oom"]:
+                state["oom"] -= 1
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+            state["made"] += 1
+            self.out = x * 2
+            self.inputs = type("I", (), {"load": lambda *a: None})()
+            self.graph = type("G", (), {"replay": lambda *a: None})()
+
+    monkeypatch.setattr(tb, "_Captured", FakeCaptured)
+    monkeypatch.setattr(tb, "shape_key", lambda x, t, c: tuple(x.shape))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    g = object.__new__(tb.GraphDiT)  # the constructor needs CUDA; the cache logic does not
+    g.model, g.warmup, g.graphs = None, 0, tb.OrderedDict()
+    a, b, c = torch.ones(1, 2), torch.ones(1, 3), torch.ones(1, 4)
+    torch.testing.assert_close(g.forward(a, None, None), a * 2)
+    g.forward(b, None, None)
+    g.forward(a, None, None)  # a becomes the most recently used
+    assert list(g.graphs) == [(1, 3), (1, 2)] and state["made"] == 2
+    state["oom"] = 1
+    torch.testing.assert_close(g.forward(c, None, None), c * 2)
+    assert list(g.graphs) == [(1, 4)] and state["made"] == 3
+    g.graphs.clear()
+    state["oom"] = 1
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        g.forward(a, None, None)

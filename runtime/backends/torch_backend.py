@@ -1,11 +1,17 @@
 """PyTorch DiT backends: eager, compiled blocks, and compiled blocks replayed as a CUDA graph."""
 from __future__ import annotations
 
+import gc
+import logging
+from collections import OrderedDict
+
 import torch
 
 from runtime.backends.static_inputs import StaticInputs, shape_key
 from runtime.errors import BackendUnavailable
 from runtime.models.dit import ClipConditions, WanS2VDiT
+
+log = logging.getLogger(__name__)
 
 
 class TorchDiT:
@@ -69,7 +75,10 @@ class GraphDiT(TorchDiT):
     """The step captured as a CUDA graph per (resolution, clip kind, batch), reused across clips and requests.
 
     Per call it copies x and t_freq into the captured buffers (a few MB) and replays; per clip it copies the
-    clip conditions once. Blocks are compiled first (``compile=True``) so the graph replays fused kernels."""
+    clip conditions once. Blocks are compiled first (``compile=True``) so the graph replays fused kernels.
+    Each graph keeps its own activation memory (GBs at 704×1024), so a server that meets many resolutions would
+    fill the GPU: when a new capture runs out of memory, the graphs of other shapes are dropped and it is retried
+    once (they are captured again when their shape returns)."""
 
     name = "torch-graph"
 
@@ -80,13 +89,29 @@ class GraphDiT(TorchDiT):
         if compile:
             compile_blocks(model)
         self.warmup = warmup
-        self.graphs: dict[tuple, _Captured] = {}
+        self.graphs: OrderedDict[tuple, _Captured] = OrderedDict()  # least recently used first
 
     def forward(self, x: torch.Tensor, t_freq: torch.Tensor, cond: ClipConditions) -> torch.Tensor:
         key = shape_key(x, t_freq, cond)
         cap = self.graphs.get(key)
         if cap is None:
-            cap = self.graphs[key] = _Captured(self.model, x, t_freq, cond, self.warmup)
+            cap = self._capture(key, x, t_freq, cond)
+        self.graphs.move_to_end(key)
         cap.inputs.load(x, t_freq, cond)
         cap.graph.replay()
         return cap.out.clone()  # the captured output is overwritten by the next replay
+
+    def _capture(self, key: tuple, x: torch.Tensor, t_freq: torch.Tensor, cond: ClipConditions) -> _Captured:
+        try:
+            cap = _Captured(self.model, x, t_freq, cond, self.warmup)
+        except torch.cuda.OutOfMemoryError:
+            if not self.graphs:
+                raise
+            log.warning("CUDA graph for a new shape ran out of GPU memory; dropping the %d graph(s) of other shapes "
+                        "and capturing again", len(self.graphs))
+            self.graphs.clear()
+            gc.collect()  # the failed capture's tensors
+            torch.cuda.empty_cache()
+            cap = _Captured(self.model, x, t_freq, cond, self.warmup)
+        self.graphs[key] = cap
+        return cap
