@@ -95,9 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(FlashAttention-3) quantise q/k/v to FP8: 20-30 %% faster attention, but ~0.2 rel-L2 per "
                         "forward; only when named, and check it with python -m runtime.quality")
     p.add_argument("--precision", default=None, choices=["bf16", "fp16", "fp8"],
-                   help="DiT precision (default bf16 on CUDA, fp32 on the CPU); fp8 (Hopper or newer): the self-attention "
-                        "qkv/o and FFN linears in FP8 (1.12x faster forward, rel-L2 0.042 vs bf16 on random weights), "
-                        "attention as --attention says. Check it on your inputs with python -m runtime.quality")
+                   help="DiT precision (default bf16 on CUDA, fp32 on the CPU); fp8 (Hopper or newer): the "
+                        "self-attention qkv/o and FFN linears in FP8 (1.11x faster forward on an H200, rel-L2 0.042 "
+                        "vs bf16 on random weights), attention as --attention says. Check it on your inputs with "
+                        "python -m runtime.quality")
     p.add_argument("--engines_dir", default="engines", help="where export.build wrote ONNX graphs and engines")
     p.add_argument("--no_batch_cfg", action="store_true", default=False,
                    help="run cond and uncond as two DiT calls per step, as the official (default: one batch-2 call; same math)")
