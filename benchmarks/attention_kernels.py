@@ -6,6 +6,8 @@ cuDNN called directly, FlashAttention-4 (its default tile and each SM90 tile of 
 (``benchmarks/device/build_fa3.sh``: bf16, and FP8 with per-head q/k/v scales and bf16 output, kernel alone and
 with eager per-head quantisation) — seconds per call, TFLOP/s (4·S²·5120 per call), and rel-L2 against a float32
 reference on a slice of queries. GEMMs at the FFN up-projection shape: bf16, FP8 row-wise (``_scaled_mm``).
+``sdpa fp16`` / ``cudnn fp16`` / ``gemm fp16``: the same kernels on fp16 copies of the inputs (same tensor-core rate
+on paper; under the H200's power cap the data type can change the clock).
 """
 from __future__ import annotations
 
@@ -70,7 +72,9 @@ def main(argv=None) -> int:
             (q8h, dqh), (k8h, dkh), (v8h, dvh) = [(None, None)] * 3
         else:
             (q8h, dqh), (k8h, dkh), (v8h, dvh) = (quantize_heads(t) for t in (q, k, v))
+        h16 = [t.half() for t in (q, k, v)] if wanted("sdpa fp16") or wanted("cudnn fp16") else [None] * 3
         cases = {"sdpa": lambda: _kernel(q, k, v, "sdpa"), "cudnn": lambda: _kernel(q, k, v, "cudnn"),
+                 "sdpa fp16": lambda: _kernel(*h16, "sdpa"), "cudnn fp16": lambda: _kernel(*h16, "cudnn"),
                  "fa4": lambda: _kernel(q, k, v, "fa4"),
                  **{f"fa4 {m}x{n}": (lambda t=(m, n): fa4.run(q, k, v, t)) for m, n in fa4.SWEEP_TILES},
                  "fp8 (kernel)": lambda: (cudnn_sdpa.sdpa_fp8(q8, k8, v8, dq, dk, dv).float() * dv),
@@ -94,14 +98,15 @@ def main(argv=None) -> int:
             except Exception as e:
                 errors.append({"kernel": name, "tokens": s, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"})
                 print(errors[-1], flush=True)
-        del q, k, v, q8, k8, v8, q8h, k8h, v8h
+        del q, k, v, q8, k8, v8, q8h, k8h, v8h, h16
     m, kd, n = 63360, 5120, 13824
     a = torch.randn(m, kd, device=dev, dtype=torch.bfloat16)
     w = torch.randn(n, kd, device=dev, dtype=torch.bfloat16) * 0.02
     ref = a.float() @ w.float().t()
     w8, sw = weight_scales(w)
     a8, sa = quantize_rows(a)
-    gemms = {"bf16": lambda: a @ w.t(),
+    a16, w16 = (a.half(), w.half()) if wanted("gemm fp16") else (None, None)
+    gemms = {"bf16": lambda: a @ w.t(), "fp16": lambda: a16 @ w16.t(),
              "fp8 rowwise": lambda: torch._scaled_mm(a8, w8.t(), scale_a=sa, scale_b=sw, out_dtype=torch.bfloat16),
              "fp8 rowwise fast-accum": lambda: torch._scaled_mm(a8, w8.t(), scale_a=sa, scale_b=sw, out_dtype=torch.bfloat16,
                                                                 use_fast_accum=True),

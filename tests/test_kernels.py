@@ -107,9 +107,10 @@ def test_attention_choice_on_cpu():
     assert cudnn_sdpa.available(dev) and fa4.available(dev)  # reasons, not None
 
 
-def test_auto_prefers_fa4_then_fa3_on_sm90_and_falls_back(monkeypatch):
-    """``auto`` on a (faked) Hopper picks FlashAttention-4 when it loads, else FlashAttention-3 when built, else
-    PyTorch's SDPA, and SDPA on majors without a measured preference; bf16/fp16 only; never an FP8 kernel."""
+def test_auto_prefers_fa3_then_fa4_on_sm90_and_falls_back(monkeypatch):
+    """``auto`` on a (faked) Hopper picks FlashAttention-3 when built (and its head_dim/dtype fit), else
+    FlashAttention-4 when it loads, else PyTorch's SDPA, and SDPA on majors without a measured preference;
+    bf16/fp16 only; never an FP8 kernel."""
     from runtime.kernels import fa3
     from runtime.models import attention as att
 
@@ -118,24 +119,28 @@ def test_auto_prefers_fa4_then_fa3_on_sm90_and_falls_back(monkeypatch):
     dev = torch.device("cuda")
     monkeypatch.setattr(fa4, "available", lambda device=None: None)
     monkeypatch.setattr(fa3, "available", lambda device=None: None)
-    assert resolve_attention("auto", dev, torch.bfloat16) == "fa4"
+    assert resolve_attention("auto", dev, torch.bfloat16) == "fa3"
+    assert resolve_attention("auto", dev, torch.bfloat16, head_dim=128) == "fa3"
+    assert resolve_attention("auto", dev, torch.bfloat16, head_dim=16) == "fa4"  # the FA3 build has head_dim 128 only
+    assert resolve_attention("auto", dev, torch.float16, head_dim=128) == "fa4"  # ... and bf16 kernels only
     assert resolve_attention("auto", dev, torch.float32) == "sdpa"
     cap["major"] = 8
     assert resolve_attention("auto", dev, torch.bfloat16) == "sdpa"
     cap["major"] = 9
     monkeypatch.setattr(fa4, "available", lambda device=None: "flash-attn-4 unavailable (ModuleNotFoundError)")
-    assert resolve_attention("auto", dev, torch.bfloat16) == "fa3"
     assert resolve_attention("auto", dev, torch.bfloat16, head_dim=128) == "fa3"
-    assert resolve_attention("auto", dev, torch.bfloat16, head_dim=16) == "sdpa"  # the build has head_dim 128 only
+    assert resolve_attention("auto", dev, torch.bfloat16, head_dim=16) == "sdpa"
     for impl in ("fa3", "fa3-fp8"):
         with pytest.raises(BackendUnavailable, match="head_dim"):
             resolve_attention(impl, dev, torch.bfloat16, head_dim=16)
-    assert resolve_attention("auto", dev, torch.float16, head_dim=128) == "sdpa"  # the build has bf16 kernels only
+    assert resolve_attention("auto", dev, torch.float16, head_dim=128) == "sdpa"
     with pytest.raises(BackendUnavailable, match="bf16 kernels only"):
         resolve_attention("fa3", dev, torch.float16, head_dim=128)
     monkeypatch.setattr(fa3, "available", lambda device=None: "FlashAttention-3 unavailable (ModuleNotFoundError)")
     assert resolve_attention("auto", dev, torch.bfloat16) == "sdpa"
-    assert att.PREFERENCE[9] == ("fa4", "fa3")
+    monkeypatch.setattr(fa4, "available", lambda device=None: None)
+    assert resolve_attention("auto", dev, torch.bfloat16) == "fa4"
+    assert att.PREFERENCE[9] == ("fa3", "fa4")
     assert not set(att.FP8_ATTENTION) & {k for ks in att.PREFERENCE.values() for k in ks}
 
 

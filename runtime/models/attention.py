@@ -26,12 +26,13 @@ CHOICES = ("auto",) + tuple(i for i in IMPLEMENTATIONS if i != "onnx")
 # Kernels that quantise q/k/v (and P) to e4m3: never chosen by "auto", only when named (see runtime.kernels.fp8).
 FP8_ATTENTION = ("fp8", "fa3-fp8")
 # "auto": the first kernel of this list that can run, per compute capability major; elsewhere SDPA. On the H200
-# (benchmarks/results/nvidia-h200/attention_kernels*.md, 40 heads × 128, 59k-63k tokens): FlashAttention-4's SM90
-# forward 674-685 TFLOP/s, FlashAttention-3 (built from source) 670-673, cuDNN called directly 623-625, PyTorch's
-# SDPA (which dispatches to the same cuDNN kernel) 605-625. In the model FA3 and FA4 give the same later-clip
-# forward (7.73 s each), so FA3 is the fallback where FA4 is not installed. Other majors keep SDPA until a kernel
-# is measured faster there.
-PREFERENCE: dict[int, tuple[str, ...]] = {9: ("fa4", "fa3")}
+# (benchmarks/results/nvidia-h200/attention_kernels*.md, 40 heads × 128, 59k-63k tokens), kernel alone:
+# FlashAttention-3 (built from source) 669-701 TFLOP/s, FlashAttention-4's SM90 forward 664-685, cuDNN called
+# directly 621-629, PyTorch's SDPA (which dispatches to the same cuDNN kernel) 605-627. In the model, both in one
+# process (run_*-704x1024-80f_fa4-vs-fa3.md): FA3 7.66 s vs FA4 7.73 s (later clip), 6.71 vs 6.92 s (first clip),
+# so FA3 comes first where it is built and FA4 (pip-installable; fp16 too) next. Other majors keep SDPA until a
+# kernel is measured faster there.
+PREFERENCE: dict[int, tuple[str, ...]] = {9: ("fa3", "fa4")}
 
 
 def unavailable_reason(impl: str, device: torch.device, head_dim: int | None = None,
