@@ -90,13 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "onnxruntime, tensorrt")
     p.add_argument("--attention", default="auto", choices=ATTENTION_CHOICES,
                    help="self-attention kernel. auto: the fastest exact kernel measured on this GPU that is installed "
-                        "(Hopper: FlashAttention-4 from flash-attn-4, else FlashAttention-3 built from source by "
-                        "benchmarks/device/build_fa3.sh, else PyTorch SDPA; elsewhere SDPA). fp8 (cuDNN) and fa3-fp8 "
+                        "(Hopper: FlashAttention-3 built from source by benchmarks/device/build_fa3.sh, else "
+                        "FlashAttention-4 from flash-attn-4, else PyTorch SDPA; elsewhere SDPA). fp8 (cuDNN) and fa3-fp8 "
                         "(FlashAttention-3) quantise q/k/v to FP8: 20-30 %% faster attention, but ~0.2 rel-L2 per "
                         "forward; only when named, and check it with python -m runtime.quality")
     p.add_argument("--precision", default=None, choices=["bf16", "fp16", "fp8"],
                    help="DiT precision (default bf16 on CUDA, fp32 on the CPU); fp8 (Hopper or newer): the "
-                        "self-attention qkv/o and FFN linears in FP8 (1.11x faster forward on an H200, rel-L2 0.042 "
+                        "self-attention qkv/o and FFN linears in FP8 (1.12x faster forward on an H200, rel-L2 0.042 "
                         "vs bf16 on random weights), attention as --attention says. Check it on your inputs with "
                         "python -m runtime.quality")
     p.add_argument("--engines_dir", default="engines", help="where export.build wrote ONNX graphs and engines")
