@@ -1,0 +1,99 @@
+"""``python -m benchmarks.inductor_options``: do inductor settings shorten the compiled blocks' elementwise kernels?
+
+The profile (``profile_later-…-fa3.md``) shows 0.40 s of fused Triton kernels per forward; the largest, the q/k
+RMSNorm + RoPE, moves ~2.6 GB per block at ~1 TB/s. Its reduction runs over 5,120 channels, above inductor's
+limit for a persistent (single-pass) reduction (1,024), so the row is read twice. Candidates, each compiled afresh
+on the same model and inputs: ``triton.multi_kernel`` (also generates the persistent variant and picks the faster
+at run time), ``coordinate_descent_tuning`` (tunes the Triton kernels' block sizes). Per setting: forward seconds
+(CUDA events, median), the Triton kernels' time from one profiled forward, rel-L2 vs the default setting.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import device_description, markdown_table, median, results_dir, sync, time_fn, write_results
+
+SETTINGS = {
+    "default": {},
+    "multi_kernel": {"triton.multi_kernel": 1},
+    "coordinate_descent": {"coordinate_descent_tuning": True},
+    "multi_kernel+coordinate_descent": {"triton.multi_kernel": 1, "coordinate_descent_tuning": True},
+}
+
+
+def triton_ms(fn, device) -> float:
+    """Milliseconds of Triton (inductor) kernels in one call of ``fn`` (CUDA)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize(device)
+    return sum(e.device_time for e in prof.events()
+               if e.device_type == torch.autograd.DeviceType.CUDA and e.name.startswith("triton_")) / 1e3
+
+
+def main(argv=None) -> int:
+    from benchmarks.run import SCENARIOS, build, clip_conditions
+    from runtime.backends.torch_backend import compile_blocks, uncompile_blocks
+    from runtime.models.dit import timestep_frequencies
+
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.inductor_options", description=__doc__.splitlines()[0])
+    ap.add_argument("--scenario", default="later-704x1024-80f", choices=sorted(SCENARIOS))
+    ap.add_argument("--attention", default="auto")
+    ap.add_argument("--settings", default=",".join(SETTINGS), help=f"comma list of {', '.join(SETTINGS)}")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    scn = SCENARIOS[args.scenario]
+    dev = torch.device("cuda" if scn.model != "tiny" else "cpu")  # tiny-cpu: a smoke run of the script itself
+    torch.set_grad_enabled(False)
+    model = build(scn, dev)
+    model.set_attention(args.attention)
+    x, cond, _, _ = clip_conditions(model, scn, dev, model.dtype)
+    t_freq = timestep_frequencies([500.0], model.cfg.freq_dim).to(dev)
+    step = lambda: model.step(x, t_freq, *cond.as_tuple())  # noqa: E731
+    rows, errors, ref = [], [], None
+    meta = {"device": device_description(dev), "scenario": scn.name, "tokens": cond.num_tokens,
+            "attention": model.attention_impl,
+            "command": "python -m benchmarks.inductor_options " + " ".join(sys.argv[1:] if argv is None else argv),
+            "notes": "one model, blocks recompiled per setting (torch._dynamo.reset between); compiled blocks "
+                     "without a CUDA graph; forward = CUDA events, median of repeats after 2 warm-ups"}
+    out = results_dir(args.out, dev)
+
+    def save():
+        table = markdown_table(rows, ["setting", "forward_s", "triton_ms", "compile_s", "rel_l2_vs_default"])
+        if errors:
+            table += "\n\n" + markdown_table(errors, ["setting", "error"])
+        write_results(out / f"inductor_options_{scn.name}.json", rows, {**meta, "errors": errors}, table)
+        return table
+
+    for name in [s.strip() for s in args.settings.split(",") if s.strip()]:
+        uncompile_blocks(model)
+        torch._dynamo.reset()
+        try:
+            compile_blocks(model, options=SETTINGS[name] or None)
+            t0 = time.perf_counter()
+            y = step()
+            step()
+            sync(dev)
+            compile_s = time.perf_counter() - t0
+            y = y.float()
+            ref = y if ref is None else ref
+            fwd = median(time_fn(step, dev, warmup=0, repeat=args.repeat))
+            rows.append({"setting": name, "options": SETTINGS[name], "forward_s": fwd,
+                         "triton_ms": triton_ms(step, dev) if dev.type == "cuda" else None, "compile_s": compile_s,
+                         "rel_l2_vs_default": float((y - ref).norm() / ref.norm())})
+            print(rows[-1], flush=True)
+        except Exception as e:  # a setting that fails to compile is a result, not the end of the run
+            errors.append({"setting": name, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"})
+            print(errors[-1], flush=True)
+        save()
+    print(save())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
