@@ -262,3 +262,18 @@ def test_graph_backend_drops_other_shapes_when_a_capture_runs_out_of_memory(monk
     state["oom"] = 1
     with pytest.raises(torch.cuda.OutOfMemoryError):
         g.forward(a, None, None)
+
+
+def test_uncompile_blocks_restores_the_eager_model():
+    """``benchmarks.inductor_options`` recompiles one model under several settings: ``uncompile_blocks`` must leave
+    the blocks and the audio injection as they were before ``compile_blocks`` (nothing compiled yet here)."""
+    from runtime.backends.torch_backend import compile_blocks, uncompile_blocks
+    from runtime.models import dit as dit_mod
+
+    m = tiny_dit(torch.float32, "cpu")
+    compile_blocks(m, options={"coordinate_descent_tuning": True})
+    assert m.compiled and all(hasattr(b.forward, "_torchdynamo_orig_callable") for b in m.blocks)
+    assert m.audio_residual is not dit_mod.audio_residual
+    uncompile_blocks(m)
+    assert not m.compiled and m.audio_residual is dit_mod.audio_residual
+    assert all("forward" not in b.__dict__ and not hasattr(b.forward, "_torchdynamo_orig_callable") for b in m.blocks)
