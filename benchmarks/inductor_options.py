@@ -27,12 +27,11 @@ SETTINGS = {
 
 
 def triton_ms(fn, device) -> float:
-    """Milliseconds of Triton (inductor) kernels in one call of ``fn`` (CUDA)."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize(device)
-    return sum(e.device_time for e in prof.events()
-               if e.device_type == torch.autograd.DeviceType.CUDA and e.name.startswith("triton_")) / 1e3
+    """Milliseconds of inductor's fused elementwise (Triton) kernels in one call of ``fn`` (CUDA), grouped as in
+    ``benchmarks.profile_forward``."""
+    from benchmarks.profile_forward import family, kernel_times
+
+    return sum(sum(ts) for name, ts in kernel_times(fn, device).items() if family(name) == "fused elementwise (triton)")
 
 
 def main(argv=None) -> int:
@@ -60,11 +59,12 @@ def main(argv=None) -> int:
             "attention": model.attention_impl,
             "command": "python -m benchmarks.inductor_options " + " ".join(sys.argv[1:] if argv is None else argv),
             "notes": "one model, blocks recompiled per setting (torch._dynamo.reset between); compiled blocks "
-                     "without a CUDA graph; forward = CUDA events, median of repeats after 2 warm-ups"}
+                     "without a CUDA graph; warmup_s = compilation + the first two forwards; forward = CUDA "
+                     "events, median of repeats after those"}
     out = results_dir(args.out, dev)
 
     def save():
-        table = markdown_table(rows, ["setting", "forward_s", "triton_ms", "compile_s", "rel_l2_vs_default"])
+        table = markdown_table(rows, ["setting", "forward_s", "triton_ms", "warmup_s", "rel_l2_vs_default"])
         if errors:
             table += "\n\n" + markdown_table(errors, ["setting", "error"])
         write_results(out / f"inductor_options_{scn.name}.json", rows, {**meta, "errors": errors}, table)
@@ -79,12 +79,12 @@ def main(argv=None) -> int:
             y = step()
             step()
             sync(dev)
-            compile_s = time.perf_counter() - t0
+            warmup_s = time.perf_counter() - t0
             y = y.float()
             ref = y if ref is None else ref
             fwd = median(time_fn(step, dev, warmup=0, repeat=args.repeat))
             rows.append({"setting": name, "options": SETTINGS[name], "forward_s": fwd,
-                         "triton_ms": triton_ms(step, dev) if dev.type == "cuda" else None, "compile_s": compile_s,
+                         "triton_ms": triton_ms(step, dev) if dev.type == "cuda" else None, "warmup_s": warmup_s,
                          "rel_l2_vs_default": float((y - ref).norm() / ref.norm())})
             print(rows[-1], flush=True)
         except Exception as e:  # a setting that fails to compile is a result, not the end of the run

@@ -36,6 +36,18 @@ def family(name: str) -> str:
     return "other"
 
 
+def kernel_times(fn, device: torch.device) -> dict[str, list[float]]:
+    """Milliseconds of each CUDA kernel launched by one call of ``fn`` (torch.profiler / CUPTI), by kernel name."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize(device)
+    kernels: dict[str, list[float]] = defaultdict(list)
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA and e.device_time > 0:
+            kernels[e.name].append(e.device_time / 1e3)
+    return kernels
+
+
 def main(argv=None) -> int:
     from benchmarks.run import SCENARIOS, Variant, build, clip_conditions
     from runtime.backends import make_backend
@@ -60,14 +72,7 @@ def main(argv=None) -> int:
     for _ in range(2):
         backend.forward(x, t_freq, cond)
     wall_ms = 1e3 * median(time_fn(lambda: backend.forward(x, t_freq, cond), dev, warmup=0, repeat=2))
-    acts = torch.profiler.ProfilerActivity
-    with torch.profiler.profile(activities=[acts.CUDA]) as prof:
-        backend.forward(x, t_freq, cond)
-        torch.cuda.synchronize(dev)
-    kernels: dict[str, list[float]] = defaultdict(list)
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA and e.device_time > 0:
-            kernels[e.name].append(e.device_time / 1e3)  # ms
+    kernels = kernel_times(lambda: backend.forward(x, t_freq, cond), dev)
     total = sum(sum(t) for t in kernels.values())
     fam_ms: dict[str, float] = defaultdict(float)
     fam_top: dict[str, list] = defaultdict(list)
