@@ -31,16 +31,21 @@ RANDOM_14B = "random-14b"  # the real architecture with random weights (speed/si
 OPT_SIZE_14B = (704, 1024)
 
 
-def load_dit(ckpt: str, device: torch.device):
+def load_dit(ckpt: str, device: torch.device, loras=()):
+    """The DiT of ``ckpt`` with ``loras`` merged (the same merge as ``runtime.lora`` at run time)."""
+    from runtime import lora
     from runtime.config import DiTConfig
     from runtime.models.dit import build_dit, load_dit as _load
     from runtime.tiny import tiny_dit
 
     if ckpt == "tiny":
-        return tiny_dit(torch.float32, device)
-    if ckpt == RANDOM_14B:
-        return build_dit(DiTConfig.s2v_14b(), dtype=torch.bfloat16, device=device)
-    return _load(ckpt, dtype=torch.bfloat16, device=device)
+        model = tiny_dit(torch.float32, device)
+    elif ckpt == RANDOM_14B:
+        model = build_dit(DiTConfig.s2v_14b(), dtype=torch.bfloat16, device=device)
+    else:
+        model = _load(ckpt, dtype=torch.bfloat16, device=device)
+    lora.merge(model, loras, round_dtype=model.dtype)
+    return model
 
 
 def load_vae(ckpt: str, device: torch.device):
@@ -72,7 +77,7 @@ def export_and_check_dit(args, device, report: dict) -> Path:
     from export.trt_ops import check_graph
     import onnx
 
-    model = load_dit(args.ckpt_dir, device)
+    model = load_dit(args.ckpt_dir, device, args.loras)
     cfg = model.cfg
     frames, lat_h, lat_w = args.check_shape
     ex = example_inputs(model, frames, lat_h, lat_w, motion=True, batch=2)
@@ -102,7 +107,8 @@ def export_and_check_dit(args, device, report: dict) -> Path:
     to_fp16(model, audit.keep_fp32)
     onnx_path = Path(args.out) / "onnx" / "dit" / "model.onnx"
     stats = export_dit(model, onnx_path, graph_inputs(ex))
-    write_onnx_manifest(onnx_path, "dit", args.precision, args.ckpt_dir, keep_fp32=audit.keep_fp32)
+    write_onnx_manifest(onnx_path, "dit", args.precision, args.ckpt_dir, keep_fp32=audit.keep_fp32,
+                        loras=args.lora_identity)
     log.info("DiT ONNX: %s", stats)
     report["dit_export"] = stats
     graph = onnx.load(str(onnx_path), load_external_data=False)
@@ -212,7 +218,8 @@ def build_engines(args, dit_onnx: Path | None, vae_onnx: list[Path], report: dic
     for component, onnx_path, precision, profile_dicts, profile_shapes, flags, tf32 in jobs:
         onnx_manifest = read_manifest(onnx_manifest_path(onnx_path), out)
         fields = {**common, "component": component, "precision": precision, "onnx_sha256": onnx_sha256(onnx_path),
-                  "profiles": profile_dicts, "flags": flags, "io": onnx_manifest["io"]}
+                  "profiles": profile_dicts, "flags": flags, "io": onnx_manifest["io"],
+                  "loras": onnx_manifest.get("loras") or []}
         if fields["onnx_sha256"] != onnx_manifest["onnx_sha256"]:
             raise SystemExit(f"error: {onnx_path} changed after it was exported; re-run export.build")
         folder = out / component / engine_key(fields)
@@ -266,6 +273,9 @@ def main(argv=None) -> int:
                     help="engine builder: TensorRT 10/11, TensorRT-RTX, or auto (TensorRT if importable, else RTX)")
     ap.add_argument("--compute-capability", default=None, metavar="CC[,CC...]",
                     help="TensorRT-RTX targets, e.g. 8.6,8.9,12.0 (default: this GPU; without one 8.0,8.6,8.9,12.0)")
+    ap.add_argument("--lora", action="append", default=[], metavar="PATH[:STRENGTH]",
+                    help="merge this LoRA into the DiT before export (repeatable; strength default 1.0); the manifests "
+                         "record each file's sha256 and strength, and the runtime refuses engines of another merge")
     ap.add_argument("--device", default=None)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="[%(asctime)s] %(message)s", stream=sys.stderr)
@@ -289,6 +299,14 @@ def main(argv=None) -> int:
 
     signal.signal(signal.SIGTERM, on_term)  # unwind through the cleanup of partial ONNX/engine files
     try:
+        from runtime import lora
+
+        args.loras = [lora.LoraSpec.parse(s) for s in args.lora]
+        if args.loras:  # keys and shapes against the model before it loads
+            from runtime.pipeline import check_loras
+
+            check_loras(args.loras, dit_config(args.ckpt_dir))
+        args.lora_identity = lora.identity(args.loras)
         if not args.onnx_only:  # a bad --trt/--compute-capability fails now, not after the export
             from export import trt as trtw
 

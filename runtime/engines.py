@@ -75,6 +75,8 @@ def checkpoint_identity(ckpt: str | Path) -> str:
 
 def engine_key(fields: dict) -> str:
     ident = {k: fields.get(k) for k in IDENTITY_FIELDS}
+    if fields.get("loras"):  # only when merged, so the keys of artefacts without LoRAs stay what they were
+        ident["loras"] = fields["loras"]
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -132,6 +134,13 @@ def verify(manifest: dict, request: dict, rebuild: str) -> None:
                                      f"{', '.join(f'{k} {v}' for k, v in want.items()) or 'none'}); rebuild with: {rebuild}")
             if want[rt] != ver:
                 raise EngineMismatch(f"engine {name} was built for {rt} {ver}, this run has {rt} {want[rt]}; "
+                                     f"rebuild with: {rebuild}")
+        elif field == "loras":
+            have = manifest.get("loras") or []
+            if have != want:
+                def say(items):
+                    return ", ".join(f"{i['sha256'][:12]}…:{i['strength']:g}" for i in items) or "no LoRA"
+                raise EngineMismatch(f"engine {name} was built with {say(have)} merged, this run merges {say(want)}; "
                                      f"rebuild with: {rebuild}")
         elif manifest.get(field) != want:
             raise EngineMismatch(f"engine {name} was built for {field}={manifest.get(field)!r}, this run needs "

@@ -68,7 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--use_prompt_extend", action="store_true", default=False, help="not supported (needs online models)")
     p.add_argument("--base_seed", type=int, default=-1, help="seed; -1 picks one at random and prints it")
     p.add_argument("--image", default=None, help="reference image (default for --ckpt_dir tiny: a generated face)")
-    p.add_argument("--sample_solver", default="unipc", choices=["unipc", "dpm++"])
+    p.add_argument("--sample_solver", default="unipc", choices=["unipc", "dpm++", "euler"],
+                   help="unipc (official default), dpm++, or euler: flow-Euler on the shifted sigma grid at "
+                        "--denoising_steps (LightX2V's few-step distill schedule)")
+    p.add_argument("--denoising_steps", default=None, metavar="T1,T2,...",
+                   help="the euler solver's timesteps, e.g. 1000,750,500,250 (default: --sample_steps evenly spaced "
+                        "from 1000); sets --sample_steps to their count")
     p.add_argument("--sample_steps", type=int, default=None, help="denoising steps (default 40)")
     p.add_argument("--sample_shift", type=float, default=None, help="flow shift (default 3.0)")
     p.add_argument("--sample_guide_scale", type=float, default=None, help="CFG scale (default 4.5)")
@@ -100,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "vs bf16 on random weights), attention as --attention says. Check it on your inputs with "
                         "python -m runtime.quality")
     p.add_argument("--engines_dir", default="engines", help="where export.build wrote ONNX graphs and engines")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:STRENGTH]",
+                   help="merge a LoRA .safetensors into the DiT at load (repeatable; strength default 1.0), e.g. a "
+                        "few-step distill LoRA with --sample_steps 4 --sample_guide_scale 1 --sample_shift 8")
     p.add_argument("--no_batch_cfg", action="store_true", default=False,
                    help="run cond and uncond as two DiT calls per step, as the official (default: one batch-2 call; same math)")
     p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
@@ -132,6 +140,16 @@ def validate(args) -> None:
         raise InputError(f"--infer_frames {args.infer_frames}: must be a positive multiple of 4 (e.g. 48 or 80)")
     if args.num_clip is not None and args.num_clip <= 0:
         raise InputError(f"--num_clip {args.num_clip}: must be a positive integer (or omit it to follow the audio)")
+    if args.denoising_steps is not None:
+        from runtime.scheduler import SolverConfig, parse_denoising_steps
+
+        args.denoising_steps = parse_denoising_steps(args.denoising_steps)
+        if args.sample_solver != "euler":
+            raise InputError("--denoising_steps sets the timesteps of --sample_solver euler; add --sample_solver euler")
+        if args.sample_steps is None:
+            args.sample_steps = len(args.denoising_steps)
+        SolverConfig("euler", args.sample_steps, args.sample_shift if args.sample_shift is not None else 3.0,
+                     denoising_steps=args.denoising_steps)
     if args.sample_steps is not None and not 0 < args.sample_steps <= MAX_STEPS:
         raise InputError(f"--sample_steps {args.sample_steps}: must be an integer in [1, {MAX_STEPS}] (official default 40)")
     if args.sample_shift is not None and not (math.isfinite(args.sample_shift) and args.sample_shift > 0):
@@ -139,6 +157,10 @@ def validate(args) -> None:
     if args.sample_guide_scale is not None and not math.isfinite(args.sample_guide_scale):
         raise InputError(f"--sample_guide_scale {args.sample_guide_scale}: must be a finite number "
                          "(official default 4.5; 1 or less turns CFG off)")
+    if args.cfg_parallel and args.sample_guide_scale is not None and args.sample_guide_scale <= 1:
+        raise InputError(f"--cfg_parallel with --sample_guide_scale {args.sample_guide_scale:g}: CFG is off, so there is "
+                         "no unconditional branch to run on a second rank; drop --cfg_parallel and spread the one "
+                         "branch with --ulysses_size N instead")
     if args.base_seed != -1 and not 0 <= args.base_seed <= MAX_SEED:
         raise InputError(f"--base_seed {args.base_seed}: must be in [0, 2**63 - 1], or -1 for a random seed")
     if args.size is not None:
@@ -158,6 +180,11 @@ def validate(args) -> None:
     except InputError as err:
         raise InputError(f"--{err}") from None  # "device 'x': ..." becomes "--device 'x': ..."
     check_backend(args.backend, bool(args.offload_model))
+    from runtime import lora
+
+    args.loras = [lora.LoraSpec.parse(s) for s in args.lora]
+    for spec in args.loras:  # readable safetensors with a header; the keys are matched before the weights load
+        lora.read_header(spec.path)
     from runtime.media.common import _check_readable_file
 
     for flag, path, what in (("--image", args.image, "image"), ("--audio", None if args.enable_tts else args.audio, "audio"),
@@ -263,7 +290,8 @@ def _generate(args, image, audio, seed: int, size: str, save: Path) -> Path:
         pipe = S2VPipeline.from_pretrained(args.ckpt_dir, device=layout.device if layout else args.device,
                                            backend=args.backend, t5_cpu=args.t5_cpu,
                                            offload_model=bool(args.offload_model), engines_dir=args.engines_dir,
-                                           attention=args.attention, precision=args.precision, parallel=layout)
+                                           attention=args.attention, precision=args.precision, parallel=layout,
+                                           loras=getattr(args, "loras", None))
     except (RuntimeError, MemoryError) as exc:
         err = _out_of_memory(exc, f"while loading {args.ckpt_dir}", "another device")
         if err is None:
@@ -278,6 +306,7 @@ def _generate(args, image, audio, seed: int, size: str, save: Path) -> Path:
                       sample_shift=args.sample_shift if args.sample_shift is not None else 3.0,
                       guide_scale=args.sample_guide_scale if args.sample_guide_scale is not None else 4.5,
                       sample_solver=args.sample_solver, start_from_ref=args.start_from_ref,
+                      denoising_steps=args.denoising_steps,
                       batch_cfg=not args.no_batch_cfg, max_audio_s=args.max_audio_s,
                       progress=None if main_rank else False)
         if main_rank:

@@ -74,6 +74,18 @@ def check_backend(backend: str, offload_model: bool = False) -> None:
                           "on the GPU); use backend torch or torch-compile, or turn offloading off")
 
 
+def check_loras(loras, config) -> None:
+    """Match the LoRA files' keys and shapes to a DiT of ``config`` (a meta-device model: no memory, no weights)."""
+    from runtime import lora
+    from runtime.models.dit import WanS2VDiT
+
+    if not loras:
+        return
+    with torch.device("meta"):
+        model = WanS2VDiT(config)
+    lora.check(loras, lora.checkpoint_shapes(model))
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -108,7 +120,8 @@ def video_to_uint8(video: torch.Tensor) -> np.ndarray:
 class S2VPipeline:
     def __init__(self, dit, vae, text_encoder, audio_encoder, device: torch.device, backend: str = "auto",
                  t5_cpu: bool = False, offload_model: bool = False, name: str = "", engines_dir: str = "engines",
-                 attention: str = "auto", precision: str | None = None, parallel=None):
+                 attention: str = "auto", precision: str | None = None, parallel=None, loras=None):
+        from runtime import lora
         from runtime import parallel as par
         from runtime.backends import make_backend, resolve_backend
         from runtime.sampler import S2VSampler
@@ -121,12 +134,15 @@ class S2VPipeline:
         check_backend(backend, offload_model)
         backend = resolve_backend(backend, device, offload_model)
         self.backend_name = backend
+        # LoRAs are merged into the weights first: before FP8 quantisation and before any compilation or capture.
+        self.loras = lora.as_specs(loras)
+        lora.merge(dit, self.loras, round_dtype=dit.dtype)
         if precision == "fp8":
             dit.set_precision("fp8")  # refuses (ConfigError) where FP8 does not run: never a silent fallback
         dit.set_attention(attention)
         if parallel is not None:
             par.shard_model(dit, parallel)
-        self.backend = make_backend(backend, dit, engines_dir=engines_dir, checkpoint=name or None)
+        self.backend = make_backend(backend, dit, engines_dir=engines_dir, checkpoint=name or None, loras=self.loras)
         if parallel is not None and parallel.cfg_parallel:
             self.backend = par.CFGParallelDiT(self.backend, parallel)
         # The official offload_model moves the DiT to the GPU for each clip's denoising only.
@@ -140,7 +156,7 @@ class S2VPipeline:
     def from_pretrained(cls, path: str | Path = TINY, device: str | torch.device | None = None,
                         dtype: torch.dtype | None = None, backend: str = "auto", t5_cpu: bool = False,
                         offload_model: bool = False, engines_dir: str = "engines", attention: str = "auto",
-                        precision: str | None = None, parallel=None) -> "S2VPipeline":
+                        precision: str | None = None, parallel=None, loras=None) -> "S2VPipeline":
         """Load the official ``Wan2.2-S2V-14B/`` folder unchanged, or ``"tiny"`` (built-in random toy model).
 
         dtype: DiT parameter dtype (default bf16 on CUDA, float32 on CPU). The VAE runs in float32, wav2vec2
@@ -151,10 +167,16 @@ class S2VPipeline:
         precision: None/"bf16"/"fp16" (the DiT dtype) or "fp8" (FP8 block linears on Hopper+, refused elsewhere;
         attention stays bf16 unless an FP8 kernel is named). parallel: the
         ``runtime.parallel.init(...)`` layout when running under torchrun (CFG parallel / Ulysses).
+        loras: ``[(path, strength), ...]`` (or paths, strength 1) of LoRA ``.safetensors`` files merged into the DiT
+        weights at load (``runtime.lora``); their keys and shapes are checked before the weights load.
         """
         if precision in ("bf16", "fp16", "fp8") and dtype is None:
             dtype = torch.float16 if precision == "fp16" else torch.bfloat16
-        extra = dict(attention=attention, precision=precision, parallel=parallel)
+        from runtime import lora
+        from runtime.config import DiTConfig
+
+        loras = lora.as_specs(loras)
+        extra = dict(attention=attention, precision=precision, parallel=parallel, loras=loras)
         device = resolve_device(device)
         check_backend(backend, offload_model)  # before minutes of loading
         if dtype is None:
@@ -162,6 +184,7 @@ class S2VPipeline:
         if str(path) == TINY:
             from runtime import tiny
 
+            check_loras(loras, DiTConfig.tiny())
             t5_dev = "cpu" if (t5_cpu or offload_model) else device
             return cls(tiny.tiny_dit(dtype, device), tiny.tiny_vae(device), tiny.tiny_text_encoder(t5_dev),
                        tiny.tiny_audio_encoder(device), device, backend, t5_cpu, offload_model, name=TINY,
@@ -188,6 +211,7 @@ class S2VPipeline:
         ck.check_folder(folder)  # every file read stays inside the folder; before anything loads
         # config.json is validated before anything is loaded: a damaged one must not cost a UMT5/VAE load first.
         config = DiTConfig.from_json(folder / ck.DIT_CONFIG)
+        check_loras(extra["loras"], config)  # key names and shapes from the headers, before any weights load
         t5_dtype = torch.bfloat16 if device.type == "cuda" and not t5_cpu else torch.float32
         t5_dev = "cpu" if (t5_cpu or offload_model) else device
         text = TextEncoder.from_checkpoint(folder, device=t5_dev, dtype=t5_dtype if t5_dev != "cpu" else torch.bfloat16)
@@ -223,13 +247,18 @@ class S2VPipeline:
         return buckets.permute(1, 2, 0).unsqueeze(0), clips            # [1, layers, C, frames]
 
     # ----------------------------------------------------------------- generate
-    def generate(self, image, audio, prompt: str = "", seed: int = 0, infer_frames: int = 80, sample_steps: int = 40,
+    def generate(self, image, audio, prompt: str = "", seed: int = 0, infer_frames: int = 80, sample_steps: int | None = None,
                  num_clip: int | None = None, pose_video: str | Path | bytes | None = None, size: str | None = None,
                  sample_shift: float = 3.0, guide_scale: float = 4.5, sample_solver: str = "unipc",
                  negative_prompt: str = "", start_from_ref: bool = False, batch_cfg: bool = True,
                  progress: bool | Callable[..., None] | None = None,
-                 max_audio_s: float | None = 600.0, on_clip: Callable[[np.ndarray], None] | None = None) -> S2VResult:
+                 max_audio_s: float | None = 600.0, on_clip: Callable[[np.ndarray], None] | None = None,
+                 denoising_steps: tuple[int, ...] | list[int] | None = None) -> S2VResult:
         """Reference image + audio (+ prompt, pose video) → S2VResult. Thread-safe: calls are serialized.
+
+        sample_steps None = 40 (official), or one per ``denoising_steps`` entry: the timesteps of the ``euler``
+        solver (LightX2V's distill schedule, e.g. (1000, 750, 500, 250); default evenly spaced from 1000).
+        guide_scale ≤ 1 turns CFG off (one DiT call per step), as official.
 
         image: path, bytes, numpy array or PIL image; audio: path, bytes, AudioClip or (array, rate); pose_video:
         path or bytes. seed -1 picks a random seed (logged, and returned as ``result.seed``). num_clip None = as
@@ -251,9 +280,16 @@ class S2VPipeline:
         if isinstance(seed, int) and not isinstance(seed, bool) and seed == -1:
             seed = random.randint(0, 2**31 - 1)
             log.info("seed %d (picked at random; pass seed=%d to repeat this video)", seed, seed)
+        if denoising_steps is not None:
+            denoising_steps = tuple(denoising_steps)
+        if sample_steps is None:
+            sample_steps = len(denoising_steps) if denoising_steps else 40
         opts = SampleOptions(infer_frames=infer_frames, sample_steps=sample_steps, sample_shift=sample_shift,
                              guide_scale=guide_scale, solver=sample_solver, seed=seed, start_from_ref=start_from_ref,
-                             batch_cfg=bool(batch_cfg))
+                             batch_cfg=bool(batch_cfg), denoising_steps=denoising_steps)
+        if self.parallel is not None and self.parallel.cfg_parallel and not guide_scale > 1:
+            raise InputError(f"guide_scale={guide_scale} turns CFG off, so CFG parallel has nothing to split; run "
+                             "without cfg_parallel (use Ulysses sequence parallelism to spread one branch over GPUs)")
         if num_clip is not None and (isinstance(num_clip, bool) or not isinstance(num_clip, int) or num_clip <= 0):
             raise InputError(f"num_clip={num_clip}: must be a positive integer (or omit it to follow the audio length)")
         area = parse_size(size or (TINY_SIZE if self.name == TINY else DEFAULT_SIZE))

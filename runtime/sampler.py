@@ -77,6 +77,7 @@ class SampleOptions:
     motion_frames: int = 73
     drop_first_motion: bool = True
     batch_cfg: bool = True  # cond+uncond as one batch-2 DiT call (same math as two calls)
+    denoising_steps: tuple[int, ...] | None = None  # the euler solver's timesteps (default: evenly spaced)
 
     def __post_init__(self):
         if not _is_int(self.infer_frames) or self.infer_frames <= 0 or self.infer_frames % 4:
@@ -89,7 +90,8 @@ class SampleOptions:
             raise InputError(f"guide_scale={self.guide_scale}: must be a finite number (official default 4.5; <= 1 turns CFG off)")
         if not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED:
             raise InputError(f"seed={self.seed}: must be an integer in [0, 2**63 - 1] (or -1 for a random one)")
-        SolverConfig(self.solver, self.sample_steps, self.sample_shift)  # names the solver choices
+        # names the solver choices; checks the euler timesteps
+        SolverConfig(self.solver, self.sample_steps, self.sample_shift, denoising_steps=self.denoising_steps)
 
     @property
     def lat_motion_frames(self) -> int:
@@ -182,7 +184,7 @@ class S2VSampler:
             clip_name = f"clip {r + 1}/{num_clip}"
             gen = torch.Generator(device=dev).manual_seed(opts.seed + r)
             noise = torch.randn(16, lat_f, height // 8, width // 8, dtype=dt, device=dev, generator=gen)
-            solver = make_scheduler(opts.solver, opts.sample_steps, opts.sample_shift, dev)
+            solver = make_scheduler(opts.solver, opts.sample_steps, opts.sample_shift, dev, opts.denoising_steps)
 
             first_without_motion = drop_first and r == 0
             motion = None if first_without_motion else motion_latents

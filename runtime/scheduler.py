@@ -1,4 +1,10 @@
-"""Flow-matching multistep solvers: UniPC (bh2, the S2V default) and DPM-Solver++ (``dpm++``).
+"""Flow-matching solvers: UniPC (bh2, the S2V default), DPM-Solver++ (``dpm++``) and flow-Euler (``euler``).
+
+``euler`` is the few-step distill schedule of LightX2V's step-distilled LoRAs: the shifted sigma grid of the
+1000 training timesteps, σ(t) = shift·(t/1000) / (1 + (shift − 1)·t/1000), sampled at the timesteps of
+``denoising_steps`` (default: ``steps`` evenly spaced from 1000, e.g. 1000, 750, 500, 250 for 4 steps), the DiT
+evaluated at timestep 1000·σ (not truncated to an integer), and x ← x + (σ_next − σ)·v with σ after the last
+step 0.
 
 Both reproduce the official Wan2.2 schedulers (``FlowUniPCMultistepScheduler`` and
 ``FlowDPMSolverMultistepScheduler`` with the settings ``WanS2V.generate`` uses), but are written so a
@@ -49,17 +55,32 @@ from runtime.errors import ConfigError
 COLUMNS = ("sigma", "c_sample", "c_prev", "c_m0", "c_m1", "c_m2", "p_x", "p_m0", "p_m1")
 SIGMA, C_SAMPLE, C_PREV, C_M0, C_M1, C_M2, P_X, P_M0, P_M1 = range(len(COLUMNS))
 
-SOLVERS = ("unipc", "dpm++")
+SOLVERS = ("unipc", "dpm++", "euler")
+
+
+def default_denoising_steps(steps: int, num_train_timesteps: int = 1000) -> tuple[int, ...]:
+    """``steps`` timesteps evenly spaced from ``num_train_timesteps`` down (4 → 1000, 750, 500, 250)."""
+    return tuple(num_train_timesteps - i * num_train_timesteps // steps for i in range(steps))
+
+
+def parse_denoising_steps(text: str) -> tuple[int, ...]:
+    """``"1000,750,500,250"`` → a tuple of ints (checked by ``SolverConfig``)."""
+    try:
+        return tuple(int(v) for v in str(text).split(","))
+    except ValueError:
+        raise ConfigError(f"--denoising_steps {text!r}: give comma-separated integer timesteps, e.g. 1000,750,500,250") from None
 
 
 @dataclass(frozen=True)
 class SolverConfig:
-    """What defines a schedule; ``num_train_timesteps`` is 1000 for every Wan model."""
+    """What defines a schedule; ``num_train_timesteps`` is 1000 for every Wan model. ``denoising_steps``: the
+    euler solver's timesteps (strictly decreasing, in [1, num_train_timesteps]; one per step)."""
 
     name: str
     steps: int
     shift: float
     num_train_timesteps: int = 1000
+    denoising_steps: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.name not in SOLVERS:
@@ -68,6 +89,26 @@ class SolverConfig:
             raise ConfigError(f"sampling steps must be a positive integer, got {self.steps!r}; pass e.g. --sample_steps 40")
         if not (isinstance(self.shift, (int, float)) and math.isfinite(self.shift) and self.shift > 0):
             raise ConfigError(f"sample shift must be a positive finite number, got {self.shift!r}; pass e.g. --sample_shift 3")
+        ds = self.denoising_steps
+        if ds is None:
+            return
+        if self.name != "euler":
+            raise ConfigError(f"denoising_steps set a timestep list for --sample_solver euler; the {self.name} solver "
+                              "takes --sample_steps only")
+        ds = tuple(ds)
+        if not ds or not all(isinstance(t, int) and not isinstance(t, bool) for t in ds):
+            raise ConfigError(f"denoising_steps {ds!r}: give integer timesteps, e.g. 1000,750,500,250")
+        if any(not 1 <= t <= self.num_train_timesteps for t in ds) or any(a <= b for a, b in zip(ds, ds[1:])):
+            raise ConfigError(f"denoising_steps {','.join(map(str, ds))}: must be strictly decreasing timesteps in "
+                              f"[1, {self.num_train_timesteps}], e.g. 1000,750,500,250")
+        if len(ds) != self.steps:
+            raise ConfigError(f"denoising_steps lists {len(ds)} timesteps but sample_steps is {self.steps}; give one "
+                              "timestep per step (or omit --sample_steps)")
+        object.__setattr__(self, "denoising_steps", ds)
+
+    @property
+    def euler_timesteps(self) -> tuple[int, ...]:
+        return self.denoising_steps or default_denoising_steps(self.steps, self.num_train_timesteps)
 
 
 def _lam(sigma: float) -> float:
@@ -117,6 +158,25 @@ def dpmpp_schedule(steps: int, shift: float, num_train_timesteps: int = 1000) ->
     sig = [_shift(s, shift) for s in _linspace(1.0, 0.0, steps + 1)[:steps]]
     # set_timesteps(sigmas=...) shifts again with the constructor's shift=1, which is the identity.
     return _finish_schedule([_shift(s, 1.0) for s in sig], num_train_timesteps)
+
+
+def euler_schedule(config: "SolverConfig") -> tuple[list[float], list[float]]:
+    """(timesteps, sigmas) of the flow-Euler distill schedule: ``steps`` float timesteps 1000·σ and
+    ``steps + 1`` float32 sigmas (last one 0), σ computed in float64 and rounded once."""
+    n = config.num_train_timesteps
+    sig = [_fp32(_shift(t / n, config.shift)) for t in config.euler_timesteps]
+    return [_fp32(s * n) for s in sig], sig + [0.0]
+
+
+def euler_coefficients(sigmas: list[float]) -> list[list[float]]:
+    """x_next = x + (σ_next − σ)·v written in the table's terms: with m = x − σ·v, x_next = (σ_next/σ)·x + (1 − σ_next/σ)·m."""
+    rows = []
+    for i in range(len(sigmas) - 1):
+        row = [0.0] * len(COLUMNS)
+        ratio = sigmas[i + 1] / sigmas[i]
+        row[SIGMA], row[C_SAMPLE], row[P_X], row[P_M0] = sigmas[i], 1.0, ratio, 1.0 - ratio
+        rows.append(row)
+    return rows
 
 
 def _finish_schedule(sig: list[float], num_train_timesteps: int) -> tuple[list[int], list[float]]:
@@ -223,10 +283,15 @@ class FlowSolver:
     def __init__(self, config: SolverConfig, device: torch.device | str | None = None) -> None:
         self.config = config
         self.device = torch.device(device) if device is not None else torch.device("cpu")
-        schedule = unipc_schedule if config.name == "unipc" else dpmpp_schedule
-        ts, sig = schedule(config.steps, config.shift, config.num_train_timesteps)
+        if config.name == "euler":
+            ts, sig = euler_schedule(config)
+            t_dtype = torch.float32  # 1000·σ as is (937.5): the distill schedule does not truncate
+        else:
+            schedule = unipc_schedule if config.name == "unipc" else dpmpp_schedule
+            ts, sig = schedule(config.steps, config.shift, config.num_train_timesteps)
+            t_dtype = torch.int64
         self._sigmas_host = sig
-        self.timesteps = torch.tensor(ts, dtype=torch.int64, device=self.device)
+        self.timesteps = torch.tensor(ts, dtype=t_dtype, device=self.device)
         self.sigmas = torch.tensor(sig, dtype=torch.float32, device=self.device)
         self._tables: dict[tuple[torch.dtype, torch.dtype], torch.Tensor] = {}
         self._state: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
@@ -241,6 +306,8 @@ class FlowSolver:
         """Float64 host coefficients, one row per step, columns ``COLUMNS``."""
         if self.config.name == "unipc":
             return unipc_coefficients(self._sigmas_host, rho_dtype=latent_dtype)
+        if self.config.name == "euler":
+            return euler_coefficients(self._sigmas_host)
         return dpmpp_coefficients(self._sigmas_host)
 
     def coefficients(self, latent_dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -339,7 +406,18 @@ def _compute_dtype(latent_dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if latent_dtype == torch.float64 else torch.float32
 
 
-def make_scheduler(name: str, steps: int, shift: float, device: torch.device | str | None = None) -> FlowSolver:
-    """``unipc`` (official default) or ``dpm++``; anything else raises ``ConfigError`` naming the choices."""
-    config = SolverConfig(name, steps, shift)
+class FlowEuler(FlowSolver):
+    """Flow-Euler on the shifted sigma grid at ``denoising_steps`` (LightX2V's distill schedule)."""
+
+    def __init__(self, steps: int, shift: float, device: torch.device | str | None = None,
+                 denoising_steps: tuple[int, ...] | None = None, num_train_timesteps: int = 1000):
+        super().__init__(SolverConfig("euler", steps, shift, num_train_timesteps, denoising_steps), device)
+
+
+def make_scheduler(name: str, steps: int, shift: float, device: torch.device | str | None = None,
+                   denoising_steps: tuple[int, ...] | None = None) -> FlowSolver:
+    """``unipc`` (official default), ``dpm++`` or ``euler``; anything else raises ``ConfigError`` naming the choices."""
+    config = SolverConfig(name, steps, shift, denoising_steps=denoising_steps)
+    if config.name == "euler":
+        return FlowEuler(steps, shift, device, config.denoising_steps)
     return FlowUniPC(steps, shift, device) if config.name == "unipc" else FlowDPMSolverPP(steps, shift, device)

@@ -156,7 +156,7 @@ def test_dpmpp_matches_float64_reference(steps, shift):
         assert rel(a, b) < 1e-12, (i, rel(a, b))
 
 
-@pytest.mark.parametrize("name", ["unipc", "dpm++"])
+@pytest.mark.parametrize("name", ["unipc", "dpm++", "euler"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-6)])
 def test_linear_flow_is_solved_exactly(name, dtype, tol):
     # x_t = (1 - s) x0 + s eps has the constant velocity eps - x0; every step of both solvers is exact
@@ -187,7 +187,7 @@ def test_step_has_no_host_sync():
     assert rel(out[-1], run(FlowUniPC(6, 3.0), x.clone())[-1]) == 0.0
 
 
-@pytest.mark.parametrize("name", ["unipc", "dpm++"])
+@pytest.mark.parametrize("name", ["unipc", "dpm++", "euler"])
 def test_step_at_compiles_to_one_graph_and_matches_step(name):
     # fullgraph=True fails on any graph break (.item(), data-dependent branch); one compiled function
     # with the index as a tensor serves every step, as a replayed CUDA graph would.
@@ -238,8 +238,8 @@ def test_bf16_latent():
 def test_make_scheduler_errors():
     assert isinstance(make_scheduler("unipc", 4, 3.0), FlowUniPC)
     assert isinstance(make_scheduler("dpm++", 4, 3.0), FlowDPMSolverPP)
-    with pytest.raises(ConfigError, match=r"unipc, dpm\+\+"):
-        make_scheduler("euler", 4, 3.0)
+    with pytest.raises(ConfigError, match=r"unipc, dpm\+\+, euler"):
+        make_scheduler("heun", 4, 3.0)
     for steps in (0, -1, 2.5, True):
         with pytest.raises(ConfigError):
             make_scheduler("unipc", steps, 3.0)
@@ -249,8 +249,44 @@ def test_make_scheduler_errors():
 
 
 def test_coefficient_table_shape_and_finiteness():
-    for name in ("unipc", "dpm++"):
+    for name in ("unipc", "dpm++", "euler"):
         for steps in (1, 2, 40):
             t = make_scheduler(name, steps, 5.0).coefficients()
             assert t.shape == (steps, 9) and t.dtype == torch.float32
             assert torch.isfinite(t).all()
+
+
+# ------------------------------------------------------------------------------------------------ flow-Euler
+def test_euler_distill_schedule_timesteps_and_sigmas():
+    # LightX2V's 4-step list at shift 5: timesteps 1000·σ of the shifted grid at 1000, 750, 500, 250
+    s = make_scheduler("euler", 4, 5.0, denoising_steps=(1000, 750, 500, 250))
+    assert s.timesteps.dtype == torch.float32
+    assert s.timesteps.tolist() == pytest.approx([1000.0, 937.5, 2500 / 3, 625.0], rel=1e-7)
+    assert s.sigmas.tolist() == pytest.approx([1.0, 0.9375, 5 / 6, 0.625, 0.0], rel=1e-7)
+    default = make_scheduler("euler", 4, 5.0)  # evenly spaced from 1000 by default
+    assert torch.equal(default.timesteps, s.timesteps)
+    assert make_scheduler("euler", 3, 1.0).timesteps.tolist() == pytest.approx([1000.0, 667.0, 334.0])
+
+
+@pytest.mark.parametrize("steps,shift", [((1000, 750, 500, 250), 5.0), ((1000, 900, 613, 270, 33), 8.0), ((999,), 3.0)])
+def test_euler_matches_float64_recomputation(steps, shift):
+    """x ← x + (σ_next − σ)·v, σ(t) = shift·t/1000 / (1 + (shift−1)·t/1000), σ after the last step 0."""
+    x = torch.randn(1, 16, 2, 4, 4, generator=torch.Generator().manual_seed(11))
+    solver = make_scheduler("euler", len(steps), shift, denoising_steps=steps)
+    sig = [shift * (t / 1000) / (1 + (shift - 1) * t / 1000) for t in steps] + [0.0]
+    ours, ref = x.clone(), x.double()
+    for i in range(len(steps)):
+        v = velocity(ours, i)
+        ours = solver.step(v, ours)
+        ref = ref + (sig[i + 1] - sig[i]) * velocity(ref, i).double()
+        assert rel(ours, ref) < 2e-6, i
+
+
+def test_euler_refusals():
+    for bad in ((1000, 1000, 500), (500, 750), (1001, 500), (1000, 0), ()):
+        with pytest.raises(ConfigError, match="denoising_steps"):
+            make_scheduler("euler", max(len(bad), 1), 5.0, denoising_steps=bad)
+    with pytest.raises(ConfigError, match="one timestep per step"):
+        make_scheduler("euler", 3, 5.0, denoising_steps=(1000, 500))
+    with pytest.raises(ConfigError, match="sample_solver euler"):
+        make_scheduler("unipc", 2, 5.0, denoising_steps=(1000, 500))

@@ -30,7 +30,9 @@ def resolve_backend(name: str, device, offload_model: bool = False) -> str:
     return "torch-graph" if torch.device(device).type == "cuda" and not offload_model else "torch"
 
 
-def make_backend(name: str, model, engines_dir: str = "engines", checkpoint: str | None = None):
+def make_backend(name: str, model, engines_dir: str = "engines", checkpoint: str | None = None, loras=()):
+    """``loras``: the ``runtime.lora.LoraSpec`` list merged into ``model``; engine backends refuse engines built
+    from another merge."""
     if name == "torch":
         from runtime.backends.torch_backend import TorchDiT
 
@@ -46,9 +48,9 @@ def make_backend(name: str, model, engines_dir: str = "engines", checkpoint: str
     if name == "onnxruntime":
         from runtime.backends.ort_backend import OrtDiT
 
-        return OrtDiT.from_engines(model, engines_dir, checkpoint)
+        return OrtDiT.from_engines(model, engines_dir, checkpoint, loras)
     if name == "tensorrt":
         from runtime.backends.trt_backend import TrtDiT
 
-        return TrtDiT.from_engines(model, engines_dir, checkpoint)
+        return TrtDiT.from_engines(model, engines_dir, checkpoint, loras)
     raise BackendUnavailable(f"unknown backend {name!r}; choose one of: {', '.join(BACKENDS)}")

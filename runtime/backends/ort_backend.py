@@ -52,17 +52,20 @@ class OrtDiT:
         self._ort = ort
 
     @classmethod
-    def from_engines(cls, model: WanS2VDiT, engines_dir: str | Path, checkpoint: str | None = None) -> "OrtDiT":
+    def from_engines(cls, model: WanS2VDiT, engines_dir: str | Path, checkpoint: str | None = None,
+                     loras=()) -> "OrtDiT":
+        from runtime import lora
         from runtime.engines import check_onnx, checkpoint_identity, io_mismatch
 
         path = onnx_path_in(engines_dir)
         rebuild = (f"python -m export.build --precision fp16 --ckpt_dir {checkpoint or 'CKPT'} --out {engines_dir} "
-                   "--onnx-only --components dit")
+                   f"--onnx-only --components dit{lora.flags(loras)}")
         if not path.is_file():
             raise BackendUnavailable(f"no exported DiT at {path}; export it with: {rebuild}")
         request = {"kind": "onnx", "component": "dit", "precision": "fp16"}
         if checkpoint:
             request["checkpoint"] = checkpoint_identity(checkpoint)
+        request["loras"] = lora.identity(loras)
         manifest = check_onnx(path, engines_dir, request, rebuild)  # before the session reads the file
         backend = cls(model, path)
         why = io_mismatch(manifest["io"], backend.io())

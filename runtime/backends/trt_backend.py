@@ -38,7 +38,10 @@ class TrtDiT:
         self._buffers: dict[tuple, tuple] = {}
 
     @classmethod
-    def from_engines(cls, model: WanS2VDiT, engines_dir: str | Path, checkpoint: str | None = None) -> "TrtDiT":
+    def from_engines(cls, model: WanS2VDiT, engines_dir: str | Path, checkpoint: str | None = None,
+                     loras=()) -> "TrtDiT":
+        from runtime import lora
+
         runtimes = installed_runtimes()
         if not runtimes:
             raise BackendUnavailable("backend tensorrt needs TensorRT 10/11 or TensorRT-RTX; install one with: "
@@ -49,7 +52,9 @@ class TrtDiT:
                    "compute_capability": cc}
         if checkpoint:
             request["checkpoint"] = checkpoint_identity(checkpoint)
-        rebuild = f"python -m export.build --precision fp16 --ckpt_dir {checkpoint or 'CKPT'} --out {engines_dir}"
+        request["loras"] = lora.identity(loras)
+        rebuild = (f"python -m export.build --precision fp16 --ckpt_dir {checkpoint or 'CKPT'} --out {engines_dir}"
+                   f"{lora.flags(loras)}")
         folder, manifest = select_engine(engines_dir, "dit", request, rebuild)
         return cls(model, folder, manifest, engines_dir, rebuild)
 

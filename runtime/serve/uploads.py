@@ -16,7 +16,7 @@ from typing import Any
 from runtime.errors import InputError
 
 FILE_FIELDS = ("image", "audio", "pose_video")
-SOLVERS = ("unipc", "dpm++")
+SOLVERS = ("unipc", "dpm++", "euler")
 _SUFFIX_MAX = 8
 
 
