@@ -140,6 +140,8 @@ class S2VPipeline:
         if precision == "fp8":
             dit.set_precision("fp8")  # refuses (ConfigError) where FP8 does not run: never a silent fallback
         dit.set_attention(attention)
+        if device.type == "cuda" and backend in ("torch-graph", "torch-compile"):
+            vae.optimize()  # compiled chunk steps over channels-last weights, 2 latents per step
         if parallel is not None:
             par.shard_model(dit, parallel)
         self.backend = make_backend(backend, dit, engines_dir=engines_dir, checkpoint=name or None, loras=self.loras)

@@ -266,3 +266,23 @@ def test_onnx_export_decode_step(vae, tmp_path):
     for o, r in zip(outs, ref):
         assert o.shape == tuple(r.shape)
         assert float(np.abs(o - r.numpy()).max()) < 1e-4
+
+
+@pytest.mark.parametrize("chunk", [2, 3])
+def test_chunk_length_and_channels_last_do_not_change_the_result(chunk):
+    """optimize(): k latents per chunk step and channels-last weights give the one-latent result (float64)."""
+    from runtime.models.vae import VAEConfig, WanVAE
+
+    torch.manual_seed(0)
+    vae = WanVAE(VAEConfig.tiny()).double().eval()
+    z = torch.randn(1, 16, 6, 4, 6, dtype=torch.float64)
+    video = torch.rand(1, 3, 21, 32, 48, dtype=torch.float64) * 2 - 1
+    ref_dec, ref_enc = vae.decode_chunked(z), vae.encode_chunked(video)
+    vae.optimize(chunk_latents=chunk, compile=False)
+    assert vae.channels_last and all(p.is_contiguous(memory_format=torch.channels_last_3d)
+                                     for p in vae.parameters() if p.dim() == 5)
+    dec, enc = vae.decode_chunked(z), vae.encode_chunked(video)
+    assert dec.shape == ref_dec.shape and enc.shape == ref_enc.shape
+    assert (dec - ref_dec).abs().max() < 1e-12 and (enc - ref_enc).abs().max() < 1e-12
+    with pytest.raises(Exception, match="chunk_latents"):
+        vae.optimize(chunk_latents=0)

@@ -66,7 +66,11 @@ class CompiledDiT(TorchDiT):
 
 
 class _Captured:
-    """Static inputs and one CUDA graph for one input-shape key."""
+    """Static inputs and one CUDA graph for one input-shape key.
+
+    The warm-up runs (compilation, lazy kernel and library initialisation) must happen outside the capture; they
+    run on the real inputs of the call that meets the shape, so the last one's output is that call's result
+    (``first``) and the warm-up costs no extra forward."""
 
     def __init__(self, model: WanS2VDiT, x: torch.Tensor, t_freq: torch.Tensor, cond: ClipConditions, warmup: int):
         self.inputs = StaticInputs(x, t_freq, cond)
@@ -74,9 +78,12 @@ class _Captured:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up (and compilation) outside the capture
-            for _ in range(warmup):
-                model.step(*args)
+            for _ in range(max(warmup, 1)):
+                out = model.step(*args)
+            self.first = out.clone()
         torch.cuda.current_stream().wait_stream(side)
+        self.first.record_stream(torch.cuda.current_stream())
+        del out
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.out = model.step(*args)
@@ -87,13 +94,14 @@ class GraphDiT(TorchDiT):
 
     Per call it copies x and t_freq into the captured buffers (a few MB) and replays; per clip it copies the
     clip conditions once. Blocks are compiled first (``compile=True``) so the graph replays fused kernels.
+    A new shape costs its compilation, one forward on the real inputs (whose output is returned) and the capture.
     Each graph keeps its own activation memory (GBs at 704×1024), so a server that meets many resolutions would
     fill the GPU: when a new capture runs out of memory, the graphs of other shapes are dropped and it is retried
     once (they are captured again when their shape returns)."""
 
     name = "torch-graph"
 
-    def __init__(self, model: WanS2VDiT, compile: bool = True, warmup: int = 2):
+    def __init__(self, model: WanS2VDiT, compile: bool = True, warmup: int = 1):
         if not torch.cuda.is_available() or model.patch_embedding.weight.device.type != "cuda":
             raise BackendUnavailable("backend torch-graph needs the model on a CUDA device; use --backend torch on the CPU")
         super().__init__(model)
@@ -105,8 +113,10 @@ class GraphDiT(TorchDiT):
     def forward(self, x: torch.Tensor, t_freq: torch.Tensor, cond: ClipConditions) -> torch.Tensor:
         key = shape_key(x, t_freq, cond)
         cap = self.graphs.get(key)
-        if cap is None:
+        if cap is None:  # the warm-up before the capture computed this call's output
             cap = self._capture(key, x, t_freq, cond)
+            first, cap.first = cap.first, None
+            return first
         self.graphs.move_to_end(key)
         cap.inputs.load(x, t_freq, cond)
         cap.graph.replay()

@@ -341,10 +341,31 @@ class WanVAE(nn.Module):
     def __init__(self, cfg: VAEConfig | None = None):
         super().__init__()
         self.cfg = cfg or VAEConfig.wan21()
+        self.chunk_latents = 1       # latents per chunk step (see optimize)
+        self.channels_last = False   # 5-D weights and chunk inputs in channels_last_3d (see optimize)
         self.encoder = Encoder(self.cfg)
         self.conv1 = nn.Conv3d(self.cfg.z_dim * 2, self.cfg.z_dim * 2, 1)  # -> [mu, log-variance]
         self.conv2 = nn.Conv3d(self.cfg.z_dim, self.cfg.z_dim, 1)
         self.decoder = Decoder(self.cfg)
+
+    def optimize(self, chunk_latents: int = 2, compile: bool = True) -> None:
+        """The GPU form of the chunked passes: ``chunk_latents`` latents (4 pixel frames each) per chunk step, the
+        convolution weights and chunk inputs in ``channels_last_3d`` (the layout cuDNN's tensor-core kernels read,
+        so no NCDHW↔NDHWC transposes), and the chunk steps compiled (norm, SiLU and residual passes fused). The
+        arithmetic stays float32 with TF32 convolutions, as before; the result moves only at TF32 rounding level
+        (the convolution algorithms differ). The chunked form is exact for any chunk length: each causal conv
+        carries its last two input frames, however many frames a step holds."""
+        if not isinstance(chunk_latents, int) or chunk_latents < 1:
+            raise ConfigError(f"chunk_latents={chunk_latents!r}: must be a positive integer")
+        self.chunk_latents = chunk_latents
+        if not self.channels_last:
+            for p in self.parameters():
+                if p.dim() == 5:
+                    p.data = p.data.contiguous(memory_format=torch.channels_last_3d)
+            self.channels_last = True
+        if compile and not hasattr(self.decode_step, "_torchdynamo_orig_callable"):
+            self.decode_step = torch.compile(self.decode_step, dynamic=False)
+            self.encode_step = torch.compile(self.encode_step, dynamic=False)
 
     # -- helpers --------------------------------------------------------------------------------------
 
@@ -354,7 +375,8 @@ class WanVAE(nn.Module):
 
     def _prep(self, x: torch.Tensor) -> torch.Tensor:
         # Lets callers keep long videos / latents on the host and stream chunks to the VAE's device.
-        return x.to(device=self.conv2.weight.device, dtype=self.dtype)
+        x = x.to(device=self.conv2.weight.device, dtype=self.dtype)
+        return x.contiguous(memory_format=torch.channels_last_3d) if self.channels_last else x
 
     def _latent_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # Built per call from the config (no buffers, so the state dict stays the official one).
@@ -407,7 +429,7 @@ class WanVAE(nn.Module):
         return z, slots.done()
 
     def encode_step(self, chunk: torch.Tensor, caches: Sequence[torch.Tensor]) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        """chunk [B,3,4,H,W] (the next 4 frames) -> (latent [B,z,1,h,w], caches with unchanged shapes)."""
+        """chunk [B,3,4k,H,W] (the next 4k frames) -> (latents [B,z,k,h,w], caches with unchanged shapes)."""
         slots = _Slots(caches)
         z = self._to_latent(self.encoder(self._prep(chunk), slots))
         return z, slots.done()
@@ -419,30 +441,34 @@ class WanVAE(nn.Module):
         return self._to_pixels(x), slots.done()
 
     def decode_step(self, z_t: torch.Tensor, caches: Sequence[torch.Tensor]) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        """z_t [B,z,1,h,w] (the next latent) -> (frames [B,3,4,H,W], caches with unchanged shapes)."""
+        """z_t [B,z,k,h,w] (the next k latents) -> (frames [B,3,4k,H,W], caches with unchanged shapes)."""
         slots = _Slots(caches)
         x = self.decoder(self._from_latent(z_t), slots)
         return self._to_pixels(x), slots.done()
 
     def encode_chunked(self, video: torch.Tensor) -> torch.Tensor:
+        """Frame 0, then ``chunk_latents`` × 4 frames per step (the last step may hold fewer)."""
         n = self._check_video(video)
         z0, caches = self.encode_first(video[:, :, :1])
         out = z0.new_empty(z0.shape[0], z0.shape[1], n, *z0.shape[3:])
         out[:, :, :1] = z0
-        for i in range(1, n):
+        for i in range(1, n, self.chunk_latents):
+            k = min(self.chunk_latents, n - i)
             s = 1 + ENCODE_CHUNK * (i - 1)
-            out[:, :, i:i + 1], caches = self.encode_step(video[:, :, s:s + ENCODE_CHUNK], caches)
+            out[:, :, i:i + k], caches = self.encode_step(video[:, :, s:s + ENCODE_CHUNK * k], caches)
         return out
 
     def decode_chunked(self, z: torch.Tensor) -> torch.Tensor:
+        """Latent 0, then ``chunk_latents`` latents per step (the last step may hold fewer)."""
         self._check_latent(z)
         frames, caches = self.decode_first(z[:, :, :1])
         per_step = self.cfg.temporal_factor
         out = frames.new_empty(frames.shape[0], 3, 1 + per_step * (z.shape[2] - 1), *frames.shape[3:])
         out[:, :, :1] = frames
-        for i in range(1, z.shape[2]):
+        for i in range(1, z.shape[2], self.chunk_latents):
+            k = min(self.chunk_latents, z.shape[2] - i)
             s = 1 + per_step * (i - 1)
-            out[:, :, s:s + per_step], caches = self.decode_step(z[:, :, i:i + 1], caches)
+            out[:, :, s:s + per_step * k], caches = self.decode_step(z[:, :, i:i + k], caches)
         return out
 
 
