@@ -104,7 +104,8 @@ def clip_stages(clock: StageClock, start: float, clips: int) -> list[dict]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.clip", description=__doc__.splitlines()[0])
-    ap.add_argument("--precision", default="bf16", choices=["bf16", "fp8"])
+    ap.add_argument("--precision", default="bf16", help="bf16, fp8, or a comma list run one after the other in this "
+                    "process (the encoders, the VAE and its compiled steps are shared)")
     ap.add_argument("--attention", default="auto")
     ap.add_argument("--lora-rank", type=int, default=64, help="0: no LoRA")
     ap.add_argument("--requests", type=int, default=2)
@@ -128,9 +129,9 @@ def main(argv=None) -> int:
         from runtime import tiny
 
         device = torch.device("cpu")
-        dit, vae = tiny.tiny_dit(torch.float32), tiny.tiny_vae()
-        text, audio_enc = tiny.tiny_text_encoder(), tiny.tiny_audio_encoder()
+        vae, text, audio_enc = tiny.tiny_vae(), tiny.tiny_text_encoder(), tiny.tiny_audio_encoder()
         height, width, frames, backend, seconds = 64, 96, 16, "torch", 1.5
+        new_dit = lambda: tiny.tiny_dit(torch.float32)  # noqa: E731
     else:
         from benchmarks.run import full_size_encoders
         from runtime.config import DiTConfig
@@ -138,20 +139,50 @@ def main(argv=None) -> int:
         from runtime.models.vae import VAEConfig, WanVAE
 
         device = torch.device("cuda")
-        dit = build_dit(DiTConfig.s2v_14b(), dtype=torch.bfloat16, device=device)
         with torch.device(device):
             vae = WanVAE(VAEConfig.wan21()).eval().requires_grad_(False)
         text, audio_enc = full_size_encoders(device)
         height, width, frames, backend, seconds = 704, 1024, 80, "torch-graph", 10.0
+        new_dit = lambda: build_dit(DiTConfig.s2v_14b(), dtype=torch.bfloat16, device=device)  # noqa: E731
+    rows, metas = [], {}
+    for precision in args.precision.split(","):
+        rows += run_precision(args, precision, new_dit(), vae, text, audio_enc, device, height, width, frames, backend,
+                              seconds, metas)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout.strip()
+    meta = {"device": device_description(device), "date": time.strftime("%Y-%m-%d %H:%M"), "git": rev + ("+dirty" if dirty else ""),
+            "command": "python -m benchmarks.clip " + " ".join(sys.argv[1:] if argv is None else argv),
+            "shapes": {"height": height, "width": width, "infer_frames": frames, "clips_per_request": 2},
+            "dtype": "DiT bf16 or FP8 block linears (precision column), VAE float32 (TF32 convolutions), UMT5 bf16, "
+                     "wav2vec2 float32",
+            "weights": "random at the real configuration; the LoRA is random too (merged through runtime.lora)",
+            "lora_rank": args.lora_rank, "process_start_to_first_pipeline_s": time.perf_counter() - t_start,
+            "per_precision": metas,
+            "notes": "wall clock after a device sync at every progress event; clip_s = denoise + decode + motion "
+                     "re-encode; capture_s (inside denoise_s) = compilation + warm-up forward (whose output is the "
+                     "step's) + CUDA-graph capture on a shape's first meeting"}
+    name = f"clip_{height}x{width}-{frames}f_{args.precision.replace(',', '-')}{'_' + args.tag if args.tag else ''}.json"
+    table = markdown_table(rows, COLUMNS)
+    write_results(results_dir(args.out, device) / name, rows, meta, table)
+    print(table)
+    return 0
+
+
+def run_precision(args, precision, dit, vae, text, audio_enc, device, height, width, frames, backend, seconds,
+                  metas) -> list[dict]:
+    from runtime.demo import demo_image, demo_speech
+    from runtime.pipeline import S2VPipeline
+
     loras = []
     if args.lora_rank:
         path = random_lora(dit, Path("/tmp/clip_bench_lora.safetensors"), args.lora_rank, device)
         loras = [(path, 1.0)]
     t0 = time.perf_counter()
     pipe = S2VPipeline(dit, vae, text, audio_enc, device, backend=backend, name="random-14b" if not args.tiny else "tiny",
-                       attention=args.attention, precision=args.precision, loras=loras)
+                       attention=args.attention, precision=precision, loras=loras)
     setup_s = time.perf_counter() - t0
-    build_s = time.perf_counter() - t_start
     clock = StageClock(device)
     pipe.encode_audio = clock.wrap_encoder(pipe.encode_audio)
     pipe.encode_prompts = clock.wrap_encoder(pipe.encode_prompts)
@@ -179,7 +210,7 @@ def main(argv=None) -> int:
         fwd = args.steps * (2 if args.guide_scale > 1 else 1)
         for c, st in enumerate(stages):
             enc = st["vae_encode_s"] if c == 0 else stages[0]["vae_encode_s"]  # the later clip's re-encode (see doc)
-            row = {"variant": variant, "precision": args.precision, "scenario": f"{height}x{width}-{frames}f", "gpus": 1,
+            row = {"variant": variant, "precision": precision, "scenario": f"{height}x{width}-{frames}f", "gpus": 1,
                    "recipe": recipe, "steps": args.steps, "guide_scale": args.guide_scale, "lora": bool(loras),
                    "clip": "first" if c == 0 else "later", "request": request, "process": args.process,
                    "clip_s": st["denoise_s"] + st["vae_decode_s"] + enc, "denoise_s": st["denoise_s"],
@@ -199,7 +230,7 @@ def main(argv=None) -> int:
                      "clip_s": denoise + row["vae_decode_s"] + row["vae_encode_s"], "forwards": 80, "projected": True,
                      "encoders_s": None, "request_s": None})
     official = None
-    if args.official_repo:
+    if args.official_repo and precision == "bf16":
         if hasattr(pipe.backend, "graphs"):
             pipe.backend.graphs.clear()  # their memory pools: the official forward needs the room
         torch.cuda.empty_cache()
@@ -210,26 +241,11 @@ def main(argv=None) -> int:
                      "clip_s": 80 * official + later["vae_decode_s"] + later["vae_encode_s"], "forwards": 80,
                      "projected": True, "encoders_s": None, "request_s": None,
                      "note": "VAE stages: ours of this run (the official VAE code is not timed here)"})
-    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout.strip()
-    meta = {"device": device_description(device), "date": time.strftime("%Y-%m-%d %H:%M"), "git": rev + ("+dirty" if dirty else ""),
-            "command": "python -m benchmarks.clip " + " ".join(sys.argv[1:] if argv is None else argv),
-            "shapes": {"height": height, "width": width, "infer_frames": frames, "clips_per_request": 2},
-            "dtype": f"DiT {args.precision} ({'FP8 block linears' if args.precision == 'fp8' else 'bf16'}), VAE float32 "
-                     "(TF32 convolutions), UMT5 bf16, wav2vec2 float32",
-            "weights": "random at the real configuration; the LoRA is random too (merged through runtime.lora)",
-            "lora_rank": args.lora_rank, "lora_merge_and_setup_s": setup_s, "process_build_s": build_s,
-            "attention": pipe.dit.attention_impl, "backend": pipe.backend_name,
-            "requests_bit_identical": identical, "official_forward_s": official,
-            "notes": "wall clock after a device sync at every progress event; clip_s = denoise + decode + motion "
-                     "re-encode; capture_s (inside denoise_s) = compilation + warm-up forward (whose output is the "
-                     "step's) + CUDA-graph capture on a shape's first meeting"}
-    name = f"clip_{height}x{width}-{frames}f_{args.precision}{'_' + args.tag if args.tag else ''}.json"
-    table = markdown_table(rows, COLUMNS)
-    write_results(results_dir(args.out, device) / name, rows, meta, table)
-    print(table)
-    print(f"requests bit-identical: {identical}; official forward: {official}")
-    return 0
+    metas[precision] = {"lora_merge_and_setup_s": setup_s, "attention": pipe.dit.attention_impl, "backend": pipe.backend_name,
+                        "requests_bit_identical": identical, "official_forward_s": official}
+    print(f"{precision}: requests bit-identical: {identical}; official forward: {official}", flush=True)
+    del pipe
+    return rows
 
 
 def official_forward_time(repo: str, pipe, height: int, width: int, frames: int, device) -> float:

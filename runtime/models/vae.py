@@ -343,6 +343,7 @@ class WanVAE(nn.Module):
         self.cfg = cfg or VAEConfig.wan21()
         self.chunk_latents = 1       # latents per chunk step (see optimize)
         self.channels_last = False   # 5-D weights and chunk inputs in channels_last_3d (see optimize)
+        self.cudnn_benchmark = False  # time cuDNN's algorithms per shape in the chunked passes (see optimize)
         self.encoder = Encoder(self.cfg)
         self.conv1 = nn.Conv3d(self.cfg.z_dim * 2, self.cfg.z_dim * 2, 1)  # -> [mu, log-variance]
         self.conv2 = nn.Conv3d(self.cfg.z_dim, self.cfg.z_dim, 1)
@@ -354,10 +355,15 @@ class WanVAE(nn.Module):
         so no NCDHW↔NDHWC transposes), and the chunk steps compiled (norm, SiLU and residual passes fused). The
         arithmetic stays float32 with TF32 convolutions, as before; the result moves only at TF32 rounding level
         (the convolution algorithms differ). The chunked form is exact for any chunk length: each causal conv
-        carries its last two input frames, however many frames a step holds."""
+        carries its last two input frames, however many frames a step holds.
+
+        cuDNN's algorithms for these channels-last shapes are chosen by timing them once per shape and process
+        (``cudnn.benchmark``, only inside the chunked passes): its heuristic picks were 1.4x slower. Two processes
+        may time differently and so pick different TF32 algorithms; within a process a seed repeats bit for bit."""
         if not isinstance(chunk_latents, int) or chunk_latents < 1:
             raise ConfigError(f"chunk_latents={chunk_latents!r}: must be a positive integer")
         self.chunk_latents = chunk_latents
+        self.cudnn_benchmark = True
         if not self.channels_last:
             for p in self.parameters():
                 if p.dim() == 5:
@@ -446,8 +452,22 @@ class WanVAE(nn.Module):
         x = self.decoder(self._from_latent(z_t), slots)
         return self._to_pixels(x), slots.done()
 
+    def _cudnn(self):
+        c = torch.backends.cudnn
+        return c.flags(enabled=c.enabled, benchmark=self.cudnn_benchmark or c.benchmark, deterministic=c.deterministic,
+                       allow_tf32=c.allow_tf32)
+
     def encode_chunked(self, video: torch.Tensor) -> torch.Tensor:
         """Frame 0, then ``chunk_latents`` × 4 frames per step (the last step may hold fewer)."""
+        with self._cudnn():
+            return self._encode_chunked(video)
+
+    def decode_chunked(self, z: torch.Tensor) -> torch.Tensor:
+        """Latent 0, then ``chunk_latents`` latents per step (the last step may hold fewer)."""
+        with self._cudnn():
+            return self._decode_chunked(z)
+
+    def _encode_chunked(self, video: torch.Tensor) -> torch.Tensor:
         n = self._check_video(video)
         z0, caches = self.encode_first(video[:, :, :1])
         out = z0.new_empty(z0.shape[0], z0.shape[1], n, *z0.shape[3:])
@@ -458,8 +478,7 @@ class WanVAE(nn.Module):
             out[:, :, i:i + k], caches = self.encode_step(video[:, :, s:s + ENCODE_CHUNK * k], caches)
         return out
 
-    def decode_chunked(self, z: torch.Tensor) -> torch.Tensor:
-        """Latent 0, then ``chunk_latents`` latents per step (the last step may hold fewer)."""
+    def _decode_chunked(self, z: torch.Tensor) -> torch.Tensor:
         self._check_latent(z)
         frames, caches = self.decode_first(z[:, :, :1])
         per_step = self.cfg.temporal_factor
