@@ -21,14 +21,13 @@ per-clip estimate (80 forwards + the same VAE stages).
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.common import device_description, markdown_table, median, results_dir, write_results
+from benchmarks.common import code_revision, device_description, markdown_table, median, results_dir, write_results
 
 COLUMNS = ["variant", "precision", "recipe", "steps", "guide_scale", "lora", "clip", "request", "process", "clip_s",
            "denoise_s", "capture_s", "vae_decode_s", "vae_encode_s", "encoders_s", "forwards", "projected"]
@@ -107,7 +106,9 @@ def main(argv=None) -> int:
     ap.add_argument("--precision", default="bf16", help="bf16, fp8, or a comma list run one after the other in this "
                     "process (the encoders, the VAE and its compiled steps are shared)")
     ap.add_argument("--attention", default="auto")
-    ap.add_argument("--lora-rank", type=int, default=64, help="0: no LoRA")
+    ap.add_argument("--lora-rank", type=int, default=64, help="rank of the random LoRA written and merged (0: none)")
+    ap.add_argument("--lora", action="append", default=[], metavar="PATH[:STRENGTH]",
+                    help="merge these LoRA files instead of a random one (repeatable)")
     ap.add_argument("--requests", type=int, default=2)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--guide-scale", type=float, default=1.0)
@@ -150,15 +151,13 @@ def main(argv=None) -> int:
                               seconds, metas)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout.strip()
-    meta = {"device": device_description(device), "date": time.strftime("%Y-%m-%d %H:%M"), "git": rev + ("+dirty" if dirty else ""),
+    meta = {"device": device_description(device), "date": time.strftime("%Y-%m-%d %H:%M"), "git": code_revision(),
             "command": "python -m benchmarks.clip " + " ".join(sys.argv[1:] if argv is None else argv),
             "shapes": {"height": height, "width": width, "infer_frames": frames, "clips_per_request": 2},
             "dtype": "DiT bf16 or FP8 block linears (precision column), VAE float32 (TF32 convolutions), UMT5 bf16, "
                      "wav2vec2 float32",
             "weights": "random at the real configuration; the LoRA is random too (merged through runtime.lora)",
-            "lora_rank": args.lora_rank, "process_start_to_first_pipeline_s": time.perf_counter() - t_start,
+            "lora_rank": args.lora_rank, "process_total_s": time.perf_counter() - t_start,
             "per_precision": metas,
             "notes": "wall clock after a device sync at every progress event; clip_s = denoise + decode + motion "
                      "re-encode; capture_s (inside denoise_s) = compilation + warm-up forward (whose output is the "
@@ -175,8 +174,8 @@ def run_precision(args, precision, dit, vae, text, audio_enc, device, height, wi
     from runtime.demo import demo_image, demo_speech
     from runtime.pipeline import S2VPipeline
 
-    loras = []
-    if args.lora_rank:
+    loras = list(args.lora)
+    if args.lora_rank and not loras:
         path = random_lora(dit, Path("/tmp/clip_bench_lora.safetensors"), args.lora_rank, device)
         loras = [(path, 1.0)]
     t0 = time.perf_counter()

@@ -30,6 +30,19 @@ def results_dir(out: Path | None, device: torch.device | str | None = None, suff
     return out or RESULTS / f"{device_slug(device)}{suffix}"
 
 
+def code_revision() -> str:
+    """This project's revision for result files: ``S2V_CODE_REV`` when set (a device machine's copy of the tree
+    reports the commit it was cut from, not the one that runs), else ``git rev-parse`` (+dirty)."""
+    import subprocess
+
+    rev = os.environ.get("S2V_CODE_REV")
+    if rev:
+        return rev
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout.strip()
+    return head + ("+dirty" if dirty else "")
+
+
 def device_description(device: torch.device | str | None = None) -> str:
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":

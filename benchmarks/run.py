@@ -210,9 +210,14 @@ def main(argv=None) -> int:
     ap.add_argument("--graph-warmup", type=int, default=2, help="eager runs before a CUDA graph is captured")
     ap.add_argument("--stages", default="dit,vae,encoders", help="comma list: dit,vae,encoders")
     ap.add_argument("--engines_dir", default="engines")
+    ap.add_argument("--lora", action="append", default=[], metavar="PATH[:STRENGTH]",
+                    help="merge this LoRA into every variant of ours (repeatable), as runtime.generate --lora does")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     scn = SCENARIOS[args.scenario]
+    from runtime import lora
+
+    loras = [lora.LoraSpec.parse(x) for x in args.lora]
     device = torch.device("cuda" if torch.cuda.is_available() and scn.model != "tiny" else "cpu")
     torch.set_grad_enabled(False)
     stages = {s.strip() for s in args.stages.split(",")}
@@ -295,6 +300,7 @@ def main(argv=None) -> int:
                 runners[v.spec] = (fn, None)
             else:
                 model = from_state_dict(cfg, state)
+                lora.merge(model, loras, round_dtype=model.dtype)
                 if v.precision == "fp8":
                     model.set_precision("fp8")
                 attn = v.attention

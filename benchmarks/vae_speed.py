@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import subprocess
 import sys
 import time
 from collections import defaultdict
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import device_description, markdown_table, peak_mem_gib, results_dir, sync, write_results
+from benchmarks.common import code_revision, device_description, markdown_table, peak_mem_gib, results_dir, sync, write_results
 
 
 def reset_peak(dev):
@@ -161,9 +160,8 @@ def main(argv=None) -> int:
     top = sorted(kern.items(), key=lambda kv: -kv[1])[:15]
     for name, ms in top:
         print(f"{ms:9.2f} ms  {name[:140]}")
-    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     meta = {"device": device_description(dev), "command": "python -m benchmarks.vae_speed " + " ".join(argv or sys.argv[1:]),
-            "git": rev, "date": time.strftime("%Y-%m-%d"), "dtype": "float32 weights and activations, TF32 convolutions (cuDNN default)",
+            "git": code_revision(), "date": time.strftime("%Y-%m-%d"), "dtype": "float32 weights and activations, TF32 convolutions (cuDNN default)",
             "shapes": {"decode_latents": list(z.shape), "encode_video": list(video.shape)},
             "weights": "random Wan2.1 VAE (real configuration)", "profile": prof_rows,
             "top_kernels_ms": [[n[:160], round(ms, 2)] for n, ms in top]}

@@ -1,9 +1,10 @@
-"""``python -m runtime.quality --ckpt_dir DIR --image I --audio A [--precision fp8]``: the same request in a
-reference precision (bf16) and a test precision (fp8, fp16), same seed, compared clip by clip.
+"""``python -m runtime.quality --ckpt_dir DIR --image I --audio A [--precision fp8] [--lora L --test_steps 4 ...]``:
+the same request as an exact reference (bf16, no LoRA, the official recipe unless the reference flags say otherwise)
+and as a tested setting (precision, attention kernel, LoRAs, few-step recipe), same seed, compared clip by clip.
 
 Prints per clip: PSNR and SSIM of the decoded frames (uint8, as written to the MP4) and the rel-L2 of the
-final latents, so FP8 can be checked on one's own checkpoint and inputs before it is used. The two pipelines
-are loaded one after the other (the first is freed before the second loads).
+final latents, so a lossy setting can be checked on one's own checkpoint and inputs before it is used. The two
+pipelines are loaded one after the other (the first is freed before the second loads).
 """
 from __future__ import annotations
 
@@ -38,12 +39,12 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
     return float(s.mean())
 
 
-def _run(args, precision: str, attention: str = "auto"):
+def _run(args, precision: str, attention: str = "auto", loras=(), recipe: dict | None = None):
     """One generation; returns (frames uint8, per-clip latents, frames per clip)."""
     from runtime.pipeline import S2VPipeline
 
     pipe = S2VPipeline.from_pretrained(args.ckpt_dir, device=args.device, backend=args.backend, precision=precision,
-                                       attention=attention)
+                                       attention=attention, loras=list(loras))
     latents: list[torch.Tensor] = []
     decode = pipe.sampler._decode
 
@@ -57,11 +58,30 @@ def _run(args, precision: str, attention: str = "auto"):
 
     pipe.sampler._decode = keep
     r = pipe.generate(args.image, args.audio, prompt=args.prompt, seed=args.seed, infer_frames=args.infer_frames,
-                      sample_steps=args.sample_steps, num_clip=args.num_clip, size=args.size, progress=False)
+                      num_clip=args.num_clip, size=args.size, progress=False, **(recipe or reference_recipe(args)))
     del pipe
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return r.frames, latents, r.info
+
+
+def reference_recipe(args) -> dict:
+    return dict(sample_steps=args.sample_steps, guide_scale=args.sample_guide_scale, sample_shift=args.sample_shift,
+                sample_solver=args.sample_solver)
+
+
+def test_recipe(args) -> dict:
+    """The tested run's recipe: each --test_* flag, else the reference's value."""
+    ref = reference_recipe(args)
+    out = {k: getattr(args, f"test_{k.replace('sample_', '')}") for k in ref}
+    out = {k: (ref[k] if v is None else v) for k, v in out.items()}
+    if args.test_denoising_steps is not None:
+        from runtime.scheduler import parse_denoising_steps
+
+        out["denoising_steps"] = parse_denoising_steps(args.test_denoising_steps)
+        if args.test_steps is None:
+            out["sample_steps"] = len(out["denoising_steps"])
+    return out
 
 
 def main(argv=None) -> int:
@@ -75,13 +95,24 @@ def main(argv=None) -> int:
     ap.add_argument("--image", default=None)
     ap.add_argument("--audio", default=None)
     ap.add_argument("--prompt", default="a person talking to the camera")
-    ap.add_argument("--precision", default="fp8", choices=["fp8", "fp16", "bf16"], help="the precision to check")
+    ap.add_argument("--precision", default=None, choices=["fp8", "fp16", "bf16"],
+                    help="the tested run's precision (default: fp8 when nothing else is tested, else the reference's)")
     ap.add_argument("--reference", default="bf16", choices=["bf16", "fp16"], help="what it is compared with")
     ap.add_argument("--attention", default="auto", choices=ATTENTION_CHOICES,
                     help="the tested run's attention kernel (fp8 / fa3-fp8: FP8 attention); the reference uses auto")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--infer_frames", type=int, default=80)
-    ap.add_argument("--sample_steps", type=int, default=40)
+    ap.add_argument("--sample_steps", type=int, default=40, help="the reference's steps (official 40)")
+    ap.add_argument("--sample_guide_scale", type=float, default=4.5, help="the reference's CFG scale (official 4.5)")
+    ap.add_argument("--sample_shift", type=float, default=3.0, help="the reference's flow shift (official 3.0)")
+    ap.add_argument("--sample_solver", default="unipc", help="the reference's solver (official unipc)")
+    ap.add_argument("--lora", action="append", default=[], metavar="PATH[:STRENGTH]",
+                    help="merge this LoRA in the tested run only (repeatable)")
+    ap.add_argument("--test_steps", type=int, default=None, help="the tested run's steps (default: the reference's)")
+    ap.add_argument("--test_guide_scale", type=float, default=None, help="the tested run's CFG scale (e.g. 1)")
+    ap.add_argument("--test_shift", type=float, default=None, help="the tested run's flow shift (e.g. 8)")
+    ap.add_argument("--test_solver", default=None, help="the tested run's solver (unipc, dpm++, euler)")
+    ap.add_argument("--test_denoising_steps", default=None, help="the tested run's euler timesteps, e.g. 1000,750,500,250")
     ap.add_argument("--num_clip", type=int, default=None)
     ap.add_argument("--size", default=None)
     ap.add_argument("--backend", default="auto", help="as runtime.generate's (auto: torch-graph on CUDA, torch on the CPU)")
@@ -90,6 +121,20 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     try:
         # refuse before loading anything (the reference run alone takes minutes)
+        from runtime import lora
+
+        loras = [lora.LoraSpec.parse(x) for x in args.lora]
+        for spec in loras:
+            lora.read_header(spec.path)
+        recipe = test_recipe(args)
+        if args.precision is None:
+            same = not loras and recipe == reference_recipe(args) and args.attention == "auto"
+            args.precision = "fp8" if same else args.reference
+        from runtime.sampler import SampleOptions
+
+        for r in (reference_recipe(args), recipe):  # the recipes' values, checked as generate would
+            SampleOptions(sample_steps=r["sample_steps"], sample_shift=r["sample_shift"], guide_scale=r["guide_scale"],
+                          solver=r["sample_solver"], denoising_steps=r.get("denoising_steps"))
         dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if args.precision == "fp8":
             from runtime.kernels.fp8 import unsupported_reason
@@ -109,7 +154,7 @@ def main(argv=None) -> int:
         elif args.image is None or args.audio is None:
             raise S2VError("--image and --audio are required with a real checkpoint")
         ref_frames, ref_lat, info = _run(args, args.reference)
-        test_frames, test_lat, _ = _run(args, args.precision, args.attention)
+        test_frames, test_lat, _ = _run(args, args.precision, args.attention, loras, recipe)
     except S2VError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -123,12 +168,14 @@ def main(argv=None) -> int:
                      "latent_rel_l2": float((lt - lr).norm() / lr.norm())})
         start += n
     out = {"reference": args.reference, "precision": args.precision, "attention": args.attention, "seed": args.seed,
-           "size": info["size"],
-           "clips": rows}
+           "size": info["size"], "reference_recipe": reference_recipe(args), "test_recipe": recipe,
+           "loras": [f"{x.path}:{x.strength:g}" for x in loras], "clips": rows}
     if args.json:
         print(json.dumps(out))
     else:
-        print(f"{args.precision} (attention {args.attention}) vs {args.reference}, seed {args.seed}, "
+        tested = ", ".join([args.precision, f"attention {args.attention}", *out["loras"],
+                            *(f"{k}={v}" for k, v in recipe.items() if reference_recipe(args).get(k) != v)])
+        print(f"tested ({tested}) vs reference ({args.reference}, {reference_recipe(args)}), seed {args.seed}, "
               f"{info['size'][0]}x{info['size'][1]}")
         print("clip  frames  PSNR dB   SSIM    latent rel-L2")
         for r in rows:

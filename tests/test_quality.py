@@ -52,3 +52,29 @@ def test_tiny_fp16_against_bf16(capsys):
         assert 10 < row["psnr_db"] < float("inf") or row["psnr_db"] == float("inf")
         assert 0 < row["ssim"] <= 1
         assert 0 <= row["latent_rel_l2"] < 0.2
+
+
+def test_lora_few_step_recipe_against_the_exact_reference(tmp_path, capsys):
+    """A LoRA + 4-step CFG-off euler recipe against the 2-step CFG reference: both runs happen, and they differ."""
+    from runtime.tiny import tiny_dit
+    from tests.test_lora import random_lora
+
+    path = random_lora(tiny_dit(), tmp_path / "l.safetensors", scale=0.02)
+    assert main(["--device", "cpu", "--sample_steps", "2", "--infer_frames", "16", "--lora", f"{path}:0.5",
+                 "--test_solver", "euler", "--test_denoising_steps", "1000,750,500,250", "--test_guide_scale", "1",
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["precision"] == "bf16" and out["loras"] == [f"{path}:0.5"]
+    assert out["test_recipe"]["sample_steps"] == 4 and out["test_recipe"]["denoising_steps"] == [1000, 750, 500, 250]
+    assert out["reference_recipe"]["sample_steps"] == 2
+    assert out["clips"] and all(r["psnr_db"] < float("inf") and r["latent_rel_l2"] > 0 for r in out["clips"])
+
+
+def test_bad_lora_or_recipe_refused_before_loading(tmp_path, capsys, monkeypatch):
+    import runtime.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline.S2VPipeline, "from_pretrained", lambda *a, **k: pytest.fail("loaded a model"))
+    assert main(["--device", "cpu", "--lora", str(tmp_path / "x.pt")]) == 2
+    assert "pickle" in capsys.readouterr().err
+    assert main(["--device", "cpu", "--test_solver", "euler", "--test_denoising_steps", "5,10"]) == 2
+    assert "strictly decreasing" in capsys.readouterr().err
