@@ -18,6 +18,8 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+from runtime.options import add_pipeline_args, check_pipeline_args, pipeline_kwargs, str2bool  # noqa: F401
+
 EXIT_SIGINT, EXIT_SIGTERM = 130, 143
 # How long a signal may wait for the main thread (busy in a native op: a DiT forward, a VAE decode, a checkpoint
 # read) before the process exits by itself.
@@ -27,28 +29,14 @@ MAX_SEED = 2**63 - 1  # the official picks seeds in [0, sys.maxsize]
 _SYSTEM_DIRS = ("/proc", "/sys", "/dev")
 
 
-def str2bool(v: str) -> bool:
-    if isinstance(v, bool):
-        return v
-    if v.lower() in ("yes", "true", "t", "y", "1"):
-        return True
-    if v.lower() in ("no", "false", "f", "n", "0"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {v!r}")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from runtime.models.attention import CHOICES as ATTENTION_CHOICES
-
     p = argparse.ArgumentParser(prog="python -m runtime.generate",
                                 description="Wan2.2-S2V-14B speech-to-video (official flags) on this engine.")
+    add_pipeline_args(p)  # --ckpt_dir --device --backend --attention --precision --lora --offload_model --t5_cpu --engines_dir
     p.add_argument("--task", default="s2v-14B", help="only s2v-14B is supported")
-    p.add_argument("--size", default=None, help="area as H*W, e.g. 1024*704 (default 1280*720; 64*64 for the tiny model)")
+    p.add_argument("--size", default=None, help="area as H*W, e.g. 1024*704 (default 1280*720; 64*64 for the tiny "
+                   "model); only the area counts: the orientation and aspect follow the reference image")
     p.add_argument("--frame_num", type=int, default=None, help="ignored by s2v (use --infer_frames), kept for compatibility")
-    p.add_argument("--ckpt_dir", default="tiny", help="the Wan2.2-S2V-14B folder, or 'tiny' for the built-in toy model")
-    p.add_argument("--offload_model", type=str2bool, default=None,
-                   help="move the DiT to the CPU between clips and keep UMT5/wav2vec2 on the CPU between uses, to save "
-                        "GPU memory (default false: everything resident; the official default is true on one GPU)")
     p.add_argument("--ulysses_size", type=int, default=1,
                    help="Ulysses sequence parallelism over this many ranks of each CFG branch (launch with torchrun; "
                         "must divide the 40 heads: 1, 2, 4, 5, 8, 10); 1.79× per step on 2 H200s")
@@ -60,7 +48,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dit_fsdp", action="store_true", default=False,
                    help="accepted; the DiT is replicated on every rank (33 GB in bf16 fits one GPU: FSDP would add "
                         "an all-gather of every block in every step and pays only when the weights do not fit)")
-    p.add_argument("--t5_cpu", action="store_true", default=False, help="run UMT5 on the CPU")
     p.add_argument("--convert_model_dtype", action="store_true", default=False,
                    help="accepted for compatibility: the DiT is always held in its compute dtype")
     p.add_argument("--save_file", default=None, help="output .mp4 (default: official naming in the current folder)")
@@ -89,28 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--start_from_ref", action="store_true", default=False, help="start the video from the reference image")
     p.add_argument("--infer_frames", type=int, default=80, help="frames per clip, a multiple of 4 (48 or 80)")
     # this project
-    p.add_argument("--backend", default="auto",
-                   help="DiT backend: auto (torch-graph on CUDA: compiled blocks + CUDA graph, ~30 s of compilation per "
-                        "clip shape; torch on the CPU or with --offload_model), torch, torch-compile, torch-graph, "
-                        "onnxruntime, tensorrt")
-    p.add_argument("--attention", default="auto", choices=ATTENTION_CHOICES,
-                   help="self-attention kernel. auto: the fastest exact kernel measured on this GPU that is installed "
-                        "(Hopper: FlashAttention-3 built from source by benchmarks/device/build_fa3.sh, else "
-                        "FlashAttention-4 from flash-attn-4, else PyTorch SDPA; elsewhere SDPA). fp8 (cuDNN) and fa3-fp8 "
-                        "(FlashAttention-3) quantise q/k/v to FP8: 20-30 %% faster attention, but ~0.2 rel-L2 per "
-                        "forward; only when named, and check it with python -m runtime.quality")
-    p.add_argument("--precision", default=None, choices=["bf16", "fp16", "fp8"],
-                   help="DiT precision (default bf16 on CUDA, fp32 on the CPU); fp8 (Hopper or newer): the "
-                        "self-attention qkv/o and FFN linears in FP8 (1.12x faster forward on an H200, rel-L2 0.042 "
-                        "vs bf16 on random weights), attention as --attention says. Check it on your inputs with "
-                        "python -m runtime.quality")
-    p.add_argument("--engines_dir", default="engines", help="where export.build wrote ONNX graphs and engines")
-    p.add_argument("--lora", action="append", default=[], metavar="PATH[:STRENGTH]",
-                   help="merge a LoRA .safetensors into the DiT at load (repeatable; strength default 1.0), e.g. a "
-                        "few-step distill LoRA with --sample_steps 4 --sample_guide_scale 1 --sample_shift 8")
     p.add_argument("--no_batch_cfg", action="store_true", default=False,
                    help="run cond and uncond as two DiT calls per step, as the official (default: one batch-2 call; same math)")
-    p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
     p.add_argument("--overwrite", action="store_true", default=False, help="replace --save_file if it exists")
     p.add_argument("--debug", action="store_true", default=False, help="show tracebacks")
     return p
@@ -126,7 +93,6 @@ EXAMPLE_PROMPT = ("Summer beach vacation style, a white cat wearing sunglasses s
 def validate(args) -> None:
     """Every flag, before anything is loaded: a typo must not cost a model load."""
     from runtime.errors import InputError
-    from runtime.pipeline import check_backend, resolve_device
     from runtime.preprocess import parse_size
     from runtime.sampler import MAX_STEPS
 
@@ -175,16 +141,7 @@ def validate(args) -> None:
         raise InputError(f"--tts_prompt_audio {args.tts_prompt_audio}: file not found; pass a 5-15 s recording")
     if args.ckpt_dir != "tiny" and (args.image is None or (args.audio is None and not args.enable_tts)):
         raise InputError("--image and --audio are required with a real checkpoint (or use --enable_tts with --tts_text)")
-    try:
-        resolve_device(args.device)
-    except InputError as err:
-        raise InputError(f"--{err}") from None  # "device 'x': ..." becomes "--device 'x': ..."
-    check_backend(args.backend, bool(args.offload_model))
-    from runtime import lora
-
-    args.loras = [lora.LoraSpec.parse(s) for s in args.lora]
-    for spec in args.loras:  # readable safetensors with a header; the keys are matched before the weights load
-        lora.read_header(spec.path)
+    check_pipeline_args(args)  # device, backend, FP8, attention kernel, LoRA files: before anything loads
     from runtime.media.common import _check_readable_file
 
     for flag, path, what in (("--image", args.image, "image"), ("--audio", None if args.enable_tts else args.audio, "audio"),
@@ -287,11 +244,10 @@ def _generate(args, image, audio, seed: int, size: str, save: Path) -> Path:
     if not main_rank:
         logging.getLogger().setLevel(logging.WARNING)  # rank 0 reports progress and writes the MP4
     try:
-        pipe = S2VPipeline.from_pretrained(args.ckpt_dir, device=layout.device if layout else args.device,
-                                           backend=args.backend, t5_cpu=args.t5_cpu,
-                                           offload_model=bool(args.offload_model), engines_dir=args.engines_dir,
-                                           attention=args.attention, precision=args.precision, parallel=layout,
-                                           loras=getattr(args, "loras", None))
+        kwargs = pipeline_kwargs(args)
+        if layout is not None:
+            kwargs["device"] = layout.device
+        pipe = S2VPipeline.from_pretrained(args.ckpt_dir, parallel=layout, **kwargs)
     except (RuntimeError, MemoryError) as exc:
         err = _out_of_memory(exc, f"while loading {args.ckpt_dir}", "another device")
         if err is None:

@@ -1,207 +1,26 @@
-"""Multi-GPU inference through ``torch.distributed`` (launched with ``torchrun``): CFG parallel and Ulysses.
-
-World = ``ulysses`` × (2 if ``cfg_parallel`` else 1) ranks, laid out CFG-major: ranks [c·U, (c+1)·U) form the
-sequence-parallel group of CFG branch c (0 = conditional, 1 = unconditional).
+"""Multi-GPU inference on the model, from outside it: CFG parallel and Ulysses (``runtime.distributed`` holds the
+process groups and collectives).
 
 - **CFG parallel** (``CFGParallelDiT``): the batch-2 CFG call of each step is split by branch; each rank group
   runs its branch, and one all-gather hands both velocities to every rank, which then takes the same solver
   step (so every rank holds the same latents without further communication).
-- **Ulysses** (``SeqShard``): each rank keeps a contiguous slice of the token sequence through the blocks;
+- **Ulysses** (``shard_model``): each rank keeps a contiguous slice of the token sequence through the blocks;
   around self-attention q/k/v are exchanged with an all-to-all (this rank's tokens of all heads ↔ all tokens
   of this rank's heads: ``heads / U`` heads each, so U must divide the 40 heads). Everything else is per token
   (norms, modulation, FFN, text cross-attention, frame-local audio injection with per-rank RoPE rows), and the
   head's outputs are gathered once per step.
-
-The collectives are registered as custom ops so compiled blocks and CUDA graphs keep them as single calls.
-The same code runs on the CPU with the gloo backend (tests compare it with one process).
 """
 from __future__ import annotations
-
-import logging
-import os
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from runtime.errors import ConfigError
-
-log = logging.getLogger(__name__)
-_GROUPS: dict[str, "dist.ProcessGroup"] = {}
-
-
-# --------------------------------------------------------------------------------------------- layout
-@dataclass(frozen=True)
-class Layout:
-    """This process's place in the world."""
-
-    rank: int
-    world: int
-    ulysses: int
-    cfg_parallel: bool
-    device: torch.device
-
-    @property
-    def cfg_index(self) -> int:      # 0: conditional branch, 1: unconditional (when cfg_parallel)
-        return self.rank // self.ulysses
-
-    @property
-    def sp_rank(self) -> int:
-        return self.rank % self.ulysses
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
+from runtime.distributed import (Layout, SeqShard, check_sizes, configure, group, heads_to_seq, init,  # noqa: F401
+                                 is_main, seq_to_heads, shutdown, split_sizes)
+from runtime.models.dit import ClipConditions, WanS2VDiT
 
 
-def check_sizes(ulysses: int, cfg_parallel: bool, world: int, heads: int | None = None) -> None:
-    """Refuse layouts that cannot work, naming the fix."""
-    if ulysses < 1:
-        raise ConfigError(f"--ulysses_size {ulysses}: must be ≥ 1")
-    need = ulysses * (2 if cfg_parallel else 1)
-    if world != need:
-        launch = f"torchrun --nproc_per_node {need}"
-        raise ConfigError(f"{world} process(es) but --ulysses_size {ulysses}{' with --cfg_parallel' if cfg_parallel else ''} "
-                          f"needs {need}: launch with `{launch} -m runtime.generate ...`")
-    if heads is not None and heads % ulysses:
-        ok = [u for u in range(1, heads + 1) if heads % u == 0]
-        raise ConfigError(f"--ulysses_size {ulysses} does not divide the model's {heads} attention heads; use one of {ok}")
-
-
-def init(ulysses: int = 1, cfg_parallel: bool = False, device: str | torch.device | None = None) -> Layout | None:
-    """Join the torchrun world (NCCL on CUDA, gloo on the CPU) and build the groups; None for one process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1 and ulysses == 1 and not cfg_parallel:
-        return None
-    check_sizes(ulysses, cfg_parallel, world)
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device is None:
-        device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", local)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
-                                device_id=device if device.type == "cuda" else None)
-    return configure(ulysses, cfg_parallel, device)
-
-
-def configure(ulysses: int, cfg_parallel: bool, device: torch.device) -> Layout:
-    """Build the groups of one layout over the initialised world (callable again for another layout)."""
-    world = dist.get_world_size()
-    check_sizes(ulysses, cfg_parallel, world)
-    rank = dist.get_rank()
-    layout = Layout(rank, world, ulysses, cfg_parallel, device)
-    _GROUPS.clear()
-    branches = 2 if cfg_parallel else 1
-    for c in range(branches):  # every rank creates every group, in the same order
-        g = dist.new_group(list(range(c * ulysses, (c + 1) * ulysses)))
-        if layout.cfg_index == c:
-            _GROUPS["sp"] = g
-    if cfg_parallel:
-        for s in range(ulysses):
-            g = dist.new_group([s, s + ulysses])
-            if layout.sp_rank == s:
-                _GROUPS["cfg"] = g
-    return layout
-
-
-def is_main() -> bool:
-    """True on rank 0, or without torch.distributed."""
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def shutdown() -> None:
-    _GROUPS.clear()
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def group(name: str):
-    return _GROUPS[name]
-
-
-# --------------------------------------------------------------------------------------------- Ulysses
-def split_sizes(n: int, parts: int) -> list[int]:
-    """Contiguous chunk lengths of ``n`` tokens over ``parts`` ranks (differ by at most one)."""
-    q, r = divmod(n, parts)
-    return [q + (i < r) for i in range(parts)]
-
-
-class SeqShard:
-    """This rank's contiguous slice of the token sequence (``WanS2VDiT.sp``, set by ``shard_model``)."""
-
-    def __init__(self, rank: int, world: int, group_name: str = "sp"):
-        self.rank, self.world, self.group_name = rank, world, group_name
-        self.total = 0
-
-    def bounds(self, n: int) -> tuple[int, int]:
-        """[start, end) of this rank's tokens in a sequence of ``n``."""
-        sizes = split_sizes(n, self.world)
-        self.total = n
-        start = sum(sizes[:self.rank])
-        return start, start + sizes[self.rank]
-
-    def spec(self, n: int) -> tuple[str, tuple[int, ...]]:
-        """What the self-attention layers take: (group name, tokens per rank)."""
-        return self.group_name, tuple(split_sizes(n, self.world))
-
-    def gather_tokens(self, x: torch.Tensor, n: int) -> torch.Tensor:
-        """This rank's rows of the first ``n`` tokens [B, n_r, C] → all ``n`` rows, on every rank."""
-        counts, start = [], 0
-        for size in split_sizes(self.total, self.world):
-            counts.append(max(0, min(n, start + size) - start))
-            start += size
-        width = max(counts)
-        padded = torch.nn.functional.pad(x, (0, 0, 0, width - x.shape[1])).contiguous()
-        parts = [torch.empty_like(padded) for _ in range(self.world)]
-        dist.all_gather(parts, padded, group=group(self.group_name))
-        return torch.cat([p[:, :c] for p, c in zip(parts, counts)], dim=1)
-
-
-def _a2a(send: torch.Tensor, recv: torch.Tensor, out_splits: list[int], in_splits: list[int], name: str) -> None:
-    dist.all_to_all_single(recv, send, output_split_sizes=out_splits, input_split_sizes=in_splits, group=group(name))
-
-
-@torch.library.custom_op("wan_s2v::seq_to_heads", mutates_args=())
-def seq_to_heads(x: torch.Tensor, group_name: str, sizes: list[int]) -> torch.Tensor:
-    """[B, S_r, H, D] (this rank's tokens, all heads) → [B, S, H/U, D] (all tokens, this rank's heads)."""
-    b, s_r, h, d = x.shape
-    u = len(sizes)
-    send = x.view(b, s_r, u, h // u, d).permute(2, 1, 0, 3, 4).reshape(u * s_r, b, h // u, d).contiguous()
-    recv = x.new_empty(sum(sizes), b, h // u, d)
-    _a2a(send, recv, list(sizes), [s_r] * u, group_name)
-    return recv.permute(1, 0, 2, 3).contiguous()
-
-
-@seq_to_heads.register_fake
-def _(x, group_name, sizes):
-    b, _, h, d = x.shape
-    return x.new_empty(b, sum(sizes), h // len(sizes), d)
-
-
-@torch.library.custom_op("wan_s2v::heads_to_seq", mutates_args=())
-def heads_to_seq(x: torch.Tensor, group_name: str, sizes: list[int]) -> torch.Tensor:
-    """Inverse of ``seq_to_heads``: [B, S, H/U, D] → [B, S_r, H, D]."""
-    b, s, hu, d = x.shape
-    u = len(sizes)
-    s_r = sizes[dist.get_rank(group(group_name))]
-    send = x.permute(1, 0, 2, 3).contiguous()
-    recv = x.new_empty(u * s_r, b, hu, d)
-    _a2a(send, recv, [s_r] * u, list(sizes), group_name)
-    return recv.view(u, s_r, b, hu, d).permute(2, 1, 0, 3, 4).reshape(b, s_r, u * hu, d)
-
-
-@heads_to_seq.register_fake
-def _(x, group_name, sizes):
-    b, _, hu, d = x.shape
-    s_r = sizes[dist.get_rank(group(group_name))]
-    return x.new_empty(b, s_r, hu * len(sizes), d)
-
-
-def shard_model(model, layout: Layout) -> None:
+def shard_model(model: WanS2VDiT, layout: Layout) -> None:
     """Make ``model`` compute this rank's slice of the sequence (no-op without Ulysses).
 
     (The split reaches the compiled blocks as an argument: the first GPU run kept it in a module attribute, which
@@ -209,7 +28,7 @@ def shard_model(model, layout: Layout) -> None:
     if layout.ulysses == 1:
         return
     check_sizes(layout.ulysses, layout.cfg_parallel, layout.world, model.cfg.num_heads)
-    model.sp = SeqShard(layout.sp_rank, layout.ulysses)
+    model.set_sequence_shard(SeqShard(layout.sp_rank, layout.ulysses))
 
 
 # --------------------------------------------------------------------------------------------- CFG parallel
@@ -222,14 +41,10 @@ class CFGParallelDiT:
         self.name = f"{inner.name}+cfg-parallel"
         self._cache: tuple[object, object] | None = None  # (batch-2 conditions, this branch's slice)
 
-    def _mine(self, cond):
-        from runtime.models.dit import ClipConditions
-
+    def _mine(self, cond: ClipConditions) -> ClipConditions:
         if self._cache is None or self._cache[0] is not cond:
-            i = self.layout.cfg_index
-            mine = ClipConditions(**{n: (getattr(cond, n)[i:i + 1] if n in ClipConditions.BATCHED else getattr(cond, n))
-                                     for n in ClipConditions.names()})
-            self._cache = (cond, mine)  # same object per clip: replaying backends copy conditions once per clip
+            # same object per clip: replaying backends copy conditions once per clip
+            self._cache = (cond, cond.branch(self.layout.cfg_index))
         return self._cache[1]
 
     def forward(self, x: torch.Tensor, t_freq: torch.Tensor, cond) -> torch.Tensor:

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from runtime.options import add_pipeline_args, check_pipeline_args
+
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     """PSNR in dB of two uint8 frame stacks (inf when identical)."""
@@ -44,7 +46,8 @@ def _run(args, precision: str, attention: str = "auto", loras=(), recipe: dict |
     from runtime.pipeline import S2VPipeline
 
     pipe = S2VPipeline.from_pretrained(args.ckpt_dir, device=args.device, backend=args.backend, precision=precision,
-                                       attention=attention, loras=list(loras))
+                                       attention=attention, loras=list(loras), t5_cpu=args.t5_cpu,
+                                       offload_model=bool(args.offload_model), engines_dir=args.engines_dir)
     latents: list[torch.Tensor] = []
     decode = pipe.sampler._decode
 
@@ -88,26 +91,21 @@ def main(argv=None) -> int:
     from runtime.demo import demo_image, demo_speech
     from runtime.errors import S2VError
 
-    from runtime.models.attention import CHOICES as ATTENTION_CHOICES
-
     ap = argparse.ArgumentParser(prog="python -m runtime.quality", description=__doc__.splitlines()[0])
-    ap.add_argument("--ckpt_dir", default="tiny")
+    add_pipeline_args(ap, precision_help="the tested run's precision (default: fp8 when nothing else is tested, else "
+                      "the reference's)", lora_help="merge this LoRA in the tested run only (repeatable)",
+                      attention_help="the tested run's attention kernel (fp8 / fa3-fp8: FP8 attention); the reference "
+                      "uses auto")
     ap.add_argument("--image", default=None)
     ap.add_argument("--audio", default=None)
     ap.add_argument("--prompt", default="a person talking to the camera")
-    ap.add_argument("--precision", default=None, choices=["fp8", "fp16", "bf16"],
-                    help="the tested run's precision (default: fp8 when nothing else is tested, else the reference's)")
     ap.add_argument("--reference", default="bf16", choices=["bf16", "fp16"], help="what it is compared with")
-    ap.add_argument("--attention", default="auto", choices=ATTENTION_CHOICES,
-                    help="the tested run's attention kernel (fp8 / fa3-fp8: FP8 attention); the reference uses auto")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--infer_frames", type=int, default=80)
     ap.add_argument("--sample_steps", type=int, default=40, help="the reference's steps (official 40)")
     ap.add_argument("--sample_guide_scale", type=float, default=4.5, help="the reference's CFG scale (official 4.5)")
     ap.add_argument("--sample_shift", type=float, default=3.0, help="the reference's flow shift (official 3.0)")
     ap.add_argument("--sample_solver", default="unipc", help="the reference's solver (official unipc)")
-    ap.add_argument("--lora", action="append", default=[], metavar="PATH[:STRENGTH]",
-                    help="merge this LoRA in the tested run only (repeatable)")
     ap.add_argument("--test_steps", type=int, default=None, help="the tested run's steps (default: the reference's)")
     ap.add_argument("--test_guide_scale", type=float, default=None, help="the tested run's CFG scale (e.g. 1)")
     ap.add_argument("--test_shift", type=float, default=None, help="the tested run's flow shift (e.g. 8)")
@@ -115,39 +113,21 @@ def main(argv=None) -> int:
     ap.add_argument("--test_denoising_steps", default=None, help="the tested run's euler timesteps, e.g. 1000,750,500,250")
     ap.add_argument("--num_clip", type=int, default=None)
     ap.add_argument("--size", default=None)
-    ap.add_argument("--backend", default="auto", help="as runtime.generate's (auto: torch-graph on CUDA, torch on the CPU)")
-    ap.add_argument("--device", default=None)
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = ap.parse_args(argv)
     try:
         # refuse before loading anything (the reference run alone takes minutes)
-        from runtime import lora
-
-        loras = [lora.LoraSpec.parse(x) for x in args.lora]
-        for spec in loras:
-            lora.read_header(spec.path)
         recipe = test_recipe(args)
         if args.precision is None:
-            same = not loras and recipe == reference_recipe(args) and args.attention == "auto"
+            same = not args.lora and recipe == reference_recipe(args) and args.attention == "auto"
             args.precision = "fp8" if same else args.reference
+        check_pipeline_args(args)  # the tested run's device, backend, precision, attention kernel, LoRA files
+        loras = args.loras
         from runtime.sampler import SampleOptions
 
         for r in (reference_recipe(args), recipe):  # the recipes' values, checked as generate would
             SampleOptions(sample_steps=r["sample_steps"], sample_shift=r["sample_shift"], guide_scale=r["guide_scale"],
                           solver=r["sample_solver"], denoising_steps=r.get("denoising_steps"))
-        dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if args.precision == "fp8":
-            from runtime.kernels.fp8 import unsupported_reason
-
-            why = unsupported_reason(dev)
-            if why:
-                raise S2VError(why)
-        if args.attention != "auto":
-            from runtime.models.attention import unavailable_reason
-
-            why = unavailable_reason(args.attention, dev)
-            if why:
-                raise S2VError(f"--attention {args.attention} cannot run here: {why}")
         if args.ckpt_dir == "tiny":
             args.image = args.image or demo_image()
             args.audio = args.audio or demo_speech()

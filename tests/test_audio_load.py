@@ -164,7 +164,7 @@ def test_library_argument_reaches_the_loader(monkeypatch):
 
     monkeypatch.setattr("runtime.media.load_audio", fake_load)
     pipe = object.__new__(pipeline.S2VPipeline)
-    pipe.name = "tiny"
+    pipe.name, pipe.parallel = "tiny", None
     with pytest.raises(InputError, match="stop here"):
         pipeline.S2VPipeline.generate(pipe, np.zeros((64, 64, 3), np.uint8), "a.wav", max_audio_s=7.5)
     assert seen["max_seconds"] == 7.5

@@ -205,7 +205,7 @@ def test_sequence_parallel_ranks_compile_their_blocks():
     from runtime.parallel import SeqShard
 
     model = tiny_dit()
-    model.sp = SeqShard(0, 2)
+    model.set_sequence_shard(SeqShard(0, 2))
     compile_blocks(model)
     assert model.compiled and hasattr(model.blocks[0].forward, "_torchdynamo_orig_callable")
 
@@ -277,3 +277,28 @@ def test_uncompile_blocks_restores_the_eager_model():
     uncompile_blocks(m)
     assert not m.compiled and m.audio_residual is dit_mod.audio_residual
     assert all("forward" not in b.__dict__ and not hasattr(b.forward, "_torchdynamo_orig_callable") for b in m.blocks)
+
+
+def test_export_with_a_lora_records_it_and_the_runtime_refuses_another_merge(tmp_path):
+    """export.build --lora merges before export; the ONNX manifest records sha256 + strength; the onnxruntime
+    backend runs it with the same merge (matching the merged PyTorch model) and refuses a run without it."""
+    from runtime import lora
+    from tests.test_lora import random_lora
+
+    path = random_lora(tiny_dit(), tmp_path / "l.safetensors", scale=0.02)
+    out = tmp_path / "eng"
+    assert build_main(["--ckpt_dir", "tiny", "--out", str(out), "--onnx-only", "--components", "dit", "--no-validate",
+                       "--lora", f"{path}:0.5"]) == 0
+    manifest = json.loads((out / "onnx" / "dit" / "model.manifest.json").read_text())
+    assert manifest["loras"] == lora.identity([lora.LoraSpec(path, 0.5)])
+    merged = tiny_dit()
+    specs = [lora.LoraSpec(path, 0.5)]
+    lora.merge(merged, specs)
+    x, t, cond = step_inputs(merged)
+    ref = make_backend("torch", merged).forward(x, t, cond)
+    got = make_backend("onnxruntime", merged, engines_dir=str(out), checkpoint="tiny", loras=specs).forward(x, t, cond)
+    assert mean_rel(got.float().numpy(), ref.double().numpy()) < 2e-3
+    with pytest.raises(EngineMismatch, match=r"merges no LoRA; rebuild with: python -m export.build"):
+        make_backend("onnxruntime", tiny_dit(), engines_dir=str(out), checkpoint="tiny")
+    with pytest.raises(EngineMismatch, match=r":0\.5 merged, this run merges .*:1;.* --lora .*l\.safetensors:1"):
+        make_backend("onnxruntime", merged, engines_dir=str(out), checkpoint="tiny", loras=[lora.LoraSpec(path, 1.0)])

@@ -27,34 +27,13 @@ class TorchDiT:
 
 
 def compile_blocks(model: WanS2VDiT, options: dict | None = None) -> None:
-    """``torch.compile`` each transformer block (fusing norm/modulation/RoPE/gating elementwise work).
-
-    With nn-module inlining the parameters are graph inputs, so all blocks share one compiled graph per
-    shape. Measured on an H200 at 704×1024: 9.21 s → 8.09 s per later-clip forward. Sequence-parallel (Ulysses)
-    ranks compile too: since the real-valued RoPE their step agrees with one GPU (rel-L2 0.005 on two H200s, as CFG
-    parallel's 0.004); compiled blocks had disagreed there before (0.16 after two blocks), cause not isolated.
-    ``options``: inductor settings for this compilation (``torch.compile(options=...)``; ``benchmarks.inductor_options``)."""
-    cfg = torch._dynamo.config
-    for knob in ("recompile_limit", "cache_size_limit"):  # renamed across torch versions
-        if hasattr(cfg, knob):
-            setattr(cfg, knob, max(getattr(cfg, knob), 64))
-    for block in model.blocks:
-        if not hasattr(block.forward, "_torchdynamo_orig_callable"):
-            block.forward = torch.compile(block.forward, dynamic=False, fullgraph=True, options=options)
-    if not model.compiled:
-        # the audio injections' LayerNorm/modulation/casts over the noisy tokens fuse into one pass per layer
-        model.audio_residual = torch.compile(model.audio_residual, dynamic=False, fullgraph=True, options=options)
-    model.compiled = True  # and RoPE takes its real (cos, sin) form, which fuses into the compiled blocks
+    """``model.compile_blocks(options)``: each transformer block under ``torch.compile`` (see the model's method)."""
+    model.compile_blocks(options)
 
 
 def uncompile_blocks(model: WanS2VDiT) -> None:
-    """Undo ``compile_blocks`` (the compiled callables are instance attributes over the class methods)."""
-    for block in model.blocks:
-        block.__dict__.pop("forward", None)
-    orig = getattr(model.audio_residual, "_torchdynamo_orig_callable", None)
-    if orig is not None:
-        model.audio_residual = orig
-    model.compiled = False
+    """Undo ``compile_blocks``."""
+    model.uncompile_blocks()
 
 
 class CompiledDiT(TorchDiT):

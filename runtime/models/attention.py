@@ -20,6 +20,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from runtime.distributed import heads_to_seq, seq_to_heads
+from runtime.errors import BackendUnavailable
+
 IMPLEMENTATIONS = ("sdpa", "cudnn", "fa4", "fa3", "fp8", "fa3-fp8", "onnx")
 # what users may name (--attention): "onnx" is the exporter's
 CHOICES = ("auto",) + tuple(i for i in IMPLEMENTATIONS if i != "onnx")
@@ -52,12 +55,15 @@ def unavailable_reason(impl: str, device: torch.device, head_dim: int | None = N
     if impl in ("fa3", "fa3-fp8"):
         from runtime.kernels import fa3
 
+        why = fa3.available(device)  # the device first: on a CPU the reason is the missing GPU, not the head size
+        if why:
+            return why
         if head_dim is not None and head_dim not in fa3.HEAD_DIMS:
             dims = ", ".join(map(str, fa3.HEAD_DIMS))
             return f"the FlashAttention-3 build has kernels for head_dim {dims} only; this model has {head_dim}"
         if dtype is not None and dtype not in fa3.DTYPES:
             return f"the FlashAttention-3 build has bf16 kernels only; this model is {dtype}"
-        return fa3.available(device)
+        return None
     if impl == "fp8":
         from runtime.kernels import cudnn_sdpa
 
@@ -68,8 +74,6 @@ def unavailable_reason(impl: str, device: torch.device, head_dim: int | None = N
 def resolve_attention(impl: str, device: torch.device, dtype: torch.dtype, head_dim: int | None = None) -> str:
     """``auto`` → the preferred kernel that runs on ``device`` for ``dtype`` (and ``head_dim``); a named kernel is
     checked."""
-    from runtime.errors import BackendUnavailable
-
     device = torch.device(device)
     if impl == "auto":
         if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
@@ -133,8 +137,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, imp
     q4, k4, v4 = (t.view(b, t.shape[1], heads, d) for t in (q, k, v))
     if ulysses is None:
         return _kernel(q4, k4, v4, impl).reshape(b, sq, hd)
-    from runtime.parallel import heads_to_seq, seq_to_heads
-
     group, sizes = ulysses
     q4, k4, v4 = (seq_to_heads(t, group, list(sizes)) for t in (q4, k4, v4))
     return heads_to_seq(_kernel(q4, k4, v4, impl), group, list(sizes)).reshape(b, sq, hd)

@@ -212,10 +212,11 @@ class Block(nn.Module):
         self.modulation = nn.Parameter(torch.zeros(1, 6, d))
 
     def forward(self, x: torch.Tensor, e: torch.Tensor, split: int, context: torch.Tensor, rope, impl: str,
-                ulysses: tuple[str, tuple[int, ...]] | None = None) -> torch.Tensor:
+                ulysses: tuple[str, tuple[int, ...]] | None = None, inplace: bool = True) -> torch.Tensor:
+        """``inplace``: segment updates written in place (eager/compiled PyTorch) or functional (export)."""
         # e: [B, 6, 2, D] fp32 (six modulation vectors for the two segments)
         m = self.modulation.float().unsqueeze(2) + e
-        ip = impl != "onnx"  # in-place segment updates in eager/compiled PyTorch, functional for export
+        ip = inplace
         dt = act_dtype(self.ffn[0])
         y = self.self_attn(modulate(layer_norm(x, self.eps), m[:, 0], m[:, 1], split, ip, dt), rope, impl, ulysses)
         x = add_gated(x, y, m[:, 2], split, ip)
@@ -382,6 +383,11 @@ class ClipConditions:
     def names() -> tuple[str, ...]:
         return tuple(f.name for f in fields(ClipConditions))
 
+    def branch(self, i: int) -> "ClipConditions":
+        """Batch entry ``i`` of stacked CFG branches (``cat``'s inverse for one branch; RoPE tables shared)."""
+        return ClipConditions(**{n: (getattr(self, n)[i:i + 1] if n in self.BATCHED else getattr(self, n))
+                                 for n in self.names()})
+
     @staticmethod
     def cat(items: list["ClipConditions"]) -> "ClipConditions":
         """Stack CFG branches along the batch (the RoPE tables are shared)."""
@@ -411,9 +417,10 @@ class WanS2VDiT(nn.Module):
         cfg.validate()
         self.cfg = cfg
         self.attention_impl = "sdpa"  # self-attention kernel: see set_attention / set_export
-        self.sp = None                # sequence-parallel shard (runtime.parallel.SeqShard) or None
+        self.exporting = False        # the export form (set_export): functional updates, explicit fp32 casts
+        self.sp = None                # sequence-parallel shard (set_sequence_shard) or None
         self.precision = "native"     # the parameter dtype; "fp8" after set_precision("fp8")
-        self.compiled = False         # blocks and audio_residual compiled (runtime.backends.torch_backend)
+        self.compiled = False         # blocks and audio_residual compiled (compile_blocks)
         self.audio_residual = audio_residual
         d = cfg.dim
         self.patch_embedding = nn.Conv3d(cfg.in_dim, d, cfg.patch_size, stride=cfg.patch_size)
@@ -444,6 +451,37 @@ class WanS2VDiT(nn.Module):
                         "check it on your inputs with python -m runtime.quality", impl)
         return self.attention_impl
 
+    def compile_blocks(self, options: dict | None = None) -> None:
+        """``torch.compile`` each transformer block (fusing norm/modulation/RoPE/gating elementwise work) and the
+        audio injection residual, and switch RoPE to its real (cos, sin) form, which fuses into the compiled blocks.
+
+        With nn-module inlining the parameters are graph inputs, so all blocks share one compiled graph per shape.
+        Sequence-parallel (Ulysses) ranks compile too (their split is an argument the graphs guard on).
+        ``options``: inductor settings for this compilation (``torch.compile(options=...)``)."""
+        cfg = torch._dynamo.config
+        for knob in ("recompile_limit", "cache_size_limit"):  # renamed across torch versions
+            if hasattr(cfg, knob):
+                setattr(cfg, knob, max(getattr(cfg, knob), 64))
+        for block in self.blocks:
+            if not hasattr(block.forward, "_torchdynamo_orig_callable"):
+                block.forward = torch.compile(block.forward, dynamic=False, fullgraph=True, options=options)
+        if not self.compiled:
+            # the audio injections' LayerNorm/modulation/casts over the noisy tokens fuse into one pass per layer
+            self.audio_residual = torch.compile(self.audio_residual, dynamic=False, fullgraph=True, options=options)
+        self.compiled = True
+
+    def uncompile_blocks(self) -> None:
+        """Undo ``compile_blocks`` (the compiled callables are instance attributes over the class methods)."""
+        for block in self.blocks:
+            block.__dict__.pop("forward", None)
+        self.audio_residual = audio_residual
+        self.compiled = False
+
+    def set_sequence_shard(self, shard) -> None:
+        """Compute one rank's slice of the token sequence (``runtime.distributed.SeqShard``; None: all of it). The
+        split reaches the compiled blocks as an argument, which they guard on (a module attribute would not be)."""
+        self.sp = shard
+
     def fuse_qkv(self) -> None:
         """One QKV GEMM per block (weights concatenated; checkpoint keys unchanged)."""
         for block in self.blocks:
@@ -471,6 +509,7 @@ class WanS2VDiT(nn.Module):
         """Export form: ONNX ``Attention`` nodes, functional segment updates, explicit FP32 casts around norms.
         The math is the same as the PyTorch form (``sdpa`` attention, in-place updates)."""
         self.attention_impl = "onnx" if enabled else "sdpa"
+        self.exporting = enabled
         for m in self.modules():
             if isinstance(m, RMSNorm):
                 m.explicit_fp32 = enabled
@@ -553,10 +592,10 @@ class WanS2VDiT(nn.Module):
             h, cos, sin = h[:, start:end], cos[start:end], sin[start:end]
         h = h.float().contiguous()  # the residual stream: fp32, owned here (blocks update it in place)
         local_split = min(max(split - start, 0), end - start)
-        rope = rope_operand(cos, sin, fused=impl != "onnx" and x.is_cuda and not self.compiled)
+        rope = rope_operand(cos, sin, fused=not self.exporting and x.is_cuda and not self.compiled)
         inject = cfg.inject_map
         for i, block in enumerate(self.blocks):
-            h = block(h, e_blocks, local_split, context, rope, impl, ulysses)
+            h = block(h, e_blocks, local_split, context, rope, impl, ulysses, not self.exporting)
             if i in inject:
                 h = self._inject_audio(h, inject[i], audio_tokens, audio_global, start, local_split, split // f)
 
@@ -593,7 +632,7 @@ class WanS2VDiT(nn.Module):
         r = self.audio_residual(inj.injector_adain_layers[j], inj.injector[j], x, audio_global[:, f0:f1].reshape(b * n, d),
                                 audio_tokens[:, f0:f1].reshape(b * n, -1, d), self.attention_impl)
         r = r.reshape(b, n * per_frame, d)[:, lead:lead + split]
-        if self.attention_impl == "onnx":
+        if self.exporting:
             return torch.cat([h[:, :split] + r, h[:, split:]], dim=1)
         h[:, :split] += r
         return h

@@ -6,21 +6,16 @@ import logging
 import sys
 from pathlib import Path
 
+from runtime.options import add_pipeline_args, check_pipeline_args, pipeline_kwargs
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m runtime.serve",
                                 description="Serve Wan2.2-S2V speech-to-video over HTTP (OpenAI-style /v1/videos).")
-    p.add_argument("--ckpt_dir", default="tiny", help="the Wan2.2-S2V-14B folder, or 'tiny' for the built-in toy model")
+    add_pipeline_args(p)  # the same model options as runtime.generate (LoRAs, precision, attention, backend, ...)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--data_dir", required=True, help="where the job table, uploads and videos live (kept across restarts)")
-    p.add_argument("--backend", default="auto",
-                   help="DiT backend: auto (torch-graph on CUDA, torch on the CPU or with --offload_model), torch, "
-                        "torch-compile, torch-graph, onnxruntime, tensorrt")
-    p.add_argument("--engines_dir", default="engines", help="where export.build wrote ONNX graphs and engines")
-    p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
-    p.add_argument("--offload_model", action="store_true", help="keep UMT5/wav2vec2 on the CPU between uses")
-    p.add_argument("--t5_cpu", action="store_true", help="run UMT5 on the CPU")
     p.add_argument("--size", default=None, help="default --size of a job that names none (1280*720; 64*64 for tiny)")
     p.add_argument("--max_upload_mb", type=float, default=200, help="largest upload per request, all files (413 above)")
     p.add_argument("--max_audio_s", type=float, default=600, help="longest driving audio in seconds (413 above)")
@@ -43,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: the server needs FastAPI and uvicorn ({exc.name} is missing); pip install -e '.[serve]'",
               file=sys.stderr)
         return 2
-    from runtime.errors import InputError
+    from runtime.errors import InputError, S2VError
     from runtime.pipeline import DEFAULT_SIZE, TINY, TINY_SIZE
     from runtime.preprocess import parse_size
 
@@ -59,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.ckpt_dir != TINY and not Path(args.ckpt_dir).is_dir():
             raise InputError(f"{args.ckpt_dir}: checkpoint folder not found; pass --ckpt_dir pointing at "
                              "Wan2.2-S2V-14B (or 'tiny')")
-    except InputError as exc:
+        check_pipeline_args(args)  # device, backend, FP8, attention, LoRA files: before the worker loads anything
+    except S2VError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     limits = Limits(max_upload_bytes=int(args.max_upload_mb * (1 << 20)), max_audio_s=args.max_audio_s,
@@ -77,9 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     def load():
         from runtime.pipeline import S2VPipeline
 
-        return S2VPipeline.from_pretrained(args.ckpt_dir, device=args.device, backend=args.backend,
-                                           t5_cpu=args.t5_cpu, offload_model=args.offload_model,
-                                           engines_dir=args.engines_dir)
+        return S2VPipeline.from_pretrained(args.ckpt_dir, **pipeline_kwargs(args))
 
     worker = Worker(store, load)
     worker.start()  # loads the pipeline while the API already accepts and queues jobs

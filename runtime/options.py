@@ -1,0 +1,92 @@
+"""The command-line options every tool shares (``runtime.generate``, ``runtime.serve``, ``runtime.quality``): one
+definition, one meaning, and one check of each before anything loads.
+
+    p = argparse.ArgumentParser(...)
+    add_pipeline_args(p)
+    args = p.parse_args()
+    check_pipeline_args(args)                       # refusals that would otherwise come after a model load
+    pipe = S2VPipeline.from_pretrained(args.ckpt_dir, **pipeline_kwargs(args))
+"""
+from __future__ import annotations
+
+import argparse
+
+from runtime.errors import BackendUnavailable, ConfigError, InputError
+
+BACKEND_HELP = ("DiT backend: auto (torch-graph on CUDA: compiled blocks replayed as a CUDA graph; torch on the CPU or "
+                "with --offload_model), torch, torch-compile, torch-graph, onnxruntime, tensorrt")
+
+
+def str2bool(v: str) -> bool:
+    if isinstance(v, bool):
+        return v
+    if v.lower() in ("yes", "true", "t", "y", "1"):
+        return True
+    if v.lower() in ("no", "false", "f", "n", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {v!r}")
+
+
+def add_pipeline_args(p: argparse.ArgumentParser, precision_help: str | None = None,
+                      lora_help: str | None = None, attention_help: str | None = None) -> None:
+    """``--ckpt_dir --device --backend --attention --precision --lora --offload_model --t5_cpu --engines_dir``."""
+    from runtime.models.attention import CHOICES as ATTENTION_CHOICES
+
+    p.add_argument("--ckpt_dir", default="tiny", help="the Wan2.2-S2V-14B folder, or 'tiny' for the built-in toy model")
+    p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
+    p.add_argument("--backend", default="auto", help=BACKEND_HELP)
+    p.add_argument("--attention", default="auto", choices=ATTENTION_CHOICES, help=attention_help or (
+        "self-attention kernel. auto: the fastest exact kernel installed for this GPU (Hopper: FlashAttention-3 where "
+        "built, else FlashAttention-4, else PyTorch SDPA; elsewhere SDPA). fp8 (cuDNN) and fa3-fp8 (FlashAttention-3) "
+        "quantise q/k/v to FP8 (faster, lossy): only when named; check them with python -m runtime.quality"))
+    p.add_argument("--precision", default=None, choices=["bf16", "fp16", "fp8"], help=precision_help or (
+        "DiT precision (default bf16 on CUDA, fp32 on the CPU); fp8 (Hopper or newer): the self-attention qkv/o and "
+        "FFN linears in FP8, attention as --attention says (lossy: check it with python -m runtime.quality)"))
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:STRENGTH]", help=lora_help or (
+        "merge a LoRA .safetensors into the DiT at load (repeatable; strength default 1.0), e.g. a few-step distill "
+        "LoRA with --sample_steps 4 --sample_guide_scale 1 --sample_shift 8"))
+    p.add_argument("--offload_model", type=str2bool, nargs="?", const=True, default=None,
+                   help="move the DiT to the CPU between clips and keep UMT5/wav2vec2 on the CPU between uses, to save "
+                        "GPU memory (default false: everything resident; the official default is true on one GPU)")
+    p.add_argument("--t5_cpu", action="store_true", default=False, help="run UMT5 on the CPU")
+    p.add_argument("--engines_dir", default="engines", help="where export.build wrote ONNX graphs and engines")
+
+
+def check_pipeline_args(args) -> None:
+    """What can be refused before a model loads: the device, the backend on it, FP8 and a named attention kernel
+    on it, the LoRA files (readable safetensors; their keys are matched before the weights load). Sets
+    ``args.loras`` (``runtime.lora.LoraSpec`` list)."""
+    from runtime import lora
+    from runtime.pipeline import check_backend, resolve_device
+
+    try:
+        device = resolve_device(args.device)
+    except InputError as err:
+        raise InputError(f"--{err}") from None  # "device 'x': ..." becomes "--device 'x': ..."
+    offload = bool(args.offload_model)
+    check_backend(args.backend, offload)
+    if args.backend == "torch-graph" and device.type != "cuda":
+        raise BackendUnavailable(f"--backend torch-graph replays CUDA graphs and needs a CUDA device, not {device}; "
+                                 "use --backend auto or torch")
+    if args.precision == "fp8":
+        from runtime.kernels.fp8 import unsupported_reason
+
+        why = unsupported_reason(device)
+        if why:
+            raise ConfigError(why)
+    if args.attention != "auto":
+        from runtime.models.attention import unavailable_reason
+
+        why = unavailable_reason(args.attention, device)
+        if why:
+            raise BackendUnavailable(f"--attention {args.attention} cannot run here: {why}; use --attention auto or sdpa")
+    args.loras = [lora.LoraSpec.parse(s) for s in args.lora]
+    for spec in args.loras:
+        lora.read_header(spec.path)
+
+
+def pipeline_kwargs(args) -> dict:
+    """``S2VPipeline.from_pretrained`` keyword arguments from the shared options (after ``check_pipeline_args``)."""
+    return dict(device=args.device, backend=args.backend, attention=args.attention, precision=args.precision,
+                loras=getattr(args, "loras", None), offload_model=bool(args.offload_model), t5_cpu=args.t5_cpu,
+                engines_dir=args.engines_dir)
