@@ -3,7 +3,7 @@
 Per token count (63,360 = later clip, 59,136 = first clip at 704×1024×80; 40 heads × 128): torch SDPA,
 cuDNN called directly, FlashAttention-4 (its default tile and each SM90 tile of ``fa4.SWEEP_TILES``), cuDNN FP8
 (kernel alone, and with the per-tensor quantisation of q/k/v that the model does), and FlashAttention-3 where built
-(``benchmarks/device/build_fa3.sh``: bf16, and FP8 with per-head q/k/v scales and bf16 output, kernel alone and
+(``native/fa3/``: bf16, and FP8 with per-head q/k/v scales and bf16 output, kernel alone and
 with eager per-head quantisation) — seconds per call, TFLOP/s (4·S²·5120 per call), and rel-L2 against a float32
 reference on a slice of queries. GEMMs at the FFN up-projection shape: bf16, FP8 row-wise (``_scaled_mm``).
 ``sdpa fp16`` / ``cudnn fp16`` / ``gemm fp16``: the same kernels on fp16 copies of the inputs (same tensor-core rate

@@ -128,7 +128,7 @@ def dit_weight_files(folder: Path) -> dict[str, Path]:
     if single.is_file():
         inside(folder, DIT_SINGLE, str(folder))
         return {name: single for name in read_safetensors_header(single)}
-    raise CheckpointError(f"{folder}: neither {DIT_INDEX} nor {DIT_SINGLE} found; point --ckpt_dir at the Wan2.2-S2V-14B folder")
+    raise CheckpointError(f"{folder}: neither {DIT_INDEX} nor {DIT_SINGLE} found; pass the Wan2.2-S2V-14B folder (CLI: --ckpt_dir)")
 
 
 def single_file_map(path: Path) -> dict[str, Path]:

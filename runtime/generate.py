@@ -362,7 +362,20 @@ class _warnings_as_log_lines:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    # The signal handlers first: parsing imports torch (seconds on a busy machine), and a SIGTERM in that window
+    # must still end in "terminated" and exit code 143, not in the default kill.
+    try:  # around the `with`: a signal may land while the watch itself is being installed
+        with _SignalWatch(), _warnings_as_log_lines():
+            return _main(build_parser().parse_args(argv))
+    except KeyboardInterrupt:
+        print("interrupted: no output written", file=sys.stderr)
+        return EXIT_SIGINT
+    except _Terminated:
+        print("terminated: no output written", file=sys.stderr)
+        return EXIT_SIGTERM
+
+
+def _main(args) -> int:
     from runtime.hostmem import release_large_frees
 
     release_large_frees()  # peak host memory flat in the audio length (clips are streamed to the MP4)
@@ -374,27 +387,19 @@ def main(argv: list[str] | None = None) -> int:
 
     from runtime import parallel
 
-    with _SignalWatch(), _warnings_as_log_lines():
-        try:
-            validate(args)
-            out = run(args)
-            if parallel.is_main():
-                print(out)
-            return 0
-        except S2VError as err:
-            if args.debug:
-                raise
-            print(f"error: {err}", file=sys.stderr)
-            return err.exit_code
-        except KeyboardInterrupt:
-            print("interrupted: no output written", file=sys.stderr)
-            return EXIT_SIGINT
-        except _Terminated:
-            print("terminated: no output written", file=sys.stderr)
-            return EXIT_SIGTERM
-        finally:
-            parallel.shutdown()  # every rank leaves the process group, on success, error or interrupt
-
+    try:
+        validate(args)
+        out = run(args)
+        if parallel.is_main():
+            print(out)
+        return 0
+    except S2VError as err:
+        if args.debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    finally:
+        parallel.shutdown()  # every rank leaves the process group, on success, error or interrupt
 
 if __name__ == "__main__":
     sys.exit(main())

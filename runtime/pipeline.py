@@ -204,7 +204,7 @@ class S2VPipeline:
         from runtime.models.vae import load_vae
 
         if not folder.is_dir():
-            raise CheckpointError(f"{folder}: checkpoint folder not found; pass --ckpt_dir pointing at Wan2.2-S2V-14B "
+            raise CheckpointError(f"{folder}: checkpoint folder not found; pass the Wan2.2-S2V-14B folder (CLI: --ckpt_dir) "
                                   "(or 'tiny' for the built-in test model)")
         for rel in (ck.DIT_CONFIG, ck.VAE_FILE, ck.T5_FILE, ck.T5_TOKENIZER, ck.WAV2VEC_DIR):
             if not (folder / rel).exists():

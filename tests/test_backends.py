@@ -233,7 +233,7 @@ def test_graph_backend_drops_other_shapes_when_a_capture_runs_out_of_memory(monk
     and the capture is retried once; OOM with nothing to drop is raised. (Logic only: captures are faked.)"""
     from runtime.backends import torch_backend as tb
 
-    state = {"oom": 0, "made": 0}
+    state = {"oom": 0, "made": 0, "replays": 0}
 
     class FakeCaptured:
         def __init__(self, model, x, t_freq, cond, warmup):
@@ -241,9 +241,10 @@ def test_graph_backend_drops_other_shapes_when_a_capture_runs_out_of_memory(monk
                 state["oom"] -= 1
                 raise torch.cuda.OutOfMemoryError("CUDA out of memory")
             state["made"] += 1
+            self.first = x * 2  # the warm-up forward on the call's own inputs: that call's result
             self.out = x * 2
             self.inputs = type("I", (), {"load": lambda *a: None})()
-            self.graph = type("G", (), {"replay": lambda *a: None})()
+            self.graph = type("G", (), {"replay": lambda *a: state.__setitem__("replays", state["replays"] + 1)})()
 
     monkeypatch.setattr(tb, "_Captured", FakeCaptured)
     monkeypatch.setattr(tb, "shape_key", lambda x, t, c: tuple(x.shape))
@@ -252,9 +253,10 @@ def test_graph_backend_drops_other_shapes_when_a_capture_runs_out_of_memory(monk
     g.model, g.warmup, g.graphs = None, 0, tb.OrderedDict()
     a, b, c = torch.ones(1, 2), torch.ones(1, 3), torch.ones(1, 4)
     torch.testing.assert_close(g.forward(a, None, None), a * 2)
+    assert state["replays"] == 0  # a new shape's first call returns its warm-up output: no replay, no extra forward
     g.forward(b, None, None)
     g.forward(a, None, None)  # a becomes the most recently used
-    assert list(g.graphs) == [(1, 3), (1, 2)] and state["made"] == 2
+    assert list(g.graphs) == [(1, 3), (1, 2)] and state["made"] == 2 and state["replays"] == 1
     state["oom"] = 1
     torch.testing.assert_close(g.forward(c, None, None), c * 2)
     assert list(g.graphs) == [(1, 4)] and state["made"] == 3

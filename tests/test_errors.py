@@ -35,21 +35,37 @@ def leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.rglob("*"))
 
 
-def _interrupt(cmd: list[str], folder: Path, sig: int, after_s: float) -> tuple[int, str]:
+def _interrupt(cmd: list[str], folder: Path, sig: int, after_s: float = 0.0, ready: str | None = None,
+               timeout: float = 240.0) -> tuple[int, str]:
+    """Run ``cmd``, send ``sig`` once a stderr line contains ``ready`` (a readiness marker, then ``after_s`` more
+    seconds) or after ``after_s`` seconds; return (exit code, stderr)."""
     # PYTHONPATH: the checkout under test, not whatever copy of the package is installed
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     proc = subprocess.Popen(cmd, cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    lines: list[str] = []
+    seen = threading.Event()
+
+    def read():
+        for line in proc.stderr:
+            lines.append(line)
+            if ready is not None and ready in line:
+                seen.set()
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    if ready is not None:
+        assert seen.wait(timeout), f"no {ready!r} in the output: {''.join(lines)[-500:]}"
     time.sleep(after_s)
     assert proc.poll() is None, "the run finished before it could be interrupted; make it longer"
     proc.send_signal(sig)
-    _, err = proc.communicate(timeout=120)
-    return proc.returncode, err
+    proc.wait(timeout=120)
+    reader.join(timeout=10)
+    return proc.returncode, "".join(lines)
 
 
 @pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_signal_during_generation_leaves_no_output(tmp_path, sig, code):
     cmd = [sys.executable, "-m", "runtime.generate", "--save_file", "out.mp4", "--size", "256*256", "--base_seed", "1"]
-    rc, err = _interrupt(cmd, tmp_path, sig, after_s=8)
+    rc, err = _interrupt(cmd, tmp_path, sig, after_s=1.0, ready="loaded tiny")  # the model is loaded: generating
     assert rc == code, err[-500:]
     assert leftovers(tmp_path) == [], leftovers(tmp_path)
 
@@ -404,3 +420,28 @@ def test_sigterm_is_honoured_while_a_native_call_runs(tmp_path):
     assert waited < 15, f"exit took {waited:.1f}s (the native call lasts 30s)"
     assert "terminated: no output written" in err
     assert leftovers(tmp_path) == []
+
+
+def _catches_sigterm(pid: int) -> bool:
+    """Whether the process has its own SIGTERM handler (Linux /proc: the SigCgt mask)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (signal.SIGTERM - 1) & 1)
+    return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads the signal mask from /proc (Linux)")
+def test_sigterm_while_the_cli_starts_is_still_a_clean_exit(tmp_path):
+    """The handlers are installed before anything slow (parsing imports torch): a SIGTERM sent as soon as the
+    process catches it, long before the model loads, ends with 143 and the message, not the default kill."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-m", "runtime.generate", "--save_file", "out.mp4"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 60
+    while not _catches_sigterm(proc.pid):
+        assert proc.poll() is None and time.time() < deadline, "the CLI never installed a SIGTERM handler"
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-500:]
+    assert "terminated" in err and "loaded" not in err and leftovers(tmp_path) == []

@@ -1,6 +1,6 @@
 """FlashAttention-3 (the C++/CUDA ``hopper/`` kernels of Dao-AILab/flash-attention) as custom ops.
 
-There is no usable wheel; ``benchmarks/device/build_fa3.sh`` builds a forward-only SM90 extension (head_dim 128,
+There is no usable wheel; ``native/fa3/`` builds a forward-only SM90 extension (head_dim 128,
 bf16 and e4m3) from the carried ``.fa3src`` tree into ``/tmp/fa3`` (put that on ``PYTHONPATH``). Importing its
 ``flash_attn_3._C`` registers the ``torch.ops.flash_attn_3`` operators; we call ``fwd`` directly (the library's
 Python wrapper adds autograd and config lookups we do not need).
@@ -19,7 +19,7 @@ import torch
 # k_new, v_new, q_v, out, cu_seqlens_q, cu_seqlens_k, cu_seqlens_k_new, seqused_q, seqused_k, max_seqlen_q,
 # max_seqlen_k, page_table, kv_batch_idx, leftpad_k, rotary_cos, rotary_sin, seqlens_rotary — all None here.
 _UNUSED = (None,) * 17
-HEAD_DIMS = (128,)  # what build_fa3.sh / fa3_build.py compile (the 14B model's head_dim) ...
+HEAD_DIMS = (128,)  # what native/fa3/build.py compiles (the 14B model's head_dim) ...
 DTYPES = (torch.bfloat16,)  # ... and in bf16 only (fp16 is compiled out; FP8 inputs come from a bf16 model)
 
 
@@ -42,7 +42,7 @@ def available(device: torch.device | None = None) -> str | None:
         _ops().fwd  # noqa: B018
     except Exception as err:
         return (f"FlashAttention-3 unavailable ({type(err).__name__}: {err}); build it with "
-                "benchmarks/device/build_fa3.sh and put /tmp/fa3 on PYTHONPATH")
+                "native/fa3/ (README there) and put its output folder on PYTHONPATH")
     return None
 
 

@@ -693,7 +693,7 @@ def load_dit(path: str | Path, dtype: torch.dtype | None = None, device: torch.d
         cfg = config or DiTConfig.from_json(path.with_name(ckpt.DIT_CONFIG))
         files = ckpt.single_file_map(path)
     else:
-        raise CheckpointError(f"{path}: not a checkpoint folder or .safetensors file; point --ckpt_dir at the Wan2.2-S2V-14B folder")
+        raise CheckpointError(f"{path}: not a checkpoint folder or .safetensors file; pass the Wan2.2-S2V-14B folder (CLI: --ckpt_dir)")
     with torch.device("meta"):
         model = WanS2VDiT(cfg)
     ckpt.assign_strict(model, ckpt.iter_tensors(files), str(path),

@@ -1,6 +1,6 @@
 """Build a forward-only SM90 FlashAttention-3 extension (head_dim 128, bf16 and e4m3) from ``.fa3src``.
 
-Used by ``build_fa3.sh`` on the GPU machine. Drives nvcc/g++ directly (no setuptools, no ninja: neither is
+Used by ``build_on_gpu.sh`` on the GPU machine. Drives nvcc/g++ directly (no setuptools, no ninja: neither is
 guaranteed there), one process per translation unit, in parallel. Output: ``OUT/flash_attn_3/_C.abi3.so``; put
 ``OUT`` on ``PYTHONPATH`` and ``import flash_attn_3._C`` registers ``torch.ops.flash_attn_3.fwd``.
 
@@ -9,11 +9,11 @@ Translation units (``--split``, the default): the library's dispatch TU for each
 ``wan/kernel_*.cu`` instantiate one configuration each, so the five kernels compile in parallel instead of
 three-then-two in two TUs. ``--no-split`` uses the library's own ``instantiations/*.cu`` instead.
 
-``python3 benchmarks/device/fa3_build.py --check`` imports the result and compares it with PyTorch's SDPA on a
+``python3 native/fa3/build.py --check`` imports the result and compares it with PyTorch's SDPA on a
 small problem (needs the GPU).
 
 ``--torch-root DIR`` builds without importing torch, against an unpacked torch wheel (its ``torch/`` folder) of
-the GPU machine's version: a cross-build on a CPU machine (``fa3_cross_build.sh``), whose ``.so`` is carried to
+the GPU machine's version: a cross-build on a CPU machine (``cross_build.sh``), whose ``.so`` is carried to
 the GPU machine instead of building there.
 """
 from __future__ import annotations
