@@ -39,10 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frame_num", type=int, default=None, help="ignored by s2v (use --infer_frames), kept for compatibility")
     p.add_argument("--ulysses_size", type=int, default=1,
                    help="Ulysses sequence parallelism over this many ranks of each CFG branch (launch with torchrun; "
-                        "must divide the 40 heads: 1, 2, 4, 5, 8, 10); 1.79× per step on 2 H200s")
+                        "must divide the 40 heads: 1, 2, 4, 5, 8, 10)")
     p.add_argument("--cfg_parallel", action="store_true", default=False,
                    help="run the conditional and unconditional DiT calls of each step on different ranks "
-                        "(torchrun --nproc_per_node 2×ulysses_size); 1.99× per step on 2 H200s")
+                        "(torchrun --nproc_per_node 2×ulysses_size); needs CFG (--sample_guide_scale > 1)")
     p.add_argument("--t5_fsdp", action="store_true", default=False,
                    help="accepted; UMT5 is replicated (11 GB in bf16: sharding it saves little and adds all-gathers)")
     p.add_argument("--dit_fsdp", action="store_true", default=False,

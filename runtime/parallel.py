@@ -24,7 +24,7 @@ def shard_model(model: WanS2VDiT, layout: Layout) -> None:
     """Make ``model`` compute this rank's slice of the sequence (no-op without Ulysses).
 
     (The split reaches the compiled blocks as an argument: the first GPU run kept it in a module attribute, which
-    compiled blocks do not guard on, so blocks compiled before sharding ran unsharded attention: rel-L2 0.33.)"""
+    compiled blocks do not guard on, so blocks compiled before sharding ran unsharded attention.)"""
     if layout.ulysses == 1:
         return
     check_sizes(layout.ulysses, layout.cfg_parallel, layout.world, model.cfg.num_heads)

@@ -19,9 +19,8 @@ CHOICES = ("auto",) + BACKENDS
 
 
 def resolve_backend(name: str, device, offload_model: bool = False) -> str:
-    """``auto`` → ``torch-graph`` on a CUDA device (compiled blocks replayed as a CUDA graph: 7.73 s per later-clip
-    forward vs 10.35 s for the official code on an H200, after ~30 s of compilation and capture per clip shape),
-    else ``torch``: on the CPU (the float32 reference path the golden check runs) and when the DiT is offloaded
+    """``auto`` → ``torch-graph`` on a CUDA device (compiled blocks replayed as a CUDA graph: the fastest exact path
+    measured, after a compilation and capture per clip shape; docs/speed.md), else ``torch``: on the CPU (the float32 reference path the golden check runs) and when the DiT is offloaded
     between clips (CUDA graphs pin its weights on the GPU). A named backend is returned as is."""
     if name != "auto":
         return name

@@ -4,7 +4,7 @@ Takes the model's layout directly: q/k/v [B, S, H, D] (a free view of [B, S, H·
 Kernels are JIT-compiled per configuration on first use (seconds), then cached by the library.
 
 The model uses the library's own SM90 tile: ``benchmarks.attention_kernels`` sweeps ``SWEEP_TILES`` through
-``run(..., tile)`` and none beat it at the S2V shapes (all within 3 % on the H200).
+``run(..., tile)`` and none beat it at the S2V shapes on the H200 (benchmarks/NOTES.md).
 """
 from __future__ import annotations
 

@@ -3,24 +3,21 @@
 Weights: per-output-channel scales computed once at load from the BF16 checkpoint (``w ≈ w8 · s_w[n]``).
 Activations: per-token dynamic scales computed on the fly (``x ≈ x8 · s_x[m]``), fused by ``torch.compile``
 into the kernel that produces the activation. GEMM: ``torch._scaled_mm`` with row-wise scales, bf16 out, fast
-accumulation (5 % faster on the H200; the forward's rel-L2 vs bf16 moved from 0.0555 to 0.0557).
+accumulation (faster on the H200, and the forward's error barely moved).
 
 Attention stays bf16 under ``--precision fp8`` (the fastest exact kernel, as in bf16): FP8 attention is a separate,
 named choice (``--attention fp8``: cuDNN, per-tensor q/k/v scales, e4m3 output; ``fa3-fp8``: FlashAttention-3,
-per-head scales, bf16 output), because it adds ~0.2 rel-L2 to a forward on its own. Both kernels lose alike
-(per kernel 5-6 % vs float32 at 63k tokens on random data; in the model 0.245 with either): q/k, v and P
-quantisation each contribute about a third (simulated in float32 at 4k tokens: 0.039, 0.027, 0.026; 0.054 together).
+per-head scales, bf16 output), because it alone adds several times the error of the FP8 linears; q/k, v and P
+quantisation each contribute about a third of it, whatever the scale granularity or output type.
 
 Layers that stay in BF16/FP32, and why (``KEEP``): embeddings (patch/text/time/pose: run once per step on
 small inputs or once per clip), modulation vectors and norms (elementwise, precision-sensitive), the head
 (FP32 as official), the audio encoder and audio injectors (small; per-frame attention over 5 tokens), the
-cross-attention's projections (k/v see 512 text tokens: negligible work; q/o are 18 % of the linear work but
-contributed rel-L2 0.037 of FP8 error on their own, as much as the FFN's 46 %).
+cross-attention's projections (k/v see 512 text tokens: negligible work; q/o cost as much FP8 error as the FFN
+for a fraction of the linear work).
 
-What each piece costs (``benchmarks/fp8_study.py``, random 14B weights, 704×1024×80 later clip, one forward vs
-bf16): self-attention qkv+o 0.021, cross-attention q+o 0.037, FFN 0.033, all linears 0.056, FP8 attention 0.20.
-In the model (H200, 704×1024×80 later clip, one run): bf16 7.73 s; FP8 linears 6.93 s, rel-L2 0.042; with
-FA3's FP8 attention 5.61 s, with cuDNN's 6.01 s, both rel-L2 0.245 (``run_later-704x1024-80f_fa3.md``).
+What each piece costs in accuracy and time is measured by ``benchmarks/fp8_study.py`` and ``benchmarks.run``
+(results and numbers: docs/speed.md, FP8, and benchmarks/NOTES.md).
 """
 from __future__ import annotations
 
@@ -37,7 +34,7 @@ KEEP = {
     "head": "float32 as in the official code",
     "casual_audio_encoder, audio_injector.*": "small; per-frame attention over a handful of tokens",
     "cross_attn.k / cross_attn.v": "512 text tokens per step: negligible work",
-    "cross_attn.q / cross_attn.o": "rel-L2 0.037 of FP8 error for 18 % of the linear work (fp8_study)",
+    "cross_attn.q / cross_attn.o": "as much FP8 error as the FFN for a fraction of the linear work (fp8_study)",
 }
 
 

@@ -8,8 +8,8 @@ runtime can swap in a faster kernel for the long self-attention (two thirds of t
 - ``fa4``: FlashAttention-4's CuTe kernels (``runtime.kernels.fa4``);
 - ``fa3``: FlashAttention-3's SM90 kernels, built from source (``runtime.kernels.fa3``);
 - ``fp8``: cuDNN FP8 attention with per-tensor dynamic scales, e4m3 output;
-- ``fa3-fp8``: FlashAttention-3's FP8 forward, per-head dynamic scales, bf16 output (7 % faster than ``fp8`` in
-  the model, same accuracy);
+- ``fa3-fp8``: FlashAttention-3's FP8 forward, per-head dynamic scales, bf16 output (faster than ``fp8`` in the
+  model, same accuracy);
 - ``onnx``: the opset-23 ``Attention`` node (export).
 
 Every kernel reads the [B, S, H, D] view of the projections, so no transpose or copy surrounds it. Under
@@ -28,13 +28,9 @@ IMPLEMENTATIONS = ("sdpa", "cudnn", "fa4", "fa3", "fp8", "fa3-fp8", "onnx")
 CHOICES = ("auto",) + tuple(i for i in IMPLEMENTATIONS if i != "onnx")
 # Kernels that quantise q/k/v (and P) to e4m3: never chosen by "auto", only when named (see runtime.kernels.fp8).
 FP8_ATTENTION = ("fp8", "fa3-fp8")
-# "auto": the first kernel of this list that can run, per compute capability major; elsewhere SDPA. On the H200
-# (benchmarks/results/nvidia-h200/attention_kernels*.md, 40 heads × 128, 59k-63k tokens), kernel alone:
-# FlashAttention-3 (built from source) 669-701 TFLOP/s, FlashAttention-4's SM90 forward 664-685, cuDNN called
-# directly 621-629, PyTorch's SDPA (which dispatches to the same cuDNN kernel) 605-627. In the model, both in one
-# process (run_*-704x1024-80f_fa4-vs-fa3.md): FA3 7.66 s vs FA4 7.73 s (later clip), 6.71 vs 6.92 s (first clip),
-# so FA3 comes first where it is built and FA4 (pip-installable; fp16 too) next. Other majors keep SDPA until a
-# kernel is measured faster there.
+# "auto": the first kernel of this list that can run, per compute capability major; elsewhere SDPA. The order is
+# what was measured fastest in the model on Hopper (docs/speed.md, attention kernels): FlashAttention-3 where it is
+# built, then FlashAttention-4 (pip-installable; fp16 too). Other majors keep SDPA until a kernel is measured faster.
 PREFERENCE: dict[int, tuple[str, ...]] = {9: ("fa3", "fa4")}
 
 

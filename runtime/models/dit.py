@@ -69,7 +69,7 @@ def rope_operand(cos: torch.Tensor, sin: torch.Tensor, fused: bool):
     """What ``apply_rope`` takes, built once per step: a complex64 table [S, D/2] for the fused eager path
     (3x fewer memory passes on CUDA), or the real (cos, sin) pair that exports to ONNX and that compiled blocks
     fuse with the q/k RMSNorm (inductor has no complex kernels: a complex multiply falls back to a separate
-    aten kernel plus two conversion passes, ~0.1 s per 704×1024 forward on the H200)."""
+    aten kernel plus two conversion passes; benchmarks/NOTES.md has the cost)."""
     return torch.complex(cos, sin) if fused else (cos, sin)
 
 

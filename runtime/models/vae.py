@@ -358,7 +358,7 @@ class WanVAE(nn.Module):
         carries its last two input frames, however many frames a step holds.
 
         cuDNN's algorithms for these channels-last shapes are chosen by timing them once per shape and process
-        (``cudnn.benchmark``, only inside the chunked passes): its heuristic picks were 1.4x slower. Two processes
+        (``cudnn.benchmark``, only inside the chunked passes): its heuristic picks were slower (benchmarks/NOTES.md). Two processes
         may time differently and so pick different TF32 algorithms; within a process a seed repeats bit for bit."""
         if not isinstance(chunk_latents, int) or chunk_latents < 1:
             raise ConfigError(f"chunk_latents={chunk_latents!r}: must be a positive integer")
