@@ -49,10 +49,8 @@ def _import_official(repo: Path):
 
 def build_official(repo: str | Path, cfg, state: dict[str, torch.Tensor]):
     """The official model over ``state`` (tensors shared, not copied), in eval mode."""
-    from runtime.models.dit import official_config_dict
-
     cls = _import_official(Path(repo))
-    kwargs = official_config_dict(cfg)
+    kwargs = cfg.to_official_dict()
     with torch.device("meta"):
         model = cls(**kwargs)
     model.load_state_dict(state, strict=True, assign=True)

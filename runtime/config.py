@@ -93,6 +93,15 @@ class DiTConfig:
                    audio_inject_layers=(0, 2, 3))
 
     # ----------------------------------------------------------------- I/O
+    def to_official_dict(self) -> dict:
+        """The official ``WanModel_S2V`` config (``config.json`` keys, constructor arguments) of this config."""
+        out = self.to_dict()
+        for k in ("audio_layers", "zip_frame_buckets", "ref_time_position", "rope_theta"):  # fixed in the official code
+            out.pop(k)
+        out.update(model_type="s2v", **{k: v for k, v in self.extra.items() if k != "_class_name"})
+        out.setdefault("framepack_drop_mode", "padd")
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in out.items()}
+
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config") -> "DiTConfig":
         if not isinstance(raw, dict):

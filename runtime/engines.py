@@ -22,7 +22,6 @@ from runtime.errors import EngineMismatch
 
 IDENTITY_FIELDS = ("kind", "component", "precision", "onnx_sha256", "checkpoint", "runtime", "runtime_version", "gpu",
                    "compute_capabilities", "profiles", "flags", "io", "opset")
-RUNTIMES = ("tensorrt", "tensorrt-rtx")
 
 
 # ------------------------------------------------------------------------------------------ hashing

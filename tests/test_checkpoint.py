@@ -13,7 +13,8 @@ import torch
 from runtime import checkpoint as ck
 from runtime.errors import CheckpointError
 from runtime.generate import main as cli
-from runtime.models.dit import load_dit, save_dit
+from runtime.models.dit import load_dit
+from tests.checkpoints import save_dit
 from runtime.tiny import tiny_dit
 from tests.conftest import write_inputs
 

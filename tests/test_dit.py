@@ -11,8 +11,8 @@ from safetensors.torch import load_file, save_file
 
 from runtime.config import DiTConfig
 from runtime.errors import CheckpointError, ConfigError
-from runtime.models.dit import (ClipConditions, WanS2VDiT, build_dit, keeps_fp32, load_dit, save_dit,
-                                timestep_frequencies)
+from runtime.models.dit import ClipConditions, WanS2VDiT, build_dit, keeps_fp32, load_dit, timestep_frequencies
+from tests.checkpoints import save_dit
 from runtime.models.rope import rope_tables, s2v_token_groups
 from tests.conftest import golden_or_skip
 

@@ -19,7 +19,7 @@ from runtime.checkpoint import read_safetensors_header
 from runtime.demo import demo_image, demo_speech
 from runtime.errors import CheckpointError, ConfigError, InputError
 from runtime.generate import main as cli
-from runtime.models.dit import save_dit
+from tests.checkpoints import save_dit
 from runtime.tiny import tiny_dit
 from tests.conftest import write_inputs
 

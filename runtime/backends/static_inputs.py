@@ -24,10 +24,6 @@ class StaticInputs:
         self.tensors = [t.to(dt).contiguous().clone() for t, dt in zip(src, dtypes)]
         self.bound: ClipConditions | None = cond  # held, not an id(): a freed object's id can be reused
 
-    @property
-    def cond(self) -> ClipConditions:
-        return ClipConditions(*self.tensors[2:])
-
     def load(self, x: torch.Tensor, t_freq: torch.Tensor, cond: ClipConditions) -> None:
         self.tensors[0].copy_(x)
         self.tensors[1].copy_(t_freq)

@@ -3,15 +3,12 @@
 Takes the model's layout directly: q/k/v [B, S, H, D] (a free view of [B, S, H·D]), returns [B, Sq, H, D].
 Kernels are JIT-compiled per configuration on first use (seconds), then cached by the library.
 
-The model uses the library's own SM90 tile: ``benchmarks.attention_kernels`` sweeps ``SWEEP_TILES`` through
+The model uses the library's own SM90 tile: ``benchmarks.attention_kernels`` sweeps other tiles through
 ``run(..., tile)`` and none beat it at the S2V shapes on the H200 (benchmarks/NOTES.md).
 """
 from __future__ import annotations
 
 import torch
-
-SWEEP_TILES: tuple[tuple[int, int], ...] = ((128, 128), (128, 144), (128, 160), (128, 176), (128, 192))
-
 
 def available(device: torch.device | None = None) -> str | None:
     """None when usable, else the reason it is not."""
