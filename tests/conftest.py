@@ -17,6 +17,33 @@ def _no_grad_and_threads():
         yield
 
 
+def step_inputs(model, frames: int = 3, lat_h: int = 8, lat_w: int = 12, motion: bool = True, batch: int = 1,
+                seed: int = 0, pose: bool = True, t: float = 700.0, text_tokens: int = 7):
+    """The one builder of random DiT step inputs for tests: (x, t_freq, ClipConditions), through ``prepare`` (so
+    the conditions are what a clip gives), on the model's device. ``batch`` stacks independent CFG-style branches."""
+    from runtime.models.dit import ClipConditions, timestep_frequencies
+
+    cfg = model.cfg
+    dev = model.patch_embedding.weight.device
+    g = torch.Generator(device=dev).manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, device=dev)  # noqa: E731
+    conds = [model.prepare(r(1, text_tokens, cfg.text_dim), r(1, 16, 1, lat_h, lat_w),
+                           r(1, 16, 19, lat_h, lat_w) if motion else None, r(1, 16, frames, lat_h, lat_w) if pose else None,
+                           r(1, cfg.audio_layers, cfg.audio_dim, 4 * frames), frames)
+             for _ in range(batch)]
+    x = r(batch, cfg.in_dim, frames, lat_h, lat_w)
+    return x, timestep_frequencies([t] * batch, cfg.freq_dim).to(dev), ClipConditions.cat(conds)
+
+
+def mean_rel(out, ref) -> float:
+    """Mean absolute difference relative to the mean magnitude of ``ref`` (numpy arrays or tensors)."""
+    import numpy as np
+
+    out, ref = (np.asarray(a.detach().cpu().double() if isinstance(a, torch.Tensor) else a, dtype=np.float64)
+                for a in (out, ref))
+    return float(np.abs(out - ref).mean() / max(np.abs(ref).mean(), 1e-30))
+
+
 def golden_or_skip() -> Path:
     if not (GOLDEN / "manifest.json").is_file():
         pytest.skip(f"golden reference data not found at {GOLDEN}")

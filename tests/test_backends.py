@@ -9,14 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from export.build import main as build_main, mean_rel
-from export.onnx_dit import example_inputs
+from export.build import main as build_main
 from runtime import S2VPipeline
 from runtime.backends import make_backend
 from runtime.demo import demo_image, demo_speech
 from runtime.errors import BackendUnavailable, EngineMismatch
 from runtime.models.dit import ClipConditions
 from runtime.tiny import tiny_dit
+from tests import conftest
+from tests.conftest import mean_rel
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +28,7 @@ def engines(tmp_path_factory):
 
 
 def step_inputs(model, motion=True, batch=2, seed=0):
-    ex = example_inputs(model, 3, 8, 12, motion=motion, batch=batch, seed=seed)
-    return ex[0], ex[1], ClipConditions(*ex[2:])
+    return conftest.step_inputs(model, 3, 8, 12, motion=motion, batch=batch, seed=seed)
 
 
 def test_onnxruntime_backend_matches_torch(engines):

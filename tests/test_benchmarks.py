@@ -10,19 +10,19 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.flops import dit_forward_flops
 from benchmarks.run import main as run_main
-from export.onnx_dit import example_inputs
 from runtime.config import DiTConfig
 from runtime.tiny import tiny_dit
+from tests.conftest import step_inputs
 
 
 @pytest.mark.parametrize("frames,lat_h,lat_w,motion,batch", [(3, 8, 12, True, 2), (5, 16, 8, False, 1)])
 def test_flop_model_matches_the_counter(frames, lat_h, lat_w, motion, batch):
     model = tiny_dit()
-    ex = example_inputs(model, frames, lat_h, lat_w, motion=motion, batch=batch)
+    x, t, cond = step_inputs(model, frames, lat_h, lat_w, motion=motion, batch=batch)
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:  # MATH: attention as counted bmm
-        model.step(*ex)
+        model.step(x, t, *cond.as_tuple())
     counts = {str(k): v for k, v in fc.get_flop_counts()["Global"].items()}
-    f = dit_forward_flops(model.cfg, frames, lat_h // 2, lat_w // 2, ex[6].shape[1], batch)
+    f = dit_forward_flops(model.cfg, frames, lat_h // 2, lat_w // 2, cond.extra.shape[1], batch)
     assert f.linear == counts["aten.addmm"] + counts["aten.convolution"]
     assert f.attention == counts["aten.bmm"]
 

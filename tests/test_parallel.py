@@ -20,19 +20,10 @@ def _free_port() -> int:
 
 
 def _inputs(model, clip: str, batch: int = 1):
-    from runtime.models.dit import ClipConditions, timestep_frequencies
+    from tests.conftest import step_inputs
 
-    g = torch.Generator().manual_seed(1)
-    cfg = model.cfg
-    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
-    f, h, w = 3, 8, 16  # 3 latent frames of 4×8 patches: frame boundaries fall inside rank slices
-    ref = r(1, 16, 1, h, w)
-    motion = r(1, 16, 19, h, w) if clip == "later" else None
-    conds = [model.prepare(r(1, 7, cfg.text_dim), ref, motion, None, r(1, cfg.audio_layers, cfg.audio_dim, 4 * f), f)
-             for _ in range(batch)]
-    x = r(batch, 16, f, h, w)
-    t = timestep_frequencies([500.0] * batch, cfg.freq_dim)
-    return x, t, ClipConditions.cat(conds)
+    # 3 latent frames of 4×8 patches: frame boundaries fall inside rank slices
+    return step_inputs(model, 3, 8, 16, motion=clip == "later", batch=batch, seed=1, pose=False, t=500.0)
 
 
 def _worker(rank: int, world: int, port: int, ulysses: int, cfg_parallel: bool, clip: str, q, compiled: bool = False,
