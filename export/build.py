@@ -285,6 +285,11 @@ def main(argv=None) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.set_grad_enabled(False)
     comps = {c.strip() for c in args.components.split(",") if c.strip()}
+    unknown = sorted(comps - {"dit", "vae"})
+    if unknown or not comps:
+        print(f"error: --components {args.components!r}: unknown component(s) {', '.join(unknown) or '(none given)'}; "
+              "choose from dit, vae (comma-separated)", file=sys.stderr)
+        return 2
     report: dict = {"command": "python -m export.build " + " ".join(sys.argv[1:] if argv is None else argv)}
     from export.files import write_text
     from runtime.errors import S2VError

@@ -70,9 +70,13 @@ def read_safetensors_header(path: Path) -> dict:
     header.pop("__metadata__", None)
     data_end = 0
     for key, info in header.items():
-        if not isinstance(info, dict) or info.get("dtype") not in _SAFETENSORS_DTYPES or len(info.get("data_offsets", ())) != 2:
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if (not isinstance(info, dict) or info.get("dtype") not in _SAFETENSORS_DTYPES or not isinstance(offsets, list)
+                or len(offsets) != 2 or not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
+                or not isinstance(info.get("shape"), list)
+                or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in info["shape"])):
             raise CheckpointError(f"{path}: corrupt entry for {key!r} in the safetensors header; re-download the file")
-        data_end = max(data_end, int(info["data_offsets"][1]))
+        data_end = max(data_end, offsets[1])
     if 8 + n + data_end > size:
         raise CheckpointError(f"{path}: file is truncated ({size} bytes, header needs {8 + n + data_end}); re-download it")
     return header
@@ -115,7 +119,7 @@ def dit_weight_files(folder: Path) -> dict[str, Path]:
             weight_map = json.loads(index.read_text())["weight_map"]
             if not isinstance(weight_map, dict):
                 raise TypeError("weight_map is not an object")
-        except (OSError, ValueError, KeyError, TypeError) as err:
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as err:
             raise CheckpointError(f"{index}: invalid index ({type(err).__name__}); re-download it") from None
         if not all(isinstance(v, str) for v in weight_map.values()):
             raise CheckpointError(f"{index}: invalid index (a weight_map entry is not a file name); re-download it")
@@ -229,6 +233,8 @@ def assign_strict(model: nn.Module, tensors: Iterator[tuple[str, torch.Tensor]],
             raise CheckpointError(f"{source}: {name} has dtype {tensor.dtype}, expected a floating-point tensor; the file is not a model checkpoint")
         target = dtype_for(name) or tensor.dtype
         new_state[name] = tensor.to(device=device, dtype=target)
+        if not bool(torch.isfinite(new_state[name]).all()):  # a NaN weight would change the video silently
+            raise CheckpointError(f"{source}: {name} holds NaN/Inf values; the checkpoint is damaged (re-download it)")
         seen.add(name)
     missing = sorted(set(expected) - seen)
     if unexpected:

@@ -150,6 +150,8 @@ class DiTConfig:
             raw = json.loads(path.read_text())
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise ConfigError(f"{path}: not valid JSON ({err}); re-download config.json from the official checkpoint") from None
+        except RecursionError:
+            raise ConfigError(f"{path}: nested too deeply to be a config.json; re-download it from the official checkpoint") from None
         return cls.from_dict(raw, source=str(path))
 
     def to_dict(self) -> dict[str, Any]:

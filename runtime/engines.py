@@ -104,12 +104,18 @@ def read_manifest(path: str | Path, root: str | Path, rebuild: str = "python -m 
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise EngineMismatch(f"{path}: unreadable manifest ({err}); rebuild with: {rebuild}") from None
+    except RecursionError:
+        raise EngineMismatch(f"{path}: unreadable manifest (nested too deeply); rebuild with: {rebuild}") from None
     if not isinstance(data, dict) or not data.get("key"):
         raise EngineMismatch(f"{path}: manifest has no key; rebuild with: {rebuild}")
     key = engine_key(data)
     if data["key"] != key:
         raise EngineMismatch(f"{path}: manifest key {data['key']} does not match its contents ({key}); "
                              f"the manifest was edited; rebuild with: {rebuild}")
+    need = ("io",) + (("profiles",) if data.get("kind") == "engine" else ())
+    missing = [f for f in need if not isinstance(data.get(f), (dict, list)) or not data.get(f)]
+    if missing:
+        raise EngineMismatch(f"{path}: manifest without {', '.join(missing)}; rebuild with: {rebuild}")
     return data
 
 

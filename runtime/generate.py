@@ -157,6 +157,9 @@ def check_output(save: Path, overwrite: bool) -> None:
 
     if save.is_dir():
         raise OutputError(f"--save_file {save}: is a directory; give a file name ending in .mp4")
+    if save.is_symlink() and not save.exists():
+        raise OutputError(f"--save_file {save}: a symbolic link to a missing file; remove the link or choose another "
+                          "--save_file")
     check_mp4_name(save, "--save_file")
     parent = save.parent
     if not parent.is_dir():
