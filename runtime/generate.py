@@ -20,7 +20,7 @@ from pathlib import Path
 
 from runtime.options import add_pipeline_args, check_pipeline_args, pipeline_kwargs, str2bool  # noqa: F401
 
-EXIT_SIGINT, EXIT_SIGTERM = 130, 143
+EXIT_SIGINT, EXIT_SIGTERM, EXIT_SIGHUP = 130, 143, 129
 # How long a signal may wait for the main thread (busy in a native op: a DiT forward, a VAE decode, a checkpoint
 # read) before the process exits by itself.
 SIGNAL_GRACE_S = 2.0
@@ -294,13 +294,14 @@ class _Terminated(BaseException):
 
 
 class _SignalWatch:
-    """SIGINT/SIGTERM are honoured within SIGNAL_GRACE_S even while the main thread is inside a native call.
+    """SIGINT/SIGTERM/SIGHUP are honoured within SIGNAL_GRACE_S even while the main thread is inside a native call
+    (SIGHUP, a closed terminal, as SIGTERM).
 
     Python runs signal handlers only between bytecodes of the main thread, so a long DiT forward or checkpoint
     read would delay them by seconds or minutes. The C-level handler also writes the signal number to a pipe
     (``signal.set_wakeup_fd``); a thread wakes on it, gives the main thread the grace period to unwind normally
-    (removing its temporary files), and otherwise exits with the signal's code. The only temporary file of a
-    run, the MP4 being written, is written from Python code, where the main thread's handler runs at once."""
+    (removing its temporary files), and otherwise removes the unpublished temporary files itself
+    (``runtime.media.atomic.remove_live_temps``) and exits with the signal's code."""
 
     def __init__(self, grace_s: float = SIGNAL_GRACE_S):
         self.grace_s = grace_s
@@ -308,12 +309,13 @@ class _SignalWatch:
 
     def __enter__(self):
         def on_term(signum, frame):
-            raise _Terminated()
+            raise _Terminated(signum)
 
         self.active = threading.current_thread() is threading.main_thread()  # signals exist only there
         if not self.active:
             return self
         self.old_term = signal.signal(signal.SIGTERM, on_term)
+        self.old_hup = signal.signal(signal.SIGHUP, on_term)
         self.read_fd, self.write_fd = os.pipe()
         os.set_blocking(self.write_fd, False)
         self.old_fd = signal.set_wakeup_fd(self.write_fd, warn_on_full_buffer=False)
@@ -331,10 +333,13 @@ class _SignalWatch:
             data = os.read(self.read_fd, 64)
             if not data or self.done.is_set():
                 return
-            codes = {signal.SIGINT: EXIT_SIGINT, signal.SIGTERM: EXIT_SIGTERM}
+            codes = {signal.SIGINT: EXIT_SIGINT, signal.SIGTERM: EXIT_SIGTERM, signal.SIGHUP: EXIT_SIGHUP}
             hits = [codes[s] for s in data if s in codes]
             if hits and not self.done.wait(self.grace_s):
-                print("terminated: no output written" if hits[0] == EXIT_SIGTERM else "interrupted: no output written",
+                from runtime.media.atomic import remove_live_temps
+
+                remove_live_temps()  # the main thread is stuck in a native call: its cleanup will not run
+                print("interrupted: no output written" if hits[0] == EXIT_SIGINT else "terminated: no output written",
                       file=sys.stderr, flush=True)
                 os._exit(hits[0])
 
@@ -344,6 +349,7 @@ class _SignalWatch:
             return False
         signal.set_wakeup_fd(self.old_fd)
         signal.signal(signal.SIGTERM, self.old_term)
+        signal.signal(signal.SIGHUP, self.old_hup)
         os.close(self.write_fd)  # the watcher's read returns EOF and it ends
         return False
 
@@ -373,9 +379,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: no output written", file=sys.stderr)
         return EXIT_SIGINT
-    except _Terminated:
+    except _Terminated as term:
         print("terminated: no output written", file=sys.stderr)
-        return EXIT_SIGTERM
+        return EXIT_SIGHUP if term.args and term.args[0] == signal.SIGHUP else EXIT_SIGTERM
 
 
 def _main(args) -> int:

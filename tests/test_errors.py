@@ -62,7 +62,7 @@ def _interrupt(cmd: list[str], folder: Path, sig: int, after_s: float = 0.0, rea
     return proc.returncode, "".join(lines)
 
 
-@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGHUP, 129)])
 def test_signal_during_generation_leaves_no_output(tmp_path, sig, code):
     cmd = [sys.executable, "-m", "runtime.generate", "--save_file", "out.mp4", "--size", "256*256", "--base_seed", "1"]
     rc, err = _interrupt(cmd, tmp_path, sig, after_s=1.0, ready="loaded tiny")  # the model is loaded: generating
@@ -445,3 +445,33 @@ def test_sigterm_while_the_cli_starts_is_still_a_clean_exit(tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err[-500:]
     assert "terminated" in err and "loaded" not in err and leftovers(tmp_path) == []
+
+
+def test_temp_files_are_registered_until_published_and_removed_on_a_forced_exit(tmp_path):
+    """What the signal watcher removes before ``os._exit`` when the main thread cannot unwind: exactly the
+    temporary files created and not yet published or removed."""
+    from runtime.media import atomic
+
+    a, b = atomic._create_temp(tmp_path / "a.mp4"), atomic._create_temp(tmp_path / "b.mp4")
+    assert a.exists() and b.exists() and {a, b} <= atomic._LIVE
+    atomic._publish(b, tmp_path / "b.mp4", overwrite=False)
+    assert b not in atomic._LIVE and (tmp_path / "b.mp4").exists()
+    atomic.remove_live_temps()
+    assert not a.exists() and a not in atomic._LIVE and (tmp_path / "b.mp4").exists()
+
+
+def test_stale_temp_files_of_dead_processes_are_removed_at_the_next_run(tmp_path):
+    from runtime.media import atomic
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    host = atomic._host()
+    stale = tmp_path / f".out.mp4.{host}.{dead_pid}.0badc0de.part"
+    live = tmp_path / f".out.mp4.{host}.{os.getppid()}.0badc0de.part"       # a live process (our parent)
+    other_host = tmp_path / f".out.mp4.otherhost.{dead_pid}.0badc0de.part"  # a shared folder: not ours to judge
+    unrelated = tmp_path / ".other.mp4.x.1.0badc0de.part"
+    for p in (stale, live, other_host, unrelated):
+        p.write_bytes(b"x")
+    tmp = atomic._create_temp(tmp_path / "out.mp4")
+    assert not stale.exists() and live.exists() and other_host.exists() and unrelated.exists()
+    atomic._remove_quietly(tmp)

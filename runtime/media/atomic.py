@@ -5,11 +5,60 @@ import errno
 import logging
 import os
 import secrets
+import socket
 from pathlib import Path
 
 from ..errors import OutputError
 
 log = logging.getLogger(__name__)
+# Temporary files this process has created and not yet published or removed: a process that must exit at once
+# (a signal while the main thread is stuck in a native call) removes them first (``remove_live_temps``).
+_LIVE: set[Path] = set()
+
+
+def remove_live_temps() -> None:
+    """Remove this process's unpublished temporary files (called right before a forced exit)."""
+    for tmp in list(_LIVE):
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        _LIVE.discard(tmp)
+
+
+def _host() -> str:
+    return "".join(c for c in socket.gethostname() if c.isalnum() or c == "-")[:32] or "host"
+
+
+def _remove_stale(dest: Path) -> None:
+    """Remove ``.<name>.<host>.<pid>.<token>.part`` files beside ``dest`` left by dead processes of this host (a
+    SIGKILL, a power cut). Temp files of other hosts (a shared folder) and of live processes are left alone."""
+    prefix, host = f".{dest.name}.", _host()
+    try:
+        names = os.listdir(dest.parent)
+    except OSError:
+        return
+    for name in names:
+        if not (name.startswith(prefix) and name.endswith(".part")):
+            continue
+        parts = name[len(prefix):-len(".part")].split(".")
+        if len(parts) != 3 or parts[0] != host or not parts[1].isdigit():
+            continue
+        pid = int(parts[1])
+        if pid == os.getpid():
+            continue
+        try:
+            os.kill(pid, 0)
+            continue  # alive (or not ours to signal): leave it
+        except ProcessLookupError:
+            pass
+        except OSError:
+            continue
+        try:
+            os.unlink(dest.parent / name)
+            log.info("removed %r, a temporary file of a process that no longer runs", name)
+        except OSError:
+            pass
 
 
 def _check_destination(dest: Path, overwrite: bool) -> None:
@@ -25,11 +74,14 @@ def _check_destination(dest: Path, overwrite: bool) -> None:
 
 
 def _create_temp(dest: Path) -> Path:
-    # O_EXCL with 0o666 lets the umask set the final file's permissions, unlike mkstemp's 0o600.
+    # O_EXCL with 0o666 lets the umask set the final file's permissions, unlike mkstemp's 0o600. The name carries
+    # the host and pid, so the next run can tell a dead process's leftover from a live writer's file.
+    _remove_stale(dest)
     for _ in range(16):
-        tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.part")
+        tmp = dest.with_name(f".{dest.name}.{_host()}.{os.getpid()}.{secrets.token_hex(4)}.part")
         try:
             os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            _LIVE.add(tmp)
             return tmp
         except FileExistsError:
             continue
@@ -39,6 +91,7 @@ def _create_temp(dest: Path) -> Path:
 
 
 def _publish(tmp: Path, dest: Path, overwrite: bool) -> None:
+    _LIVE.discard(tmp)
     if overwrite:
         os.replace(tmp, dest)
         return
@@ -64,6 +117,7 @@ def _fsync(path: Path) -> None:
 
 
 def _remove_quietly(path: Path) -> None:
+    _LIVE.discard(path)
     try:
         os.unlink(path)
     except FileNotFoundError:
