@@ -36,7 +36,6 @@ def triton_ms(fn, device) -> float:
 
 def main(argv=None) -> int:
     from benchmarks.run import SCENARIOS, build, clip_conditions
-    from runtime.backends.torch_backend import compile_blocks, uncompile_blocks
     from runtime.models.dit import timestep_frequencies
 
     ap = argparse.ArgumentParser(prog="python -m benchmarks.inductor_options", description=__doc__.splitlines()[0])
@@ -71,10 +70,10 @@ def main(argv=None) -> int:
         return table
 
     for name in [s.strip() for s in args.settings.split(",") if s.strip()]:
-        uncompile_blocks(model)
+        model.uncompile_blocks()
         torch._dynamo.reset()
         try:
-            compile_blocks(model, options=SETTINGS[name] or None)
+            model.compile_blocks(options=SETTINGS[name] or None)
             t0 = time.perf_counter()
             y = step()
             step()

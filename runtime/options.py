@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from runtime.errors import BackendUnavailable, ConfigError, InputError
+from runtime.errors import InputError
 
 BACKEND_HELP = ("DiT backend: auto (torch-graph on CUDA: compiled blocks replayed as a CUDA graph; torch on the CPU or "
                 "with --offload_model), torch, torch-compile, torch-graph, onnxruntime, tensorrt")
@@ -57,29 +57,14 @@ def check_pipeline_args(args) -> None:
     on it, the LoRA files (readable safetensors; their keys are matched before the weights load). Sets
     ``args.loras`` (``runtime.lora.LoraSpec`` list)."""
     from runtime import lora
-    from runtime.pipeline import check_backend, resolve_device
+    from runtime.pipeline import check_backend, check_runnable, resolve_device
 
     try:
         device = resolve_device(args.device)
     except InputError as err:
         raise InputError(f"--{err}") from None  # "device 'x': ..." becomes "--device 'x': ..."
-    offload = bool(args.offload_model)
-    check_backend(args.backend, offload)
-    if args.backend == "torch-graph" and device.type != "cuda":
-        raise BackendUnavailable(f"--backend torch-graph replays CUDA graphs and needs a CUDA device, not {device}; "
-                                 "use --backend auto or torch")
-    if args.precision == "fp8":
-        from runtime.kernels.fp8 import unsupported_reason
-
-        why = unsupported_reason(device)
-        if why:
-            raise ConfigError(why)
-    if args.attention != "auto":
-        from runtime.models.attention import unavailable_reason
-
-        why = unavailable_reason(args.attention, device)
-        if why:
-            raise BackendUnavailable(f"--attention {args.attention} cannot run here: {why}; use --attention auto or sdpa")
+    check_backend(args.backend, bool(args.offload_model), device, cli=True)  # the library's checks, in flags' words
+    check_runnable(device, args.precision, args.attention, cli=True)
     args.loras = [lora.LoraSpec.parse(s) for s in args.lora]
     for spec in args.loras:
         lora.read_header(spec.path)

@@ -63,7 +63,13 @@ def check_mp4_name(path: str | Path, flag: str = "path") -> None:
         raise OutputError(f"{flag} {path}: the output is an MP4 video; give a file name ending in .mp4")
 
 
-def check_backend(backend: str, offload_model: bool = False) -> None:
+def _arg(name: str, value, cli: bool) -> str:
+    """How a message names an option: ``--name value`` for the CLI, ``name='value'`` for the library."""
+    return f"--{name} {value}" if cli else f"{name}={value!r}"
+
+
+def check_backend(backend: str, offload_model: bool = False, device: torch.device | None = None,
+                  cli: bool = False) -> None:
     from runtime.backends import CHOICES
     from runtime.errors import BackendUnavailable
 
@@ -72,6 +78,28 @@ def check_backend(backend: str, offload_model: bool = False) -> None:
     if offload_model and backend == "torch-graph":
         raise ConfigError("offload_model cannot be used with backend torch-graph (its CUDA graphs pin the DiT weights "
                           "on the GPU); use backend torch or torch-compile, or turn offloading off")
+    if backend == "torch-graph" and device is not None and device.type != "cuda":
+        raise BackendUnavailable(f"{_arg('backend', backend, cli)} replays CUDA graphs and needs a CUDA device, not "
+                                 f"{device}; use {_arg('backend', 'auto', cli)} or torch")
+
+
+def check_runnable(device: torch.device, precision: str | None, attention: str, cli: bool = False) -> None:
+    """FP8 and a named attention kernel on ``device``: refused before any loading, with the reason."""
+    from runtime.errors import BackendUnavailable
+
+    if precision == "fp8":
+        from runtime.kernels.fp8 import unsupported_reason
+
+        why = unsupported_reason(device)
+        if why:
+            raise ConfigError(why)
+    if attention != "auto":
+        from runtime.models.attention import unavailable_reason
+
+        why = unavailable_reason(attention, device)
+        if why:
+            raise BackendUnavailable(f"{_arg('attention', attention, cli)} cannot run here: {why}; use "
+                                     f"{_arg('attention', 'auto', cli)} or sdpa")
 
 
 def check_loras(loras, config) -> None:
@@ -180,7 +208,8 @@ class S2VPipeline:
         loras = lora.as_specs(loras)
         extra = dict(attention=attention, precision=precision, parallel=parallel, loras=loras)
         device = resolve_device(device)
-        check_backend(backend, offload_model)  # before minutes of loading
+        check_backend(backend, offload_model, device)  # before minutes of loading
+        check_runnable(device, precision, attention)
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         if str(path) == TINY:

@@ -201,12 +201,11 @@ def test_static_inputs_copy_conditions_once_per_clip():
 
 def test_sequence_parallel_ranks_compile_their_blocks():
     """Ulysses ranks compile their blocks like a single GPU (they agree with it on two H200s since RoPE is real)."""
-    from runtime.backends.torch_backend import compile_blocks
     from runtime.parallel import SeqShard
 
     model = tiny_dit()
     model.set_sequence_shard(SeqShard(0, 2))
-    compile_blocks(model)
+    model.compile_blocks()
     assert model.compiled and hasattr(model.blocks[0].forward, "_torchdynamo_orig_callable")
 
 
@@ -269,14 +268,13 @@ def test_graph_backend_drops_other_shapes_when_a_capture_runs_out_of_memory(monk
 def test_uncompile_blocks_restores_the_eager_model():
     """``benchmarks.inductor_options`` recompiles one model under several settings: ``uncompile_blocks`` must leave
     the blocks and the audio injection as they were before ``compile_blocks`` (nothing compiled yet here)."""
-    from runtime.backends.torch_backend import compile_blocks, uncompile_blocks
     from runtime.models import dit as dit_mod
 
     m = tiny_dit(torch.float32, "cpu")
-    compile_blocks(m, options={"coordinate_descent_tuning": True})
+    m.compile_blocks(options={"coordinate_descent_tuning": True})
     assert m.compiled and all(hasattr(b.forward, "_torchdynamo_orig_callable") for b in m.blocks)
     assert m.audio_residual is not dit_mod.audio_residual
-    uncompile_blocks(m)
+    m.uncompile_blocks()
     assert not m.compiled and m.audio_residual is dit_mod.audio_residual
     assert all("forward" not in b.__dict__ and not hasattr(b.forward, "_torchdynamo_orig_callable") for b in m.blocks)
 

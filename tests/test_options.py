@@ -49,3 +49,21 @@ def test_refused_before_loading_on_the_cpu(tmp_path, capsys, no_loading, argv, w
         assert run(argv + ["--device", "cpu"] + extra) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and want in err[0] and "head_dim" not in err[0], (run, err)
+
+
+@pytest.mark.parametrize("kwargs,want", [
+    (dict(backend="torch-graph"), "backend='torch-graph' replays CUDA graphs"),
+    (dict(precision="fp8"), "needs an NVIDIA Hopper"),
+    (dict(attention="fa3"), "attention='fa3' cannot run here: no CUDA device"),
+])
+def test_the_library_refuses_the_same_before_loading(monkeypatch, kwargs, want):
+    import torch
+
+    from runtime import S2VPipeline, tiny
+    from runtime.errors import S2VError
+
+    if torch.cuda.is_available():
+        pytest.skip("the refusals are the CPU machine's")
+    monkeypatch.setattr(tiny, "tiny_dit", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(S2VError, match=want):
+        S2VPipeline.from_pretrained("tiny", device="cpu", **kwargs)

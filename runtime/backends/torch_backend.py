@@ -26,22 +26,12 @@ class TorchDiT:
         return self.model.step(x, t_freq, *cond.as_tuple())
 
 
-def compile_blocks(model: WanS2VDiT, options: dict | None = None) -> None:
-    """``model.compile_blocks(options)``: each transformer block under ``torch.compile`` (see the model's method)."""
-    model.compile_blocks(options)
-
-
-def uncompile_blocks(model: WanS2VDiT) -> None:
-    """Undo ``compile_blocks``."""
-    model.uncompile_blocks()
-
-
 class CompiledDiT(TorchDiT):
     name = "torch-compile"
 
     def __init__(self, model: WanS2VDiT):
         super().__init__(model)
-        compile_blocks(model)
+        model.compile_blocks()
 
 
 class _Captured:
@@ -85,7 +75,7 @@ class GraphDiT(TorchDiT):
             raise BackendUnavailable("backend torch-graph needs the model on a CUDA device; use --backend torch on the CPU")
         super().__init__(model)
         if compile:
-            compile_blocks(model)
+            model.compile_blocks()
         self.warmup = warmup
         self.graphs: OrderedDict[tuple, _Captured] = OrderedDict()  # least recently used first
 
