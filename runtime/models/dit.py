@@ -410,6 +410,21 @@ def timestep_frequencies(t: torch.Tensor | float | list[float], dim: int) -> tor
     return torch.cat([arg.cos(), arg.sin()], dim=1).float()
 
 
+@dataclass
+class _StepState:
+    """One step's block input and what the blocks and the head need besides it (``WanS2VDiT._embed``)."""
+
+    h: torch.Tensor         # [B, end − start, D] fp32: this rank's slice of the residual stream
+    e: torch.Tensor         # [2B, D] time embeddings (t, then 0)
+    e_blocks: torch.Tensor  # [B, 6, 2, D] block modulation for the two segments
+    shape: tuple[int, int, int, int, int, int]  # b, f, lat_h, lat_w, gh, gw
+    split: int              # noisy tokens in the whole sequence (f·gh·gw)
+    length: int             # tokens in the whole sequence
+    start: int              # this rank's slice [start, end)
+    end: int
+    local_split: int        # noisy tokens in this rank's slice
+
+
 # --------------------------------------------------------------------------------------------- model
 class WanS2VDiT(nn.Module):
     def __init__(self, cfg: DiTConfig):
@@ -568,8 +583,32 @@ class WanS2VDiT(nn.Module):
         the token sequence through the blocks and the ranks exchange heads around self-attention (Ulysses);
         the per-token work (norms, modulation, FFN, cross-attention, frame-local audio injection) needs no
         communication, and the head's outputs are gathered once at the end."""
+        s = self._embed(x, t_freq, pose, extra)
+        h = self._blocks(s, context, audio_tokens, audio_global, rope_t, rope_h, rope_w, rope_extra)
+        return self._head(s, h)
+
+    def step_with_residual(self, x: torch.Tensor, t_freq: torch.Tensor, context: torch.Tensor,
+                           audio_tokens: torch.Tensor, audio_global: torch.Tensor, pose: torch.Tensor,
+                           extra: torch.Tensor, rope_t: torch.Tensor, rope_h: torch.Tensor, rope_w: torch.Tensor,
+                           rope_extra: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``step`` (the same velocity, bit for bit) and the block stack's residual ``blocks(h) − h`` over this
+        rank's noisy tokens [B, L_noisy_local, D] fp32: what a step cache reuses (``step_from_residual``). Only
+        the noisy tokens are kept because the head reads only them."""
+        s = self._embed(x, t_freq, pose, extra)
+        h_in = s.h[:, :s.local_split].clone()  # the blocks update the residual stream in place
+        h = self._blocks(s, context, audio_tokens, audio_global, rope_t, rope_h, rope_w, rope_extra)
+        return self._head(s, h), h[:, :s.local_split] - h_in
+
+    def step_from_residual(self, x: torch.Tensor, t_freq: torch.Tensor, pose: torch.Tensor, extra: torch.Tensor,
+                           residual: torch.Tensor) -> torch.Tensor:
+        """A step whose block stack is replaced by a cached residual: the velocity of ``head(h + residual)``,
+        with h this step's block input (patch and time embeddings as in ``step``); no block runs."""
+        s = self._embed(x, t_freq, pose, extra)
+        return self._head(s, s.h[:, :s.local_split] + residual)
+
+    def _embed(self, x: torch.Tensor, t_freq: torch.Tensor, pose: torch.Tensor, extra: torch.Tensor) -> "_StepState":
+        """The block input (this rank's slice of the fp32 residual stream) and the time modulation vectors."""
         cfg = self.cfg
-        impl = self.attention_impl
         b, _, f, lat_h, lat_w = x.shape
         gh, gw = lat_h // cfg.patch_size[1], lat_w // cfg.patch_size[2]
         split = f * gh * gw
@@ -585,24 +624,36 @@ class WanS2VDiT(nn.Module):
         e0 = F.linear(F.silu(e), *self._fp32(self.time_projection[1])).unflatten(1, (6, cfg.dim))
         e_blocks = torch.stack([e0[:b], e0[b:]], dim=2)                           # [B, 6, 2, D]
 
-        cos, sin = expand_rope(rope_t, rope_h, rope_w, rope_extra)
-        start, end = (0, h.shape[1]) if self.sp is None else self.sp.bounds(h.shape[1])
-        ulysses = None if self.sp is None else self.sp.spec(h.shape[1])
+        length = h.shape[1]
+        start, end = (0, length) if self.sp is None else self.sp.bounds(length)
         if self.sp is not None:
-            h, cos, sin = h[:, start:end], cos[start:end], sin[start:end]
+            h = h[:, start:end]
         h = h.float().contiguous()  # the residual stream: fp32, owned here (blocks update it in place)
         local_split = min(max(split - start, 0), end - start)
-        rope = rope_operand(cos, sin, fused=not self.exporting and x.is_cuda and not self.compiled)
-        inject = cfg.inject_map
-        for i, block in enumerate(self.blocks):
-            h = block(h, e_blocks, local_split, context, rope, impl, ulysses, not self.exporting)
-            if i in inject:
-                h = self._inject_audio(h, inject[i], audio_tokens, audio_global, start, local_split, split // f)
+        return _StepState(h, e, e_blocks, (b, f, lat_h, lat_w, gh, gw), split, length, start, end, local_split)
 
-        out = self.head(h[:, :local_split], e[:b])                                # [B, L_local, 4·C]
+    def _blocks(self, s: "_StepState", context: torch.Tensor, audio_tokens: torch.Tensor, audio_global: torch.Tensor,
+                rope_t: torch.Tensor, rope_h: torch.Tensor, rope_w: torch.Tensor, rope_extra: torch.Tensor) -> torch.Tensor:
+        """The block stack (with the audio injections after the layers of ``inject_map``) over ``s.h``."""
+        cos, sin = expand_rope(rope_t, rope_h, rope_w, rope_extra)
+        ulysses = None if self.sp is None else self.sp.spec(s.length)
         if self.sp is not None:
-            out = self.sp.gather_tokens(out, split)
-        c = cfg.out_dim
+            cos, sin = cos[s.start:s.end], sin[s.start:s.end]
+        rope = rope_operand(cos, sin, fused=not self.exporting and s.h.is_cuda and not self.compiled)
+        h, inject, f = s.h, self.cfg.inject_map, s.shape[1]
+        for i, block in enumerate(self.blocks):
+            h = block(h, s.e_blocks, s.local_split, context, rope, self.attention_impl, ulysses, not self.exporting)
+            if i in inject:
+                h = self._inject_audio(h, inject[i], audio_tokens, audio_global, s.start, s.local_split, s.split // f)
+        return h
+
+    def _head(self, s: "_StepState", h: torch.Tensor) -> torch.Tensor:
+        """Head over this rank's noisy tokens, gathered across ranks, unpatchified to [B, C_out, F, h, w]."""
+        b, f, lat_h, lat_w, gh, gw = s.shape
+        out = self.head(h[:, :s.local_split], s.e[:b])                            # [B, L_local, 4·C]
+        if self.sp is not None:
+            out = self.sp.gather_tokens(out, s.split)
+        c = self.cfg.out_dim
         out = out.view(b, f, gh, gw, 1, 2, 2, c).permute(0, 7, 1, 4, 2, 5, 3, 6)
         return out.reshape(b, c, f, lat_h, lat_w)
 
