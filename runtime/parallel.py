@@ -51,7 +51,29 @@ class CFGParallelDiT:
         if x.shape[0] != 2:
             return self.inner.forward(x, t_freq, cond)
         i = self.layout.cfg_index
-        v = self.inner.forward(x[i:i + 1], t_freq[i:i + 1], self._mine(cond)).contiguous()
+        return self._gather(self.inner.forward(x[i:i + 1], t_freq[i:i + 1], self._mine(cond)))
+
+    # step caches: each rank keeps its own branch's residual (opaque to the sampler); velocities are gathered as usual
+    def forward_residual(self, x: torch.Tensor, t_freq: torch.Tensor, cond):
+        if x.shape[0] != 2:
+            return self.inner.forward_residual(x, t_freq, cond)
+        i = self.layout.cfg_index
+        v, residual = self.inner.forward_residual(x[i:i + 1], t_freq[i:i + 1], self._mine(cond))
+        return self._gather(v), residual
+
+    def forward_skip(self, x: torch.Tensor, t_freq: torch.Tensor, cond, residual) -> torch.Tensor:
+        if x.shape[0] != 2:
+            return self.inner.forward_skip(x, t_freq, cond, residual)
+        i = self.layout.cfg_index
+        return self._gather(self.inner.forward_skip(x[i:i + 1], t_freq[i:i + 1], self._mine(cond), residual))
+
+    @property
+    def caches(self) -> bool:
+        return hasattr(self.inner, "forward_residual")
+
+    @staticmethod
+    def _gather(v: torch.Tensor) -> torch.Tensor:
+        v = v.contiguous()
         parts = [torch.empty_like(v) for _ in range(2)]
         dist.all_gather(parts, v, group=group("cfg"))
         return torch.cat(parts)

@@ -235,13 +235,13 @@ def test_graph_backend_drops_other_shapes_when_a_capture_runs_out_of_memory(monk
     state = {"oom": 0, "made": 0, "replays": 0}
 
     class FakeCaptured:
-        def __init__(self, model, x, t_freq, cond, warmup):
+        def __init__(self, step, x, t_freq, cond, warmup):
             if state["oom"]:
                 state["oom"] -= 1
                 raise torch.cuda.OutOfMemoryError("CUDA out of memory")
             state["made"] += 1
-            self.first = x * 2  # the warm-up forward on the call's own inputs: that call's result
-            self.out = x * 2
+            self.first = (x * 2,)  # the warm-up forward on the call's own inputs: that call's result
+            self.out = (x * 2,)
             self.inputs = type("I", (), {"load": lambda *a: None})()
             self.graph = type("G", (), {"replay": lambda *a: state.__setitem__("replays", state["replays"] + 1)})()
 
@@ -249,16 +249,19 @@ def test_graph_backend_drops_other_shapes_when_a_capture_runs_out_of_memory(monk
     monkeypatch.setattr(tb, "shape_key", lambda x, t, c: tuple(x.shape))
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     g = object.__new__(tb.GraphDiT)  # the constructor needs CUDA; the cache logic does not
-    g.model, g.warmup, g.graphs = None, 0, tb.OrderedDict()
+    def step(*args):
+        raise AssertionError("captures are faked")
+
+    g.model, g.warmup, g.graphs = type("M", (), {"step": staticmethod(step)})(), 0, tb.OrderedDict()
     a, b, c = torch.ones(1, 2), torch.ones(1, 3), torch.ones(1, 4)
     torch.testing.assert_close(g.forward(a, None, None), a * 2)
     assert state["replays"] == 0  # a new shape's first call returns its warm-up output: no replay, no extra forward
     g.forward(b, None, None)
     g.forward(a, None, None)  # a becomes the most recently used
-    assert list(g.graphs) == [(1, 3), (1, 2)] and state["made"] == 2 and state["replays"] == 1
+    assert list(g.graphs) == [("step", 1, 3), ("step", 1, 2)] and state["made"] == 2 and state["replays"] == 1
     state["oom"] = 1
     torch.testing.assert_close(g.forward(c, None, None), c * 2)
-    assert list(g.graphs) == [(1, 4)] and state["made"] == 3
+    assert list(g.graphs) == [("step", 1, 4)] and state["made"] == 3
     g.graphs.clear()
     state["oom"] = 1
     with pytest.raises(torch.cuda.OutOfMemoryError):

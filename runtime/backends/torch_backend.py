@@ -18,12 +18,21 @@ class TorchDiT:
     """Eager reference: ``forward(x, t_freq, cond) -> velocity`` (fp32)."""
 
     name = "torch"
+    caches = True  # forward_residual / forward_skip for step caches (runtime.cache)
 
     def __init__(self, model: WanS2VDiT):
         self.model = model
 
     def forward(self, x: torch.Tensor, t_freq: torch.Tensor, cond: ClipConditions) -> torch.Tensor:
         return self.model.step(x, t_freq, *cond.as_tuple())
+
+    # step caches (runtime.cache): a computed step that also returns its block residual, and a skipped one
+    def forward_residual(self, x: torch.Tensor, t_freq: torch.Tensor, cond: ClipConditions
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.step_with_residual(x, t_freq, *cond.as_tuple())
+
+    def forward_skip(self, x: torch.Tensor, t_freq: torch.Tensor, cond: ClipConditions, residual) -> torch.Tensor:
+        return self.model.step_from_residual(x, t_freq, cond.pose, cond.extra, residual)
 
 
 class CompiledDiT(TorchDiT):
@@ -41,21 +50,27 @@ class _Captured:
     run on the real inputs of the call that meets the shape, so the last one's output is that call's result
     (``first``) and the warm-up costs no extra forward."""
 
-    def __init__(self, model: WanS2VDiT, x: torch.Tensor, t_freq: torch.Tensor, cond: ClipConditions, warmup: int):
+    def __init__(self, step, x: torch.Tensor, t_freq: torch.Tensor, cond: ClipConditions, warmup: int):
+        # step: model.step (one output) or model.step_with_residual (velocity, residual); outputs kept as a tuple
         self.inputs = StaticInputs(x, t_freq, cond)
         args = self.inputs.tensors
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up (and compilation) outside the capture
             for _ in range(max(warmup, 1)):
-                out = model.step(*args)
-            self.first = out.clone()
+                out = _as_tuple(step(*args))
+            self.first = tuple(o.clone() for o in out)
         torch.cuda.current_stream().wait_stream(side)
-        self.first.record_stream(torch.cuda.current_stream())
+        for o in self.first:
+            o.record_stream(torch.cuda.current_stream())
         del out
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.out = model.step(*args)
+            self.out = _as_tuple(step(*args))
+
+
+def _as_tuple(out) -> tuple[torch.Tensor, ...]:
+    return out if isinstance(out, tuple) else (out,)
 
 
 class GraphDiT(TorchDiT):
@@ -80,20 +95,29 @@ class GraphDiT(TorchDiT):
         self.graphs: OrderedDict[tuple, _Captured] = OrderedDict()  # least recently used first
 
     def forward(self, x: torch.Tensor, t_freq: torch.Tensor, cond: ClipConditions) -> torch.Tensor:
-        key = shape_key(x, t_freq, cond)
+        return self._replay(self.model.step, x, t_freq, cond)[0]
+
+    def forward_residual(self, x: torch.Tensor, t_freq: torch.Tensor, cond: ClipConditions
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A graph of its own per shape (the step that also returns its residual); a skipped step (inherited
+        ``forward_skip``) runs only the embeddings and the head, eagerly, and replays nothing."""
+        return self._replay(self.model.step_with_residual, x, t_freq, cond)
+
+    def _replay(self, step, x: torch.Tensor, t_freq: torch.Tensor, cond: ClipConditions) -> tuple[torch.Tensor, ...]:
+        key = (step.__name__,) + shape_key(x, t_freq, cond)
         cap = self.graphs.get(key)
         if cap is None:  # the warm-up before the capture computed this call's output
-            cap = self._capture(key, x, t_freq, cond)
+            cap = self._capture(key, step, x, t_freq, cond)
             first, cap.first = cap.first, None
             return first
         self.graphs.move_to_end(key)
         cap.inputs.load(x, t_freq, cond)
         cap.graph.replay()
-        return cap.out.clone()  # the captured output is overwritten by the next replay
+        return tuple(o.clone() for o in cap.out)  # the captured outputs are overwritten by the next replay
 
-    def _capture(self, key: tuple, x: torch.Tensor, t_freq: torch.Tensor, cond: ClipConditions) -> _Captured:
+    def _capture(self, key: tuple, step, x: torch.Tensor, t_freq: torch.Tensor, cond: ClipConditions) -> _Captured:
         try:
-            cap = _Captured(self.model, x, t_freq, cond, self.warmup)
+            cap = _Captured(step, x, t_freq, cond, self.warmup)
         except torch.cuda.OutOfMemoryError:
             if not self.graphs:
                 raise
@@ -102,6 +126,6 @@ class GraphDiT(TorchDiT):
             self.graphs.clear()
             gc.collect()  # the failed capture's tensors
             torch.cuda.empty_cache()
-            cap = _Captured(self.model, x, t_freq, cond, self.warmup)
+            cap = _Captured(step, x, t_freq, cond, self.warmup)
         self.graphs[key] = cap
         return cap
