@@ -180,6 +180,7 @@ class S2VPipeline:
         if offload_model:
             self.sampler.move_dit("cpu")
         self._lock = threading.Lock()
+        self._identity: dict | None = None
 
     # ----------------------------------------------------------------- loading
     @classmethod
@@ -252,6 +253,48 @@ class S2VPipeline:
         return cls(dit, vae, text, audio, device, backend, t5_cpu, offload_model, name=str(folder), engines_dir=engines_dir,
                    **extra)
 
+    # ----------------------------------------------------------------- step caches
+    def model_identity(self) -> dict:
+        """What a step-cache calibration is tied to (``runtime.cache.model_identity``), computed once."""
+        if self._identity is None:
+            from runtime.cache import model_identity
+
+            self._identity = model_identity(self.name, self.loras)
+        return self._identity
+
+    def default_calibration(self) -> Path | None:
+        """Where ``runtime.calibrate`` writes by default: beside the checkpoint's config.json (None for the
+        built-in tiny model, which has no folder)."""
+        from runtime.cache import CALIBRATION_NAME
+
+        folder = Path(self.name) if self.name and self.name != TINY else None
+        return folder / CALIBRATION_NAME if folder is not None and folder.is_dir() else None
+
+    def step_cache(self, cache, calibration: str | Path | None = None):
+        """``cache`` (a ``--cache`` string, ``CacheSpec``, ``StepCache`` or None) → a ``StepCache`` or None. Refused
+        here, before any work: a backend without step caches (the engines compute whole steps), magcache
+        without a calibration file."""
+        from runtime.cache import Calibration, CacheSpec, StepCache
+
+        if isinstance(cache, StepCache):
+            step_cache = cache
+        else:
+            spec = CacheSpec.parse(cache)
+            if not spec.enabled:
+                return None
+            cal = None
+            if spec.method == "magcache":
+                path = Path(calibration) if calibration is not None else self.default_calibration()
+                if path is None:
+                    raise ConfigError("cache magcache with the tiny model needs cache_calibration=FILE (CLI: "
+                                      "--cache_calibration), made by python -m runtime.calibrate --out FILE")
+                cal = Calibration.load(path)
+            step_cache = StepCache(spec, cal)
+        if not getattr(self.backend, "caches", False):
+            raise ConfigError(f"step caches need a PyTorch backend (torch, torch-compile or torch-graph); backend "
+                              f"{self.backend.name} runs whole steps in an engine: drop the cache or change backend")
+        return step_cache
+
     # ----------------------------------------------------------------- encoders
     def encode_prompts(self, prompt: str, negative_prompt: str = "") -> tuple[torch.Tensor, torch.Tensor]:
         from runtime.models.text import resolve_negative_prompt
@@ -284,7 +327,8 @@ class S2VPipeline:
                  negative_prompt: str = "", start_from_ref: bool = False, batch_cfg: bool = True,
                  progress: bool | Callable[..., None] | None = None,
                  max_audio_s: float | None = 600.0, on_clip: Callable[[np.ndarray], None] | None = None,
-                 denoising_steps: tuple[int, ...] | list[int] | None = None) -> S2VResult:
+                 denoising_steps: tuple[int, ...] | list[int] | None = None, cache=None,
+                 cache_calibration: str | Path | None = None) -> S2VResult:
         """Reference image + audio (+ prompt, pose video) → S2VResult. Thread-safe: calls are serialized.
 
         sample_steps None = 40 (official), or one per ``denoising_steps`` entry: the timesteps of the ``euler``
@@ -303,6 +347,10 @@ class S2VPipeline:
         on_clip: called with each clip's uint8 frames [n, H, W, 3] (already trimmed to the audio) as soon as it is
         decoded; nothing is kept, so memory stays flat in the audio length, and the result's ``frames`` is None.
         An exception raised by ``progress`` or ``on_clip`` stops the generation.
+        cache: a step cache (``runtime.cache``: ``"magcache"``, ``"easy:0.05"``, ``"steps:10,12"``, …; None or
+        ``"off"``: every step computed, the exact result); lossy, so logged per clip and reported in
+        ``result.info["cache"]``. magcache reads ``cache_calibration`` (default: the file ``runtime.calibrate``
+        writes beside the checkpoint) and refuses one made for another checkpoint or recipe.
         """
         from runtime.media import load_image
         from runtime.preprocess import parse_size, prepare_reference, target_size
@@ -323,12 +371,15 @@ class S2VPipeline:
                              "without cfg_parallel (use Ulysses sequence parallelism to spread one branch over GPUs)")
         if num_clip is not None and (isinstance(num_clip, bool) or not isinstance(num_clip, int) or num_clip <= 0):
             raise InputError(f"num_clip={num_clip}: must be a positive integer (or omit it to follow the audio length)")
+        step_cache = self.step_cache(cache, cache_calibration)
         area = parse_size(size or (TINY_SIZE if self.name == TINY else DEFAULT_SIZE))
         img = load_image(image)
         clip = _load_audio(audio, max_audio_s)
 
         with self._lock, torch.no_grad():
             height, width = target_size(img.height, img.width, area)
+            if step_cache is not None and step_cache.calibration is not None:
+                self._check_calibration(step_cache.calibration, opts, (height, width))
             ref = prepare_reference(img, height, width)
             audio_emb, official_clips = self.encode_audio(clip, infer_frames)
             check_finite(audio_emb, "wav2vec2 audio encoder", limit=math.inf)  # its features have large outliers
@@ -344,12 +395,20 @@ class S2VPipeline:
             sink = None if on_clip is None else _FrameSink(on_clip, max(keep, 1))
             with _progress(progress, clips, sample_steps) as cb:
                 video = self.sampler.sample(ref, context, context_null, audio_emb, clips, opts, pose_pixels=pose, progress=cb,
-                                            on_clip=sink)
+                                            on_clip=sink, cache=step_cache)
         frames = video_to_uint8(video)[:max(keep, 1)] if sink is None else None
         info = {"size": (height, width), "clips": clips, "official_clips": official_clips, "steps": sample_steps,
                 "backend": self.backend.name, "dtype": str(self.dit.dtype), "seed": seed,
                 "frames": frames.shape[0] if sink is None else sink.sent}
+        if step_cache is not None:
+            info["cache"] = {"method": str(step_cache.spec), "clips": step_cache.log[-clips:]}
         return S2VResult(frames, FPS, clip, seed, info)
+
+    def _check_calibration(self, cal, opts, size: tuple[int, int]) -> None:
+        from runtime.cache import calibrate_command, recipe_of
+
+        cal.check(self.model_identity(), recipe_of(opts, size), cal.path,
+                  calibrate_command(self.name, opts, size, self.loras))
 
     def generate_mp4(self, path: str | Path, image, audio, *, overwrite: bool = False, **kwargs) -> S2VResult:
         """``generate`` straight into an MP4: each clip is encoded as soon as it is decoded (audio muxed and trimmed

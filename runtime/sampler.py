@@ -146,15 +146,56 @@ class S2VSampler:
         pose = pose.to(self.dtype)  # the official casts the pose pixels to the model dtype before encoding
         return self._encode(torch.cat([pose[:, :, :1], pose], dim=2))[:, :, 1:]
 
+    # ----------------------------------------------------------------- one step's velocity
+    def _velocity(self, x: torch.Tensor, t_freq: torch.Tensor, opts: SampleOptions, cond: ClipConditions,
+                  uncond: ClipConditions | None, both: ClipConditions | None) -> torch.Tensor:
+        if uncond is None:
+            return self.backend.forward(x, t_freq, cond)
+        if both is not None:
+            vc, vu = self.backend.forward(x.expand(2, -1, -1, -1, -1), t_freq.expand(2, -1), both).chunk(2)
+        else:
+            vc = self.backend.forward(x, t_freq, cond)
+            vu = self.backend.forward(x, t_freq, uncond)
+        return vu + opts.guide_scale * (vc - vu)
+
+    def _cached_velocity(self, plan, i: int, x: torch.Tensor, t_freq: torch.Tensor, opts: SampleOptions,
+                         cond: ClipConditions, uncond: ClipConditions | None, both: ClipConditions | None):
+        """``_velocity`` through a step cache: every branch (and every rank) skips or computes together; a computed
+        step keeps its residuals when the plan says a later step may reuse them."""
+        skip = plan.skip(i, x)
+        keep = not skip and plan.keep_residual(i)
+        backend = self.backend
+
+        def call(xb, tb, c, slot):
+            if skip:
+                return backend.forward_skip(xb, tb, c, plan.residuals[slot])
+            if keep:
+                v, residual = backend.forward_residual(xb, tb, c)
+                plan.store(slot, residual)
+                return v
+            return backend.forward(xb, tb, c)
+
+        if uncond is None:
+            v = vc = call(x, t_freq, cond, 0)
+        else:
+            if both is not None:
+                vc, vu = call(x.expand(2, -1, -1, -1, -1), t_freq.expand(2, -1), both, 0).chunk(2)
+            else:
+                vc, vu = call(x, t_freq, cond, 0), call(x, t_freq, uncond, 1)
+            v = vu + opts.guide_scale * (vc - vu)
+        plan.observe(i, x, vc, skip)  # the cond branch decides (EasyCache)
+        return v
+
     # ----------------------------------------------------------------- the loop
     @torch.no_grad()
     def sample(self, ref_pixels: torch.Tensor, context: torch.Tensor, context_null: torch.Tensor, audio_emb: torch.Tensor,
                num_clip: int, opts: SampleOptions, pose_pixels: torch.Tensor | None = None,
-               progress: ProgressFn | None = None, on_clip: ClipFn | None = None) -> torch.Tensor | None:
+               progress: ProgressFn | None = None, on_clip: ClipFn | None = None, cache=None) -> torch.Tensor | None:
         """Generate ``num_clip`` clips. ref_pixels [1, 3, 1, H, W] in [−1, 1]; context/context_null [L, text_dim];
         audio_emb [1, layers, C_a, ≥ num_clip·infer_frames]; pose_pixels [1, 3, num_clip·infer_frames, H, W] or None.
         Returns the video [3, N, H, W] float32 in [−1, 1], N = num_clip·infer_frames (− 3 with drop_first_motion).
-        With ``on_clip``, each clip's frames go there as soon as they are decoded, none are kept, and None is returned."""
+        With ``on_clip``, each clip's frames go there as soon as they are decoded, none are kept, and None is returned.
+        ``cache``: a ``runtime.cache.StepCache`` (steps whose block stack is skipped; None: every step computed)."""
         dev, dt = self.device, self.dtype
         _, _, _, height, width = ref_pixels.shape
         nf, lat_f = opts.infer_frames, opts.latent_frames
@@ -194,25 +235,25 @@ class S2VSampler:
                 self.move_dit(dev)
             try:
                 cond = self.model.prepare(context, ref_latents, motion, pose, audio, lat_f, opts.motion_frames)
+                uncond = both = None
                 if use_cfg:
                     uncond = self.model.prepare(context_null, ref_latents, motion, pose, audio * 0, lat_f, opts.motion_frames)
                     both = ClipConditions.cat([cond, uncond]) if opts.batch_cfg else None
 
                 latents = noise[None]
                 t_freqs = timestep_frequencies(solver.timesteps.cpu(), self.model.cfg.freq_dim).to(dev)
+                plan = None if cache is None else cache.for_clip(r, opts.sample_steps)
                 for i in range(opts.sample_steps):
                     t_freq = t_freqs[i:i + 1]
-                    if not use_cfg:
-                        v = self.backend.forward(latents, t_freq, cond)
-                    elif opts.batch_cfg:
-                        vc, vu = self.backend.forward(latents.expand(2, -1, -1, -1, -1), t_freq.expand(2, -1), both).chunk(2)
-                        v = vu + opts.guide_scale * (vc - vu)
+                    if plan is None:
+                        v = self._velocity(latents, t_freq, opts, cond, uncond, both)
                     else:
-                        vc = self.backend.forward(latents, t_freq, cond)
-                        vu = self.backend.forward(latents, t_freq, uncond)
-                        v = vu + opts.guide_scale * (vc - vu)
+                        v = self._cached_velocity(plan, i, latents, t_freq, opts, cond, uncond, both)
                     latents = solver.step(v, latents)
                     report(r, i + 1, opts.sample_steps, "denoise")
+                if plan is not None:
+                    plan.finish()
+                    cache.done(r, num_clip, plan)
             finally:
                 if self.offload:
                     cond = uncond = both = None  # the conditions hold DiT outputs on the device

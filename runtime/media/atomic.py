@@ -133,3 +133,26 @@ def _output_error(exc: BaseException, dest: Path) -> OutputError:
     if code in (errno.EACCES, errno.EPERM, errno.EROFS):
         return OutputError(f"no permission to write {dest}; fix the directory permissions or choose another path")
     return OutputError(f"writing {dest} failed ({type(exc).__name__}: {exc}); check the path and free space")
+
+
+def write_file(dest: str | Path, data: bytes, overwrite: bool = False) -> Path:
+    """Write ``data`` to ``dest`` atomically (temp file beside it, fsync, then published); an existing ``dest`` is
+    refused unless ``overwrite``."""
+    dest = Path(dest)
+    _check_destination(dest, overwrite)
+    tmp = _create_temp(dest)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+        _fsync(tmp)
+        _publish(tmp, dest, overwrite)
+    except OutputError:
+        _remove_quietly(tmp)
+        raise
+    except OSError as exc:
+        _remove_quietly(tmp)
+        raise _output_error(exc, dest) from exc
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+    return dest
