@@ -18,7 +18,8 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from runtime.options import add_pipeline_args, check_pipeline_args, pipeline_kwargs, str2bool  # noqa: F401
+from runtime.options import (add_cache_args, add_pipeline_args, check_cache_args, check_pipeline_args,  # noqa: F401
+                             pipeline_kwargs, str2bool)
 
 EXIT_SIGINT, EXIT_SIGTERM, EXIT_SIGHUP = 130, 143, 129
 # How long a signal may wait for the main thread (busy in a native op: a DiT forward, a VAE decode, a checkpoint
@@ -76,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--start_from_ref", action="store_true", default=False, help="start the video from the reference image")
     p.add_argument("--infer_frames", type=int, default=80, help="frames per clip, a multiple of 4 (48 or 80)")
     # this project
+    add_cache_args(p)
     p.add_argument("--no_batch_cfg", action="store_true", default=False,
                    help="run cond and uncond as two DiT calls per step, as the official (default: one batch-2 call; same math)")
     p.add_argument("--overwrite", action="store_true", default=False, help="replace --save_file if it exists")
@@ -142,6 +144,7 @@ def validate(args) -> None:
     if args.ckpt_dir != "tiny" and (args.image is None or (args.audio is None and not args.enable_tts)):
         raise InputError("--image and --audio are required with a real checkpoint (or use --enable_tts with --tts_text)")
     check_pipeline_args(args)  # device, backend, FP8, attention kernel, LoRA files: before anything loads
+    check_cache_args(args)     # the cache spec, and magcache's calibration file
     from runtime.media.common import _check_readable_file
 
     for flag, path, what in (("--image", args.image, "image"), ("--audio", None if args.enable_tts else args.audio, "audio"),
@@ -205,6 +208,8 @@ def run(args) -> Path:
         from runtime.demo import demo_image
 
         image = demo_image()
+    if args.calibration is not None:  # a calibration of another checkpoint or recipe: refused before loading
+        _check_calibration(args, image, size)
     if args.enable_tts:
         from runtime.tts import official_layout, select_tts, synthesize
 
@@ -219,6 +224,25 @@ def run(args) -> Path:
 
         audio = demo_speech()
     return _generate(args, image, audio, seed, size, save)
+
+
+def _sample_options(args, seed: int = 0):
+    from runtime.sampler import SampleOptions
+
+    return SampleOptions(infer_frames=args.infer_frames, sample_steps=args.sample_steps or 40,
+                         sample_shift=args.sample_shift if args.sample_shift is not None else 3.0,
+                         guide_scale=args.sample_guide_scale if args.sample_guide_scale is not None else 4.5,
+                         solver=args.sample_solver, seed=seed, denoising_steps=args.denoising_steps)
+
+
+def _check_calibration(args, image, size: str) -> None:
+    from runtime.cache import calibrate_command, model_identity, recipe_of
+    from runtime.preprocess import parse_size, target_size
+
+    opts = _sample_options(args)
+    hw = target_size(image.height, image.width, parse_size(size))
+    args.calibration.check(model_identity(args.ckpt_dir, args.loras), recipe_of(opts, hw), args.calibration.path,
+                           calibrate_command(args.ckpt_dir, opts, hw, args.loras))
 
 
 def _out_of_memory(exc: BaseException, where: str, hint: str):
@@ -267,6 +291,8 @@ def _generate(args, image, audio, seed: int, size: str, save: Path) -> Path:
                       sample_solver=args.sample_solver, start_from_ref=args.start_from_ref,
                       denoising_steps=args.denoising_steps,
                       batch_cfg=not args.no_batch_cfg, max_audio_s=args.max_audio_s,
+                      cache=args.cache_spec, cache_calibration=args.cache_calibration or
+                      (args.calibration.path if args.calibration is not None else None),
                       progress=None if main_rank else False)
         if main_rank:
             # Each clip is encoded as soon as it is decoded: host memory stays flat in the audio length.

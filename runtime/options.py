@@ -75,3 +75,39 @@ def pipeline_kwargs(args) -> dict:
     return dict(device=args.device, backend=args.backend, attention=args.attention, precision=args.precision,
                 loras=getattr(args, "loras", None), offload_model=bool(args.offload_model), t5_cpu=args.t5_cpu,
                 engines_dir=args.engines_dir)
+
+
+def add_cache_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
+    """``--cache`` and ``--cache_calibration`` (``prefix`` "test_" for runtime.quality's tested run)."""
+    from runtime.cache import CACHE_HELP
+
+    p.add_argument(f"--{prefix}cache", default="off", metavar="METHOD[:ARGS]", help=CACHE_HELP)
+    p.add_argument(f"--{prefix}cache_calibration", default=None, metavar="FILE",
+                   help="magcache's calibration (default: the file python -m runtime.calibrate writes beside the "
+                        "checkpoint)")
+
+
+def check_cache_args(args, prefix: str = "") -> None:
+    """Before anything loads: the spec parses, the backend can skip blocks, and magcache's calibration file is
+    there and readable (its model and recipe are compared once the request's size is known). Sets
+    ``args.<prefix>cache_spec`` and ``args.<prefix>calibration`` (a ``runtime.cache.Calibration`` or None)."""
+    from pathlib import Path
+
+    from runtime.cache import CALIBRATION_NAME, Calibration, CacheSpec
+    from runtime.errors import ConfigError
+
+    spec = CacheSpec.parse(getattr(args, f"{prefix}cache"))
+    cal = None
+    if spec.enabled and args.backend in ("onnxruntime", "tensorrt"):
+        raise ConfigError(f"--{prefix}cache needs a PyTorch backend (torch, torch-compile, torch-graph or auto); "
+                          f"--backend {args.backend} runs whole steps in an engine")
+    given = getattr(args, f"{prefix}cache_calibration")
+    if spec.method == "magcache":
+        if given is None and args.ckpt_dir == "tiny":
+            raise ConfigError(f"--{prefix}cache magcache with --ckpt_dir tiny needs --{prefix}cache_calibration FILE "
+                              "(made by python -m runtime.calibrate --out FILE)")
+        cal = Calibration.load(Path(given) if given else Path(args.ckpt_dir) / CALIBRATION_NAME)
+    elif given is not None:
+        raise ConfigError(f"--{prefix}cache_calibration is read by --{prefix}cache magcache only (this run: {spec})")
+    setattr(args, f"{prefix}cache_spec", spec)
+    setattr(args, f"{prefix}calibration", cal)
