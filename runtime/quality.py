@@ -1,10 +1,14 @@
 """``python -m runtime.quality --ckpt_dir DIR --image I --audio A [--precision fp8] [--lora L --test_steps 4 ...]``:
-the same request as an exact reference (bf16, no LoRA, the official recipe unless the reference flags say otherwise)
-and as a tested setting (precision, attention kernel, LoRAs, few-step recipe), same seed, compared clip by clip.
+the same request as an exact reference (bf16, no LoRA, no cache, the official recipe unless the reference flags
+say otherwise) and as a tested setting (precision, attention kernel, LoRAs, few-step recipe, step cache), same
+seed, compared clip by clip.
 
-Prints per clip: PSNR and SSIM of the decoded frames (uint8, as written to the MP4) and the rel-L2 of the
-final latents, so a lossy setting can be checked on one's own checkpoint and inputs before it is used. The two
-pipelines are loaded one after the other (the first is freed before the second loads).
+Prints per clip: PSNR and SSIM of the decoded frames (uint8, as written to the MP4), the PSNR of the lower face
+(where lip sync lives, and what a step cache harms first) and the rel-L2 of the final latents, so a lossy setting
+can be checked on one's own checkpoint and inputs before it is used. The lower-face box is the lower half of the
+largest face OpenCV's Haar detector finds in the reference image as the video frames it (``pip install
+wan-s2v-trt[quality]``); without a detector or a face, the frame's central-lower third. The two pipelines are
+loaded one after the other (the first is freed before the second loads).
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from runtime.options import add_pipeline_args, check_pipeline_args
+from runtime.options import add_cache_args, add_pipeline_args, check_cache_args, check_pipeline_args
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -41,7 +45,29 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
     return float(s.mean())
 
 
-def _run(args, precision: str, attention: str = "auto", loras=(), recipe: dict | None = None):
+def lower_face_box(image, height: int, width: int) -> tuple[tuple[int, int, int, int], str]:
+    """(y0, y1, x0, x1) of the lower face in the video frame, and how it was found ("haar" or "central-lower
+    third"). ``image``: the reference (a PIL image), framed as the pipeline frames it (``prepare_reference``)."""
+    from runtime.preprocess import prepare_reference
+
+    ref = prepare_reference(image, height, width)[0, :, 0]           # [3, H, W] in [-1, 1]
+    grey = ((ref.mean(0) + 1) * 127.5).clamp(0, 255).to(torch.uint8).numpy()
+    try:
+        import cv2
+    except ImportError:
+        cv2 = None
+    if cv2 is not None and hasattr(cv2, "data"):
+        detector = cv2.CascadeClassifier(cv2.data.haarcascades + "haarcascade_frontalface_default.xml")
+        side = max(24, min(height, width) // 10)
+        faces = detector.detectMultiScale(grey, scaleFactor=1.1, minNeighbors=5, minSize=(side, side))
+        if len(faces):
+            x, y, w, h = max(faces, key=lambda f: f[2] * f[3])
+            return (int(y + h // 2), int(y + h), int(x), int(x + w)), "haar"
+    return (height // 2, height * 5 // 6, width // 3, width * 2 // 3), "central-lower third"
+
+
+def _run(args, precision: str, attention: str = "auto", loras=(), recipe: dict | None = None, cache=None,
+         cache_calibration=None):
     """One generation; returns (frames uint8, per-clip latents, frames per clip)."""
     from runtime.pipeline import S2VPipeline
 
@@ -61,7 +87,8 @@ def _run(args, precision: str, attention: str = "auto", loras=(), recipe: dict |
 
     pipe.sampler._decode = keep
     r = pipe.generate(args.image, args.audio, prompt=args.prompt, seed=args.seed, infer_frames=args.infer_frames,
-                      num_clip=args.num_clip, size=args.size, progress=False, **(recipe or reference_recipe(args)))
+                      num_clip=args.num_clip, size=args.size, progress=False, cache=cache,
+                      cache_calibration=cache_calibration, **(recipe or reference_recipe(args)))
     del pipe
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -111,6 +138,7 @@ def main(argv=None) -> int:
     ap.add_argument("--test_shift", type=float, default=None, help="the tested run's flow shift (e.g. 8)")
     ap.add_argument("--test_solver", default=None, help="the tested run's solver (unipc, dpm++, euler)")
     ap.add_argument("--test_denoising_steps", default=None, help="the tested run's euler timesteps, e.g. 1000,750,500,250")
+    add_cache_args(ap, prefix="test_")
     ap.add_argument("--num_clip", type=int, default=None)
     ap.add_argument("--size", default=None)
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
@@ -119,9 +147,11 @@ def main(argv=None) -> int:
         # refuse before loading anything (the reference run alone takes minutes)
         recipe = test_recipe(args)
         if args.precision is None:
-            same = not args.lora and recipe == reference_recipe(args) and args.attention == "auto"
+            same = (not args.lora and recipe == reference_recipe(args) and args.attention == "auto"
+                    and args.test_cache == "off")
             args.precision = "fp8" if same else args.reference
         check_pipeline_args(args)  # the tested run's device, backend, precision, attention kernel, LoRA files
+        check_cache_args(args, prefix="test_")
         loras = args.loras
         from runtime.sampler import SampleOptions
 
@@ -134,7 +164,11 @@ def main(argv=None) -> int:
         elif args.image is None or args.audio is None:
             raise S2VError("--image and --audio are required with a real checkpoint")
         ref_frames, ref_lat, info = _run(args, args.reference)
-        test_frames, test_lat, _ = _run(args, args.precision, args.attention, loras, recipe)
+        test_frames, test_lat, test_info = _run(args, args.precision, args.attention, loras, recipe,
+                                                args.test_cache_spec, args.test_cache_calibration)
+        from runtime.media import load_image
+
+        (y0, y1, x0, x1), box_source = lower_face_box(load_image(args.image), *info["size"])
     except S2VError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -145,21 +179,28 @@ def main(argv=None) -> int:
             break
         a, b = ref_frames[start:start + n], test_frames[start:start + n]
         rows.append({"clip": i, "frames": n, "psnr_db": psnr(a, b), "ssim": ssim(a, b),
+                     "lower_face_psnr_db": psnr(a[:, y0:y1, x0:x1], b[:, y0:y1, x0:x1]),
                      "latent_rel_l2": float((lt - lr).norm() / lr.norm())})
         start += n
     out = {"reference": args.reference, "precision": args.precision, "attention": args.attention, "seed": args.seed,
            "size": info["size"], "reference_recipe": reference_recipe(args), "test_recipe": recipe,
-           "loras": [f"{x.path}:{x.strength:g}" for x in loras], "clips": rows}
+           "loras": [f"{x.path}:{x.strength:g}" for x in loras], "cache": test_info.get("cache"),
+           "lower_face_box": {"y0": y0, "y1": y1, "x0": x0, "x1": x1, "found_by": box_source}, "clips": rows}
     if args.json:
         print(json.dumps(out))
     else:
         tested = ", ".join([args.precision, f"attention {args.attention}", *out["loras"],
-                            *(f"{k}={v}" for k, v in recipe.items() if reference_recipe(args).get(k) != v)])
+                            *(f"{k}={v}" for k, v in recipe.items() if reference_recipe(args).get(k) != v),
+                            *([f"cache {args.test_cache_spec}"] if args.test_cache_spec.enabled else [])])
         print(f"tested ({tested}) vs reference ({args.reference}, {reference_recipe(args)}), seed {args.seed}, "
               f"{info['size'][0]}x{info['size'][1]}")
-        print("clip  frames  PSNR dB   SSIM    latent rel-L2")
+        print(f"lower face: rows {y0}-{y1}, columns {x0}-{x1} ({box_source})")
+        if out["cache"]:
+            print("cache: " + "; ".join(f"clip {c['clip']} computed {c['computed']} steps" for c in out["cache"]["clips"]))
+        print("clip  frames  PSNR dB   SSIM    face PSNR  latent rel-L2")
         for r in rows:
-            print(f"{r['clip']:4d}  {r['frames']:6d}  {r['psnr_db']:7.2f}  {r['ssim']:.4f}  {r['latent_rel_l2']:.4f}")
+            print(f"{r['clip']:4d}  {r['frames']:6d}  {r['psnr_db']:7.2f}  {r['ssim']:.4f}  {r['lower_face_psnr_db']:9.2f}  "
+                  f"{r['latent_rel_l2']:.4f}")
     return 0
 
 
