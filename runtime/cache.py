@@ -296,7 +296,8 @@ def model_identity(name: str, loras=()) -> dict:
 
 def calibrate_command(ckpt: str, opts, size: tuple[int, int], loras=()) -> str:
     """The ``runtime.calibrate`` command that makes the calibration this run needs."""
-    cmd = (f"python -m runtime.calibrate --ckpt_dir {ckpt} --image IMAGE --audio AUDIO --size {size[0]}*{size[1]} "
+    where = "" if Path(ckpt).is_dir() else " --out FILE"  # the built-in tiny model has no folder to write beside
+    cmd = (f"python -m runtime.calibrate --ckpt_dir {ckpt}{where} --image IMAGE --audio AUDIO --size {size[0]}*{size[1]} "
            f"--sample_steps {opts.sample_steps} --sample_shift {opts.sample_shift:g} --sample_guide_scale "
            f"{opts.guide_scale:g} --sample_solver {opts.solver} --infer_frames {opts.infer_frames}")
     if opts.denoising_steps:

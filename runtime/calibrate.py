@@ -19,7 +19,15 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from runtime import cache
+from runtime.demo import demo_image, demo_speech
+from runtime.errors import ConfigError, InputError, OutputError, S2VError
+from runtime.media import load_audio, load_image
 from runtime.options import add_pipeline_args, check_pipeline_args, pipeline_kwargs
+from runtime.pipeline import DEFAULT_SIZE, FPS, TINY, TINY_SIZE, S2VPipeline
+from runtime.preprocess import parse_size, target_size
+from runtime.sampler import SampleOptions
+from runtime.scheduler import parse_denoising_steps
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,15 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_clip", type=int, default=2, help="clips to calibrate (default 2: a first and a later clip)")
     p.add_argument("--base_seed", type=int, default=0)
     p.add_argument("--no_batch_cfg", action="store_true", default=False)
-    p.add_argument("--out", default=None, help=f"where to write it (default: DIR/{_name()})")
+    p.add_argument("--out", default=None, help=f"where to write it (default: DIR/{cache.CALIBRATION_NAME})")
     p.add_argument("--overwrite", action="store_true", default=False, help="replace --out if it exists")
     return p
-
-
-def _name() -> str:
-    from runtime.cache import CALIBRATION_NAME
-
-    return CALIBRATION_NAME
 
 
 def _revision() -> str:
@@ -59,14 +61,6 @@ def _revision() -> str:
 
 
 def run(args) -> Path:
-    from runtime import cache
-    from runtime.errors import ConfigError, InputError, OutputError
-    from runtime.media import load_audio, load_image
-    from runtime.pipeline import DEFAULT_SIZE, TINY, TINY_SIZE, S2VPipeline
-    from runtime.preprocess import parse_size, target_size
-    from runtime.sampler import SampleOptions
-    from runtime.scheduler import parse_denoising_steps
-
     tiny = args.ckpt_dir == TINY
     if args.out is None and tiny:
         raise ConfigError("--ckpt_dir tiny has no folder to write beside: pass --out FILE")
@@ -86,11 +80,9 @@ def run(args) -> Path:
         raise InputError("--image and --audio are required with a real checkpoint")
     image = load_image(args.image) if args.image else None
     audio = load_audio(args.audio) if args.audio else None
-    if tiny:
-        from runtime.demo import demo_image, demo_speech
-
+    if tiny:  # generated speech long enough for every requested clip
         image = image or demo_image()
-        audio = audio or demo_speech(3.0)
+        audio = audio or demo_speech(args.num_clip * args.infer_frames / FPS + 0.5)
     size = args.size or (TINY_SIZE if tiny else DEFAULT_SIZE)
     hw = target_size(image.height, image.width, parse_size(size))
 
@@ -124,8 +116,6 @@ def run(args) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(levelname)s: %(message)s", stream=sys.stderr)
-    from runtime.errors import S2VError
-
     args = build_parser().parse_args(argv)
     try:
         print(run(args))

@@ -48,3 +48,16 @@ def test_runner_cpu_smoke(tmp_path):
     assert data["meta"]["command"].startswith("python -m benchmarks.run")
     assert (tmp_path / "run_tiny-cpu.md").read_text().startswith("| variant")
     assert (tmp_path / "run_tiny-cpu.png").stat().st_size > 1000
+
+
+def test_step_cache_benchmark_cpu_smoke(tmp_path):
+    from benchmarks.step_cache import half_schedule, main as cache_main
+
+    assert half_schedule(6) == "steps:2,4,6"
+    assert cache_main(["--tiny", "--steps", "4", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "step_cache_64x96-16f_4steps_1gpu.json").read_text())
+    off, half = data["rows"]
+    assert (off["cache"], off["steps_computed"], off["rel_l2"], off["psnr_db"]) == ("off", 4, 0.0, None)
+    assert (half["steps_computed"], half["steps_skipped"]) == (2, 2)
+    assert half["rel_l2"] > 0 and half["clip_s"] > 0 and half["speedup"] == off["clip_s"] / half["clip_s"]
+    assert data["meta"]["command"].startswith("python -m benchmarks.step_cache")

@@ -1,0 +1,149 @@
+"""``python -m benchmarks.step_cache``: a clip's wall time with the step cache (``--cache``) beside the same clip
+computed in full, in one process on the same random weights and inputs.
+
+A later-clip-shaped clip (``start_from_ref``: motion latents from the first clip on, so the DiT sees exactly the
+tokens of a later clip) at 704×1024×80 on random 14B weights, the official recipe by default (40 steps, CFG
+4.5, shift 3, UniPC), once per ``--caches`` entry. ``half`` is a fixed schedule that skips every even step
+(20 of 40): it measures what a skipped step costs, whatever a real calibration would choose. Before the timed
+clips a 2-step warm-up of each kind of step (plain, residual-recording, skipped) pays compilation and CUDA-graph
+capture, so every timed clip replays graphs only.
+
+Rows: ``cache``, ``steps``, ``steps_computed``, ``clip_s`` (denoise + VAE decode), ``speedup`` over the
+uncached row, and the frames' ``rel_l2`` / ``psnr_db`` against the uncached clip. Random weights: the quality
+columns say how far the cache moves *this* output, nothing about quality on real weights (``runtime.quality``
+measures that on the user's checkpoint).
+
+    python -m benchmarks.step_cache --out DIR                        # one GPU
+    torchrun --nproc_per_node 4 -m benchmarks.step_cache --cfg-parallel --ulysses 2 --out DIR
+    python -m benchmarks.step_cache --tiny --out /tmp/sc             # CPU dry run on the tiny model
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from benchmarks.clip import StageClock, clip_stages
+from benchmarks.common import code_revision, device_description, markdown_table, results_dir, write_results
+from runtime import distributed, tiny
+from runtime.demo import demo_image, demo_speech
+from runtime.pipeline import S2VPipeline
+from runtime.quality import psnr
+
+COLUMNS = ["variant", "cache", "scenario", "gpus", "steps", "steps_computed", "steps_skipped", "clip", "clip_s",
+           "denoise_s", "vae_decode_s", "speedup", "rel_l2", "psnr_db"]
+
+
+def half_schedule(steps: int) -> str:
+    """``steps:2,4,...``: every even step skipped (1-based), so every skipped step follows a computed one."""
+    return "steps:" + ",".join(str(i) for i in range(2, steps + 1, 2))
+
+
+def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))
+
+
+def finite(v: float) -> float | None:
+    """JSON has no infinity: identical frames give None."""
+    return float(v) if np.isfinite(v) else None
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.step_cache", description=__doc__.splitlines()[0])
+    ap.add_argument("--caches", default="off,half", help="comma list of --cache values run in turn ('half': every "
+                    "even step skipped); 'off' is always run first, as the reference")
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--guide-scale", type=float, default=4.5)
+    ap.add_argument("--shift", type=float, default=3.0)
+    ap.add_argument("--attention", default="auto")
+    ap.add_argument("--cfg-parallel", action="store_true", help="under torchrun: each CFG branch on its own ranks")
+    ap.add_argument("--ulysses", type=int, default=1, help="under torchrun: sequence-parallel ranks per branch")
+    ap.add_argument("--tiny", action="store_true", help="CPU dry run on the tiny model")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    torch.set_grad_enabled(False)
+    t_start = time.perf_counter()
+    caches = ["off"] + [c for c in args.caches.split(",") if c and c != "off"]
+    spec = {c: half_schedule(args.steps) if c == "half" else c for c in caches}
+
+    if args.tiny:
+        device = torch.device("cpu")
+        layout = distributed.init(args.ulysses, args.cfg_parallel, device) if args.cfg_parallel or args.ulysses > 1 else None
+        dit, vae = tiny.tiny_dit(torch.float32), tiny.tiny_vae()
+        text, audio_enc = tiny.tiny_text_encoder(), tiny.tiny_audio_encoder()
+        height, width, frames, backend = 64, 96, 16, "torch"
+    else:
+        from benchmarks.run import full_size_encoders
+        from runtime.config import DiTConfig
+        from runtime.models.dit import build_dit
+        from runtime.models.vae import VAEConfig, WanVAE
+
+        layout = distributed.init(args.ulysses, args.cfg_parallel) if args.cfg_parallel or args.ulysses > 1 else None
+        device = torch.device("cuda", torch.cuda.current_device())
+        torch.manual_seed(0)  # every rank builds the same random weights
+        with torch.device(device):
+            vae = WanVAE(VAEConfig.wan21()).eval().requires_grad_(False)
+        text, audio_enc = full_size_encoders(device)
+        dit = build_dit(DiTConfig.s2v_14b(), dtype=torch.bfloat16, device=device)
+        height, width, frames, backend = 704, 1024, 80, "torch-graph"
+    gpus = 1 if layout is None else torch.distributed.get_world_size()
+    pipe = S2VPipeline(dit, vae, text, audio_enc, device, backend=backend, name="tiny" if args.tiny else "random-14b",
+                       attention=args.attention, parallel=layout)
+    image = demo_image(max(height, width)).resize((width, height), Image.BICUBIC)
+    speech = demo_speech(frames / 16 + 0.5)
+    common = dict(prompt="a person talking to the camera", seed=0, infer_frames=frames, guide_scale=args.guide_scale,
+                  sample_shift=args.shift, num_clip=1, size=f"{height}*{width}", start_from_ref=True)
+
+    t0 = time.perf_counter()
+    pipe.generate(image, speech, sample_steps=2, **common)                    # plain steps: compile + capture
+    pipe.generate(image, speech, sample_steps=2, cache="steps:2", **common)   # residual steps + a skipped step
+    warmup_s = time.perf_counter() - t0
+
+    clock = StageClock(device)
+    rows, ref = [], None
+    variant = f"{pipe.backend_name}:{pipe.dit.attention_impl}"
+    for c in caches:
+        clock.events.clear()
+        start = clock.now()
+        res = pipe.generate(image, speech, sample_steps=args.steps, progress=clock.progress, cache=spec[c], **common)
+        st = clip_stages(clock, start, 1)[0]
+        computed = res.info["cache"]["clips"][0]["computed"] if "cache" in res.info else args.steps
+        ref = res.frames if ref is None else ref
+        row = {"variant": variant, "precision": str(pipe.dit.dtype).replace("torch.", ""), "cache": c if c != "half" else
+               "half: every even step", "schedule": spec[c], "scenario": f"later-{height}x{width}-{frames}f", "gpus": gpus,
+               "steps": args.steps, "guide_scale": args.guide_scale, "steps_computed": computed,
+               "steps_skipped": args.steps - computed, "clip": "later", "clip_s": st["denoise_s"] + st["vae_decode_s"],
+               "denoise_s": st["denoise_s"], "vae_decode_s": st["vae_decode_s"], "step_s": st["step_s"],
+               "rel_l2": rel_l2(res.frames, ref), "psnr_db": finite(psnr(res.frames, ref))}
+        rows.append(row)
+        print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+    for row in rows:
+        row["speedup"] = rows[0]["clip_s"] / row["clip_s"]
+    if distributed.is_main():
+        meta = {"device": device_description(device), "date": time.strftime("%Y-%m-%d %H:%M"), "git": code_revision(),
+                "command": ("torchrun ... " if gpus > 1 else "") + "python -m benchmarks.step_cache "
+                           + " ".join(sys.argv[1:] if argv is None else argv),
+                "shapes": {"height": height, "width": width, "infer_frames": frames, "clip": "later (start_from_ref)"},
+                "recipe": {"steps": args.steps, "guide_scale": args.guide_scale, "shift": args.shift, "solver": "unipc"},
+                "dtype": "DiT bf16, VAE float32", "layout": None if layout is None else
+                {"cfg_parallel": args.cfg_parallel, "ulysses": args.ulysses},
+                "weights": "random at the real configuration: rel_l2/psnr_db say nothing about quality on real weights",
+                "warmup_s": warmup_s, "process_total_s": time.perf_counter() - t_start,
+                "notes": "clip_s = denoise + VAE decode after a device sync at every progress event; the uncached row "
+                         "and the cached rows run in this process on the same weights and inputs"}
+        name = f"step_cache_{height}x{width}-{frames}f_{args.steps}steps_{gpus}gpu.json"
+        table = markdown_table(rows, COLUMNS)
+        write_results(results_dir(args.out, device) / name, rows, meta, table)
+        print(table)
+    distributed.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
