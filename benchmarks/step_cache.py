@@ -62,6 +62,8 @@ def main(argv=None) -> int:
     ap.add_argument("--guide-scale", type=float, default=4.5)
     ap.add_argument("--shift", type=float, default=3.0)
     ap.add_argument("--attention", default="auto")
+    ap.add_argument("--precision", default="bf16", choices=["bf16", "fp8"],
+                    help="fp8: FP8 block linears (exact attention), as --precision fp8 of runtime.generate")
     ap.add_argument("--cfg-parallel", action="store_true", help="under torchrun: each CFG branch on its own ranks")
     ap.add_argument("--ulysses", type=int, default=1, help="under torchrun: sequence-parallel ranks per branch")
     ap.add_argument("--tiny", action="store_true", help="CPU dry run on the tiny model")
@@ -94,7 +96,7 @@ def main(argv=None) -> int:
         height, width, frames, backend = 704, 1024, 80, "torch-graph"
     gpus = 1 if layout is None else torch.distributed.get_world_size()
     pipe = S2VPipeline(dit, vae, text, audio_enc, device, backend=backend, name="tiny" if args.tiny else "random-14b",
-                       attention=args.attention, parallel=layout)
+                       attention=args.attention, parallel=layout, precision=None if args.tiny else args.precision)
     image = demo_image(max(height, width)).resize((width, height), Image.BICUBIC)
     speech = demo_speech(frames / 16 + 0.5)
     common = dict(prompt="a person talking to the camera", seed=0, infer_frames=frames, guide_scale=args.guide_scale,
@@ -115,7 +117,7 @@ def main(argv=None) -> int:
         st = clip_stages(clock, start, 1)[0]
         computed = res.info["cache"]["clips"][0]["computed"] if "cache" in res.info else args.steps
         ref = res.frames if ref is None else ref
-        row = {"variant": variant, "precision": str(pipe.dit.dtype).replace("torch.", ""), "cache": c if c != "half" else
+        row = {"variant": variant, "precision": "fp8" if pipe.dit.precision == "fp8" else str(pipe.dit.dtype).replace("torch.", ""), "cache": c if c != "half" else
                "half: every even step", "schedule": spec[c], "scenario": f"later-{height}x{width}-{frames}f", "gpus": gpus,
                "steps": args.steps, "guide_scale": args.guide_scale, "steps_computed": computed,
                "steps_skipped": args.steps - computed, "clip": "later", "clip_s": st["denoise_s"] + st["vae_decode_s"],
@@ -131,13 +133,13 @@ def main(argv=None) -> int:
                            + " ".join(sys.argv[1:] if argv is None else argv),
                 "shapes": {"height": height, "width": width, "infer_frames": frames, "clip": "later (start_from_ref)"},
                 "recipe": {"steps": args.steps, "guide_scale": args.guide_scale, "shift": args.shift, "solver": "unipc"},
-                "dtype": "DiT bf16, VAE float32", "layout": None if layout is None else
+                "dtype": f"DiT {args.precision} ({'FP8 block linears, bf16 activations and attention' if args.precision == 'fp8' else 'bf16'}), VAE float32", "layout": None if layout is None else
                 {"cfg_parallel": args.cfg_parallel, "ulysses": args.ulysses},
                 "weights": "random at the real configuration: rel_l2/psnr_db say nothing about quality on real weights",
                 "warmup_s": warmup_s, "process_total_s": time.perf_counter() - t_start,
                 "notes": "clip_s = denoise + VAE decode after a device sync at every progress event; the uncached row "
                          "and the cached rows run in this process on the same weights and inputs"}
-        name = f"step_cache_{height}x{width}-{frames}f_{args.steps}steps_{gpus}gpu.json"
+        name = f"step_cache_{height}x{width}-{frames}f_{args.steps}steps_{args.precision}_{gpus}gpu.json"
         table = markdown_table(rows, COLUMNS)
         write_results(results_dir(args.out, device) / name, rows, meta, table)
         print(table)
