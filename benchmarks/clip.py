@@ -11,7 +11,7 @@ of a request skips it).
 
 The official recipe (40 steps, CFG 4.5) costs 80 DiT forwards per clip: its row is **projected** from the
 measured batch-1 forward of the same run (``--no_batch_cfg`` runs exactly those 80 graph replays) plus the two
-``prepare`` calls and the measured VAE stages; a 40-step later clip (~650 s) does not fit one device call.
+``prepare`` calls and the measured VAE stages; a 40-step later clip does not fit one device call.
 ``--official-repo`` adds the official ``WanModel_S2V`` forward on the same (merged) weights, later clip, and its
 per-clip estimate (80 forwards + the same VAE stages).
 

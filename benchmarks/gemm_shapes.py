@@ -1,7 +1,7 @@
 """``python -m benchmarks.gemm_shapes``: the DiT's block GEMMs at the S2V token count, per GEMM backend, one run.
 
-The profile (``profile_forward``) shows the FFN GEMMs at ~670 TFLOP/s and the attention projections at ~756 on the
-H200. This asks whether another backend does better at those exact shapes before anything in the model changes:
+The profile (``profile_forward``) shows the FFN GEMMs below the attention projections' throughput (figures in
+``benchmarks/NOTES.md``). This asks whether another backend does better at those exact shapes before anything in the model changes:
 cuBLAS through ``F.linear`` (what the model runs; bias in the epilogue), cuBLAS without the bias, with the weight
 stored transposed ([in, out], an NN problem instead of TN), with smaller activations (same shapes), and inductor's
 ``max-autotune`` GEMM search (Triton templates; for the FFN up-projection with the tanh-GELU fused, as the model's

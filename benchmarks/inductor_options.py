@@ -1,7 +1,7 @@
 """``python -m benchmarks.inductor_options``: do inductor settings shorten the compiled blocks' elementwise kernels?
 
-The profile (``profile_later-…-fa3.md``) shows 0.40 s of fused Triton kernels per forward; the largest, the q/k
-RMSNorm + RoPE, moves ~2.6 GB per block at ~1 TB/s. Its reduction runs over 5,120 channels, above inductor's
+The profile (``profile_later-…-fa3.md``) shows the fused Triton kernels per forward; the largest, the q/k
+RMSNorm + RoPE, is memory-bound. Its reduction runs over 5,120 channels, above inductor's
 limit for a persistent (single-pass) reduction (1,024), so the row is read twice. Candidates, each compiled afresh
 on the same model and inputs: ``triton.multi_kernel`` (also generates the persistent variant and picks the faster
 at run time), ``coordinate_descent_tuning`` (tunes the Triton kernels' block sizes). Per setting: forward seconds

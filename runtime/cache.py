@@ -32,7 +32,11 @@ from pathlib import Path
 
 import torch
 
+from runtime import lora
+from runtime.checkpoint import dit_weight_files
+from runtime.engines import checkpoint_identity
 from runtime.errors import ConfigError, InputError
+from runtime.media.atomic import write_file
 
 log = logging.getLogger(__name__)
 
@@ -281,10 +285,6 @@ def model_identity(name: str, loras=()) -> dict:
     """What a calibration is tied to: the checkpoint (``engines.checkpoint_identity``, plus sampled bytes of every
     DiT shard, which tell a fine-tune of the same layout apart) and the merged LoRAs (sha256 and strength).
     ``name``: a checkpoint folder, or the name of a built-in/benchmark model (tiny, random-14b)."""
-    from runtime import lora
-    from runtime.checkpoint import dit_weight_files
-    from runtime.engines import checkpoint_identity
-
     folder = Path(name) if name and name not in ("tiny", "random-14b") and Path(name).is_dir() else None
     if folder is None:  # the built-in or benchmark models are named by their seed
         ident = {"checkpoint": checkpoint_identity(name) if name in ("tiny", "random-14b") else (name or "unnamed")}
@@ -332,8 +332,6 @@ class Calibration:
                            "recipe": self.recipe, "made": self.made, "clips": self.clips}, indent=1)
 
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
-        from runtime.media.atomic import write_file
-
         return write_file(path, self.to_json().encode(), overwrite=overwrite)
 
     @classmethod

@@ -20,6 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from runtime import cache
+from runtime.config import RUN, SOLVERS
 from runtime.demo import demo_image, demo_speech
 from runtime.errors import ConfigError, InputError, OutputError, S2VError
 from runtime.media import load_audio, load_image
@@ -38,9 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default="a person talking to the camera")
     p.add_argument("--size", default=None, help="area as H*W, as runtime.generate (default 1280*720; tiny 64*64)")
     p.add_argument("--sample_steps", type=int, default=None, help="denoising steps (default 40)")
-    p.add_argument("--sample_shift", type=float, default=3.0)
-    p.add_argument("--sample_guide_scale", type=float, default=4.5)
-    p.add_argument("--sample_solver", default="unipc", choices=["unipc", "dpm++", "euler"])
+    p.add_argument("--sample_shift", type=float, default=RUN.sample_shift)
+    p.add_argument("--sample_guide_scale", type=float, default=RUN.guide_scale)
+    p.add_argument("--sample_solver", default=RUN.solver, choices=SOLVERS)
     p.add_argument("--denoising_steps", default=None, metavar="T1,T2,...", help="the euler solver's timesteps")
     p.add_argument("--infer_frames", type=int, default=80)
     p.add_argument("--num_clip", type=int, default=2, help="clips to calibrate (default 2: a first and a later clip)")

@@ -29,6 +29,21 @@ _INT_RANGES = {
     "text_len": (1, 1 << 14), "cond_dim": (1, 1024), "audio_dim": (1, 1 << 14), "num_audio_token": (1, 256),
     "audio_layers": (1, 256), "ref_time_position": (0, 1 << 16),
 }
+@dataclass(frozen=True)
+class RunDefaults:
+    """The official run defaults (``generate.py`` of Wan2.2 for the s2v task): every CLI, the library and the
+    service read them from here."""
+    sample_steps: int = 40
+    sample_shift: float = 3.0
+    guide_scale: float = 4.5
+    solver: str = "unipc"
+    infer_frames: int = 80
+
+
+RUN = RunDefaults()
+SOLVERS = ("unipc", "dpm++", "euler")
+MAX_SEED = 2**63 - 1  # the official random.randint(0, sys.maxsize); torch generators take < 2**64
+
 MAX_PARAMETERS = 50e9  # 3.5x the 14B model; a bigger config.json is damaged or for another model
 
 

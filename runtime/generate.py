@@ -18,6 +18,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+from runtime.config import MAX_SEED, RUN, SOLVERS
 from runtime.options import (add_cache_args, add_pipeline_args, check_cache_args, check_pipeline_args,  # noqa: F401
                              pipeline_kwargs, str2bool)
 
@@ -25,7 +26,6 @@ EXIT_SIGINT, EXIT_SIGTERM, EXIT_SIGHUP = 130, 143, 129
 # How long a signal may wait for the main thread (busy in a native op: a DiT forward, a VAE decode, a checkpoint
 # read) before the process exits by itself.
 SIGNAL_GRACE_S = 2.0
-MAX_SEED = 2**63 - 1  # the official picks seeds in [0, sys.maxsize]
 # Pseudo-filesystems where an output file can never be written (and where probing could have side effects).
 _SYSTEM_DIRS = ("/proc", "/sys", "/dev")
 
@@ -56,15 +56,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--use_prompt_extend", action="store_true", default=False, help="not supported (needs online models)")
     p.add_argument("--base_seed", type=int, default=-1, help="seed; -1 picks one at random and prints it")
     p.add_argument("--image", default=None, help="reference image (default for --ckpt_dir tiny: a generated face)")
-    p.add_argument("--sample_solver", default="unipc", choices=["unipc", "dpm++", "euler"],
-                   help="unipc (official default), dpm++, or euler: flow-Euler on the shifted sigma grid at "
+    p.add_argument("--sample_solver", default=RUN.solver, choices=SOLVERS,
+                   help=f"{RUN.solver} (official default), dpm++, or euler: flow-Euler on the shifted sigma grid at "
                         "--denoising_steps (LightX2V's few-step distill schedule)")
     p.add_argument("--denoising_steps", default=None, metavar="T1,T2,...",
                    help="the euler solver's timesteps, e.g. 1000,750,500,250 (default: --sample_steps evenly spaced "
                         "from 1000); sets --sample_steps to their count")
-    p.add_argument("--sample_steps", type=int, default=None, help="denoising steps (default 40)")
-    p.add_argument("--sample_shift", type=float, default=None, help="flow shift (default 3.0)")
-    p.add_argument("--sample_guide_scale", type=float, default=None, help="CFG scale (default 4.5)")
+    p.add_argument("--sample_steps", type=int, default=None, help=f"denoising steps (default {RUN.sample_steps})")
+    p.add_argument("--sample_shift", type=float, default=None, help=f"flow shift (default {RUN.sample_shift:g})")
+    p.add_argument("--sample_guide_scale", type=float, default=None, help=f"CFG scale (default {RUN.guide_scale:g})")
     p.add_argument("--num_clip", type=int, default=None, help="number of clips (default: follow the audio length)")
     p.add_argument("--audio", default=None, help="driving audio: wav/mp3/m4a/flac/ogg or a video with an audio track")
     p.add_argument("--enable_tts", action="store_true", default=False, help="synthesize the audio from --tts_text")
@@ -116,15 +116,15 @@ def validate(args) -> None:
             raise InputError("--denoising_steps sets the timesteps of --sample_solver euler; add --sample_solver euler")
         if args.sample_steps is None:
             args.sample_steps = len(args.denoising_steps)
-        SolverConfig("euler", args.sample_steps, args.sample_shift if args.sample_shift is not None else 3.0,
+        SolverConfig("euler", args.sample_steps, args.sample_shift if args.sample_shift is not None else RUN.sample_shift,
                      denoising_steps=args.denoising_steps)
     if args.sample_steps is not None and not 0 < args.sample_steps <= MAX_STEPS:
-        raise InputError(f"--sample_steps {args.sample_steps}: must be an integer in [1, {MAX_STEPS}] (official default 40)")
+        raise InputError(f"--sample_steps {args.sample_steps}: must be an integer in [1, {MAX_STEPS}] (official default {RUN.sample_steps})")
     if args.sample_shift is not None and not (math.isfinite(args.sample_shift) and args.sample_shift > 0):
-        raise InputError(f"--sample_shift {args.sample_shift}: must be a positive finite number (official default 3.0)")
+        raise InputError(f"--sample_shift {args.sample_shift}: must be a positive finite number (official default {RUN.sample_shift:g})")
     if args.sample_guide_scale is not None and not math.isfinite(args.sample_guide_scale):
         raise InputError(f"--sample_guide_scale {args.sample_guide_scale}: must be a finite number "
-                         "(official default 4.5; 1 or less turns CFG off)")
+                         f"(official default {RUN.guide_scale:g}; 1 or less turns CFG off)")
     if args.cfg_parallel and args.sample_guide_scale is not None and args.sample_guide_scale <= 1:
         raise InputError(f"--cfg_parallel with --sample_guide_scale {args.sample_guide_scale:g}: CFG is off, so there is "
                          "no unconditional branch to run on a second rank; drop --cfg_parallel and spread the one "
@@ -229,9 +229,9 @@ def run(args) -> Path:
 def _sample_options(args, seed: int = 0):
     from runtime.sampler import SampleOptions
 
-    return SampleOptions(infer_frames=args.infer_frames, sample_steps=args.sample_steps or 40,
-                         sample_shift=args.sample_shift if args.sample_shift is not None else 3.0,
-                         guide_scale=args.sample_guide_scale if args.sample_guide_scale is not None else 4.5,
+    return SampleOptions(infer_frames=args.infer_frames, sample_steps=args.sample_steps or RUN.sample_steps,
+                         sample_shift=args.sample_shift if args.sample_shift is not None else RUN.sample_shift,
+                         guide_scale=args.sample_guide_scale if args.sample_guide_scale is not None else RUN.guide_scale,
                          solver=args.sample_solver, seed=seed, denoising_steps=args.denoising_steps)
 
 
@@ -285,9 +285,9 @@ def _generate(args, image, audio, seed: int, size: str, save: Path) -> Path:
     t0 = time.perf_counter()
     try:
         kwargs = dict(prompt=args.prompt, seed=seed, infer_frames=args.infer_frames,
-                      sample_steps=args.sample_steps or 40, num_clip=args.num_clip, pose_video=args.pose_video, size=size,
-                      sample_shift=args.sample_shift if args.sample_shift is not None else 3.0,
-                      guide_scale=args.sample_guide_scale if args.sample_guide_scale is not None else 4.5,
+                      sample_steps=args.sample_steps or RUN.sample_steps, num_clip=args.num_clip, pose_video=args.pose_video, size=size,
+                      sample_shift=args.sample_shift if args.sample_shift is not None else RUN.sample_shift,
+                      guide_scale=args.sample_guide_scale if args.sample_guide_scale is not None else RUN.guide_scale,
                       sample_solver=args.sample_solver, start_from_ref=args.start_from_ref,
                       denoising_steps=args.denoising_steps,
                       batch_cfg=not args.no_batch_cfg, max_audio_s=args.max_audio_s,

@@ -2,9 +2,8 @@
 
 glibc serves large allocations with mmap (returned to the OS on free) until the first large free, after which
 it raises its threshold and serves them from the heap, where freed blocks stay mapped and fragment. Clip after
-clip of decoded video and VAE activations then ratchet the peak RSS upwards. Measured with the tiny model
-(CPU, 64*64, 80-frame clips, 1 step): peak 944 / 1044 MiB for 10 s / 60 s of audio by default, 685 / 704 MiB
-with the threshold pinned; at 128*128 (the CLI, 1 step) 1423 / 1453 MiB pinned, 1581 / 1863 MiB by default.
+clip of decoded video and VAE activations then ratchet the peak RSS upwards; pinning the threshold keeps the
+peak flat in the audio length (the measurements are in ``benchmarks/NOTES.md``).
 """
 from __future__ import annotations
 

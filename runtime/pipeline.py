@@ -20,6 +20,10 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from runtime import lora
+from runtime.cache import (CALIBRATION_NAME, CacheSpec, Calibration, StepCache, calibrate_command, model_identity,
+                           recipe_of)
+from runtime.config import RUN
 from runtime.errors import CheckpointError, ConfigError, InputError, OutputError
 
 log = logging.getLogger(__name__)
@@ -104,7 +108,6 @@ def check_runnable(device: torch.device, precision: str | None, attention: str, 
 
 def check_loras(loras, config) -> None:
     """Match the LoRA files' keys and shapes to a DiT of ``config`` (a meta-device model: no memory, no weights)."""
-    from runtime import lora
     from runtime.models.dit import WanS2VDiT
 
     if not loras:
@@ -149,7 +152,6 @@ class S2VPipeline:
     def __init__(self, dit, vae, text_encoder, audio_encoder, device: torch.device, backend: str = "auto",
                  t5_cpu: bool = False, offload_model: bool = False, name: str = "", engines_dir: str = "engines",
                  attention: str = "auto", precision: str | None = None, parallel=None, loras=None):
-        from runtime import lora
         from runtime import parallel as par
         from runtime.backends import make_backend, resolve_backend
         from runtime.sampler import S2VSampler
@@ -203,7 +205,6 @@ class S2VPipeline:
         """
         if precision in ("bf16", "fp16", "fp8") and dtype is None:
             dtype = torch.float16 if precision == "fp16" else torch.bfloat16
-        from runtime import lora
         from runtime.config import DiTConfig
 
         loras = lora.as_specs(loras)
@@ -257,16 +258,12 @@ class S2VPipeline:
     def model_identity(self) -> dict:
         """What a step-cache calibration is tied to (``runtime.cache.model_identity``), computed once."""
         if self._identity is None:
-            from runtime.cache import model_identity
-
             self._identity = model_identity(self.name, self.loras)
         return self._identity
 
     def default_calibration(self) -> Path | None:
         """Where ``runtime.calibrate`` writes by default: beside the checkpoint's config.json (None for the
         built-in tiny model, which has no folder)."""
-        from runtime.cache import CALIBRATION_NAME
-
         folder = Path(self.name) if self.name and self.name != TINY else None
         return folder / CALIBRATION_NAME if folder is not None and folder.is_dir() else None
 
@@ -274,8 +271,6 @@ class S2VPipeline:
         """``cache`` (a ``--cache`` string, ``CacheSpec``, ``StepCache`` or None) → a ``StepCache`` or None. Refused
         here, before any work: a backend without step caches (the engines compute whole steps), magcache
         without a calibration file."""
-        from runtime.cache import Calibration, CacheSpec, StepCache
-
         if isinstance(cache, StepCache):
             step_cache = cache
         else:
@@ -323,7 +318,7 @@ class S2VPipeline:
     # ----------------------------------------------------------------- generate
     def generate(self, image, audio, prompt: str = "", seed: int = 0, infer_frames: int = 80, sample_steps: int | None = None,
                  num_clip: int | None = None, pose_video: str | Path | bytes | None = None, size: str | None = None,
-                 sample_shift: float = 3.0, guide_scale: float = 4.5, sample_solver: str = "unipc",
+                 sample_shift: float = RUN.sample_shift, guide_scale: float = RUN.guide_scale, sample_solver: str = RUN.solver,
                  negative_prompt: str = "", start_from_ref: bool = False, batch_cfg: bool = True,
                  progress: bool | Callable[..., None] | None = None,
                  max_audio_s: float | None = 600.0, on_clip: Callable[[np.ndarray], None] | None = None,
@@ -405,8 +400,6 @@ class S2VPipeline:
         return S2VResult(frames, FPS, clip, seed, info)
 
     def _check_calibration(self, cal, opts, size: tuple[int, int]) -> None:
-        from runtime.cache import calibrate_command, recipe_of
-
         cal.check(self.model_identity(), recipe_of(opts, size), cal.path,
                   calibrate_command(self.name, opts, size, self.loras))
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from runtime.config import RUN
 from runtime.options import add_cache_args, add_pipeline_args, check_cache_args, check_pipeline_args
 
 
@@ -129,9 +130,9 @@ def main(argv=None) -> int:
     ap.add_argument("--reference", default="bf16", choices=["bf16", "fp16"], help="what it is compared with")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--infer_frames", type=int, default=80)
-    ap.add_argument("--sample_steps", type=int, default=40, help="the reference's steps (official 40)")
-    ap.add_argument("--sample_guide_scale", type=float, default=4.5, help="the reference's CFG scale (official 4.5)")
-    ap.add_argument("--sample_shift", type=float, default=3.0, help="the reference's flow shift (official 3.0)")
+    ap.add_argument("--sample_steps", type=int, default=RUN.sample_steps, help="the reference's steps (official default)")
+    ap.add_argument("--sample_guide_scale", type=float, default=RUN.guide_scale, help="the reference's CFG scale (official default)")
+    ap.add_argument("--sample_shift", type=float, default=RUN.sample_shift, help="the reference's flow shift (official default)")
     ap.add_argument("--sample_solver", default="unipc", help="the reference's solver (official unipc)")
     ap.add_argument("--test_steps", type=int, default=None, help="the tested run's steps (default: the reference's)")
     ap.add_argument("--test_guide_scale", type=float, default=None, help="the tested run's CFG scale (e.g. 1)")

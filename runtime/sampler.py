@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from runtime.config import MAX_SEED, RUN
 from runtime.errors import InputError, NumericalError
 from runtime.models.dit import ClipConditions, WanS2VDiT, timestep_frequencies
 from runtime.models.vae import WanVAE
@@ -39,7 +40,6 @@ ClipFn = Callable[[torch.Tensor], None]  # one decoded clip [3, n, H, W] float32
 # per-channel normalisation and pixels lie in [−1, 1] (slightly beyond before clamping); a value 10⁴ times
 # larger only comes from damaged weights, config or engines, and would turn into a black or white video.
 MAX_MAGNITUDE = 1e4
-MAX_SEED = 2**63 - 1  # the official random.randint(0, sys.maxsize); torch generators take < 2**64
 MAX_STEPS = 1000  # the schedule has 1000 training timesteps; more steps cannot add anything
 
 
@@ -67,11 +67,11 @@ def check_finite(x: torch.Tensor, stage: str, limit: float = MAX_MAGNITUDE) -> N
 
 @dataclass(frozen=True)
 class SampleOptions:
-    infer_frames: int = 80
-    sample_steps: int = 40
-    sample_shift: float = 3.0
-    guide_scale: float = 4.5
-    solver: str = "unipc"
+    infer_frames: int = RUN.infer_frames
+    sample_steps: int = RUN.sample_steps
+    sample_shift: float = RUN.sample_shift
+    guide_scale: float = RUN.guide_scale
+    solver: str = RUN.solver
     seed: int = 0
     start_from_ref: bool = False
     motion_frames: int = 73
@@ -83,11 +83,11 @@ class SampleOptions:
         if not _is_int(self.infer_frames) or self.infer_frames <= 0 or self.infer_frames % 4:
             raise InputError(f"infer_frames={self.infer_frames}: must be a positive multiple of 4 (e.g. 48 or 80)")
         if not _is_int(self.sample_steps) or not 0 < self.sample_steps <= MAX_STEPS:
-            raise InputError(f"sample_steps={self.sample_steps}: must be an integer in [1, {MAX_STEPS}] (official default 40)")
+            raise InputError(f"sample_steps={self.sample_steps}: must be an integer in [1, {MAX_STEPS}] (official default {RUN.sample_steps})")
         if not _is_real(self.sample_shift) or not math.isfinite(self.sample_shift) or self.sample_shift <= 0:
-            raise InputError(f"sample_shift={self.sample_shift}: must be a positive finite number (official default 3.0)")
+            raise InputError(f"sample_shift={self.sample_shift}: must be a positive finite number (official default {RUN.sample_shift:g})")
         if not _is_real(self.guide_scale) or not math.isfinite(self.guide_scale):
-            raise InputError(f"guide_scale={self.guide_scale}: must be a finite number (official default 4.5; <= 1 turns CFG off)")
+            raise InputError(f"guide_scale={self.guide_scale}: must be a finite number (official default {RUN.guide_scale:g}; <= 1 turns CFG off)")
         if not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED:
             raise InputError(f"seed={self.seed}: must be an integer in [0, 2**63 - 1] (or -1 for a random one)")
         # names the solver choices; checks the euler timesteps

@@ -45,6 +45,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from runtime.config import SOLVERS
 from runtime.errors import ConfigError
 
 # Column layout of the coefficient table. Step i computes
@@ -55,7 +56,6 @@ from runtime.errors import ConfigError
 COLUMNS = ("sigma", "c_sample", "c_prev", "c_m0", "c_m1", "c_m2", "p_x", "p_m0", "p_m1")
 SIGMA, C_SAMPLE, C_PREV, C_M0, C_M1, C_M2, P_X, P_M0, P_M1 = range(len(COLUMNS))
 
-SOLVERS = ("unipc", "dpm++", "euler")
 
 
 def default_denoising_steps(steps: int, num_train_timesteps: int = 1000) -> tuple[int, ...]:

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import io
+import socket
 from pathlib import Path
 
 import pytest
@@ -42,6 +44,55 @@ def mean_rel(out, ref) -> float:
     out, ref = (np.asarray(a.detach().cpu().double() if isinstance(a, torch.Tensor) else a, dtype=np.float64)
                 for a in (out, ref))
     return float(np.abs(out - ref).mean() / max(np.abs(ref).mean(), 1e-30))
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    """The tiny built-in pipeline on the CPU, one per test module (tests that patch it use monkeypatch)."""
+    from runtime import S2VPipeline
+
+    return S2VPipeline.from_pretrained("tiny", device="cpu")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for servers and torch.distributed rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Payload:
+    """A pickle that would print "pickled code ran" if unpickled: loaders must refuse it, never run it."""
+
+    def __reduce__(self):
+        return (print, ("pickled code ran",))
+
+
+def wav_bytes(pcm, rate: int) -> bytes:
+    """A 16-bit PCM wav in memory; ``pcm`` is float (channels, samples) in [-1, 1] (1-D means mono), samples may be 0."""
+    import av
+    import numpy as np
+
+    pcm = np.asarray(pcm)
+    pcm = pcm[None] if pcm.ndim == 1 else pcm
+    buf = io.BytesIO()
+    layout = "mono" if pcm.shape[0] == 1 else "stereo"
+    with av.open(buf, "w", format="wav") as out:
+        a = out.add_stream("pcm_s16le", rate=rate, layout=layout)
+        if pcm.shape[1]:
+            f = av.AudioFrame.from_ndarray((np.clip(pcm.T, -1, 1) * 32767).astype(np.int16).reshape(1, -1),
+                                           format="s16", layout=layout)
+            f.sample_rate, f.pts = rate, 0
+            out.mux(a.encode(f))
+        out.mux(a.encode(None))
+    return buf.getvalue()
+
+
+def png_bytes(im) -> bytes:
+    """A PIL image as PNG bytes."""
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def golden_or_skip() -> Path:

@@ -16,7 +16,7 @@ from runtime.generate import main as cli
 from runtime.models.dit import load_dit
 from tests.checkpoints import save_dit
 from runtime.tiny import tiny_dit
-from tests.conftest import write_inputs
+from tests.conftest import Payload, write_inputs
 
 SECRET = b"root:x:0:0:root:/root:/bin/bash\nSECRET-TOKEN-1234\n"
 
@@ -155,11 +155,6 @@ def test_cli_refuses_an_escaping_index_before_loading(ckpt, tmp_path, monkeypatc
     assert not out.exists()
 
 
-class _Payload:
-    def __reduce__(self):
-        return (print, ("pickled code ran",))
-
-
 @pytest.mark.parametrize("legacy", [False, True])
 def test_torch_files_weights_only_and_legacy(tmp_path, capsys, legacy):
     path = tmp_path / "w.pth"
@@ -167,7 +162,7 @@ def test_torch_files_weights_only_and_legacy(tmp_path, capsys, legacy):
     torch.save(sd, path, _use_new_zipfile_serialization=not legacy)
     got = ck.load_torch_state_dict(path, "test file")
     assert set(got) == {"a", "b"} and all(torch.equal(got[k], sd[k]) for k in sd)
-    torch.save({"a": torch.zeros(1), "x": _Payload()}, path, _use_new_zipfile_serialization=not legacy)
+    torch.save({"a": torch.zeros(1), "x": Payload()}, path, _use_new_zipfile_serialization=not legacy)
     with pytest.raises(CheckpointError, match="objects other than tensors"):
         ck.load_torch_state_dict(path, "test file")
     assert "pickled code ran" not in capsys.readouterr().out

@@ -26,11 +26,6 @@ from tests.conftest import write_inputs
 FAST = dict(sample_steps=2, infer_frames=16, progress=False)
 
 
-@pytest.fixture(scope="module")
-def pipe():
-    return S2VPipeline.from_pretrained("tiny", device="cpu")
-
-
 def leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.rglob("*"))
 

@@ -12,7 +12,7 @@ import torch
 
 from export import manifest as mf
 from export import trt as trtw
-from export.build import EXIT_NO_TRT, main as build_main, mean_rel
+from export.build import EXIT_NO_TRT, main as build_main
 from export.onnx_dit import INPUT_NAMES, example_inputs, export_dit, fp16_audit, graph_inputs, to_fp16
 from export.onnx_vae import GRAPHS, _Graph, example
 from export.profiles import covers, dit_profiles, extra_tokens, reachable_sizes
@@ -22,6 +22,7 @@ from runtime import engines as eng
 from runtime.errors import BackendUnavailable, ConfigError, EngineMismatch
 from runtime.models.dit import ClipConditions, build_dit
 from runtime.tiny import tiny_vae
+from tests.conftest import mean_rel
 
 def half(ex):
     return graph_inputs(ex)

@@ -10,13 +10,6 @@ from runtime.generate import main as cli
 from tests.conftest import write_inputs
 
 
-@pytest.fixture(scope="module")
-def pipe():
-    from runtime import S2VPipeline
-
-    return S2VPipeline.from_pretrained("tiny", device="cpu")
-
-
 def test_euler_schedule_runs_and_equals_its_default_list(pipe):
     kw = dict(infer_frames=16, progress=False, seed=5, guide_scale=1.0, sample_shift=5.0, sample_solver="euler")
     a = pipe.generate(demo_image(), demo_speech(0.5), denoising_steps=(1000, 750, 500, 250), **kw)

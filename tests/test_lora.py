@@ -303,22 +303,15 @@ def random_lora(model, path, scale=1.0, zero=False):
     return path
 
 
-@pytest.fixture(scope="module")
-def tiny_pipe():
+def test_strength_zero_and_an_all_zero_lora_give_the_same_video_bit_for_bit(pipe, tmp_path):
     from runtime import S2VPipeline
 
-    return S2VPipeline.from_pretrained("tiny", device="cpu")
-
-
-def test_strength_zero_and_an_all_zero_lora_give_the_same_video_bit_for_bit(tiny_pipe, tmp_path):
-    from runtime import S2VPipeline
-
-    path = random_lora(tiny_pipe.dit, tmp_path / "r.safetensors", scale=0.02)
-    zero = random_lora(tiny_pipe.dit, tmp_path / "z.safetensors", zero=True)
-    ref = tiny_pipe.generate(demo_image(), demo_speech(0.5), **QUICK).frames
+    path = random_lora(pipe.dit, tmp_path / "r.safetensors", scale=0.02)
+    zero = random_lora(pipe.dit, tmp_path / "z.safetensors", zero=True)
+    ref = pipe.generate(demo_image(), demo_speech(0.5), **QUICK).frames
     for loras in ([(path, 0.0)], [(zero, 1.0)]):
-        pipe = S2VPipeline.from_pretrained("tiny", device="cpu", loras=loras)
-        assert np.array_equal(pipe.generate(demo_image(), demo_speech(0.5), **QUICK).frames, ref)
+        merged = S2VPipeline.from_pretrained("tiny", device="cpu", loras=loras)
+        assert np.array_equal(merged.generate(demo_image(), demo_speech(0.5), **QUICK).frames, ref)
     changed = S2VPipeline.from_pretrained("tiny", device="cpu", loras=[(path, 1.0)])
     assert not np.array_equal(changed.generate(demo_image(), demo_speech(0.5), **QUICK).frames, ref)
 

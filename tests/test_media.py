@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import errno
-import io
 import math
 import os
 import struct
@@ -23,6 +22,7 @@ from PIL import Image
 from runtime.media import mp4
 from runtime.errors import InputError, OutputError
 from runtime.media import AudioClip, load_audio, load_image, probe_mp4, read_pose_frames, write_mp4
+from tests.conftest import png_bytes, wav_bytes
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 SAMPLES = SHARED / "samples"
@@ -80,20 +80,6 @@ def encode_audio(path: Path, pcm: np.ndarray, rate: int, codec: str, fmt: str | 
     return path
 
 
-def wav_bytes(pcm: np.ndarray, rate: int) -> bytes:
-    buf = io.BytesIO()
-    layout = "mono" if pcm.shape[0] == 1 else "stereo"
-    with av.open(buf, "w", format="wav") as out:
-        a = out.add_stream("pcm_s16le", rate=rate, layout=layout)
-        if pcm.shape[1]:
-            f = av.AudioFrame.from_ndarray((np.clip(pcm.T, -1, 1) * 32767).astype(np.int16).reshape(1, -1),
-                                           format="s16", layout=layout)
-            f.sample_rate, f.pts = rate, 0
-            out.mux(a.encode(f))
-        out.mux(a.encode(None))
-    return buf.getvalue()
-
-
 def indexed_video(path: Path, fps, n: int) -> Path:
     """Lossless video whose frame i is filled with value i (so sampled indices are visible)."""
     with av.open(str(path), "w", format="matroska") as out:
@@ -138,12 +124,6 @@ def empty_wav(rate: int = 16000) -> bytes:
     fmt = struct.pack("<HHIIHH", 1, 1, rate, rate * 2, 2, 16)
     return (b"RIFF" + struct.pack("<I", 36) + b"WAVE" + b"fmt " + struct.pack("<I", 16) + fmt
             + b"data" + struct.pack("<I", 0))
-
-
-def png_bytes(im: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    im.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 # ------------------------------------------------------------------------------------------

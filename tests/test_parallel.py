@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -11,12 +10,7 @@ import torch.multiprocessing as mp
 
 from runtime import parallel
 from runtime.errors import ConfigError
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.conftest import free_port
 
 
 def _inputs(model, clip: str, batch: int = 1):
@@ -66,7 +60,7 @@ def _run(world: int, ulysses: int, cfg_parallel: bool, clip: str, compiled: bool
          compile_after: bool = False) -> torch.Tensor:
     ctx = mp.get_context("spawn")
     q = ctx.SimpleQueue()
-    mp.start_processes(_worker, args=(world, _free_port(), ulysses, cfg_parallel, clip, q, compiled, compile_after),
+    mp.start_processes(_worker, args=(world, free_port(), ulysses, cfg_parallel, clip, q, compiled, compile_after),
                        nprocs=world,
                        start_method="spawn", join=True)
     return torch.from_numpy(q.get())

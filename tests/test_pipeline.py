@@ -19,11 +19,6 @@ FAST = dict(sample_steps=3, infer_frames=16, progress=False)
 QUICK = dict(sample_steps=1, infer_frames=16, progress=False)  # where the number of steps does not matter
 
 
-@pytest.fixture(scope="module")
-def pipe():
-    return S2VPipeline.from_pretrained("tiny", device="cpu")
-
-
 def speech(seconds):
     return demo_speech(seconds)
 

@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -19,7 +18,6 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-import wave
 from pathlib import Path
 
 import av
@@ -31,6 +29,7 @@ pytest.importorskip("uvicorn", reason="the server needs the 'serve' extra: pip i
 pytest.importorskip("multipart", reason="the server needs the 'serve' extra: pip install -e '.[serve]'")
 
 from runtime.demo import demo_image, demo_speech  # noqa: E402
+from tests.conftest import free_port, png_bytes, wav_bytes  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = {"sample_steps": "1", "infer_frames": "16"}
@@ -39,22 +38,11 @@ JOB_TIMEOUT_S = 600
 
 
 # ------------------------------------------------------------------------------------------ helpers
-def wav_bytes(seconds: float) -> bytes:
-    samples, rate = demo_speech(seconds)
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as f:
-        f.setnchannels(1), f.setsampwidth(2), f.setframerate(rate)
-        f.writeframes((samples * 32767).astype(np.int16).tobytes())
-    return buf.getvalue()
+def speech_wav(seconds: float) -> bytes:
+    return wav_bytes(*demo_speech(seconds))
 
 
-def png_bytes() -> bytes:
-    buf = io.BytesIO()
-    demo_image(128).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-IMAGE, AUDIO = png_bytes(), wav_bytes(0.8)   # 0.8 s: 12 frames, one clip
+IMAGE, AUDIO = png_bytes(demo_image(128)), speech_wav(0.8)   # 0.8 s: 12 frames, one clip
 
 
 def multipart(fields: dict[str, str], files: dict[str, tuple[str, bytes]]) -> tuple[bytes, str]:
@@ -132,12 +120,6 @@ class Server:
         raise AssertionError(f"job {job_id} still {job['status']} after {timeout}s")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def decode_mp4(data: bytes) -> tuple[int, float]:
     """(video frames, audio seconds) of an MP4 held in memory."""
     with av.open(io.BytesIO(data)) as c:
@@ -200,7 +182,7 @@ def test_submit_poll_download(server, finished_job):
     ({"guide_scale": "nan"}, None, 400, "guide_scale", "out of range"),
     ({"colour": "red"}, None, 400, "colour", "unknown field"),
     ({"size": "256*256"}, None, 413, "size", "over this server's limit"),
-    ({}, {"image": ("x.png", IMAGE), "audio": ("a.wav", wav_bytes(6.0))}, 413, "audio", "over this server's limit"),
+    ({}, {"image": ("x.png", IMAGE), "audio": ("a.wav", speech_wav(6.0))}, 413, "audio", "over this server's limit"),
     ({}, {"image": ("x.png", IMAGE), "audio": ("a.wav", AUDIO + b"\0" * (5 << 19))}, 413, "audio", "limit"),
 ])
 def test_bad_uploads_are_refused_before_queueing(server, fields, files, status, param, message):

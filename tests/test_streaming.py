@@ -11,18 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runtime import S2VPipeline
 from runtime.demo import demo_image, demo_speech
 from runtime.errors import OutputError
 from runtime.media import probe_mp4
 
 FAST = dict(sample_steps=2, infer_frames=16, progress=False)
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    return S2VPipeline.from_pretrained("tiny", device="cpu")
 
 
 def test_on_clip_frames_are_the_generate_frames(pipe):

@@ -17,6 +17,7 @@ from torch import nn
 
 from runtime.errors import CheckpointError, ConfigError
 from runtime.models import text as T
+from tests.conftest import Payload
 
 GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
 TINY = T.WanT5Config(vocab=160, dim=16, dim_attn=16, dim_ffn=24, num_heads=2, num_layers=2, num_buckets=32)
@@ -439,15 +440,10 @@ def test_legacy_torch_format_loads(tmp_path, caplog):
                                    rtol=1e-5, atol=1e-5)
 
 
-class _Payload:
-    def __reduce__(self):
-        return (print, ("pickled code ran",))
-
-
 @pytest.mark.parametrize("legacy", [False, True])
 def test_pickled_objects_are_refused_not_run(tmp_path, capsys, legacy):
     path = tmp_path / "evil.pth"
-    torch.save({"token_embedding.weight": torch.zeros(2), "x": _Payload()}, path,
+    torch.save({"token_embedding.weight": torch.zeros(2), "x": Payload()}, path,
                _use_new_zipfile_serialization=not legacy)
     with pytest.raises(CheckpointError, match="other than tensors") as err:
         T.load_umt5_encoder(path, TINY)

@@ -3,7 +3,7 @@
 Weights: per-output-channel scales computed once at load from the BF16 checkpoint (``w ≈ w8 · s_w[n]``).
 Activations: per-token dynamic scales computed on the fly (``x ≈ x8 · s_x[m]``), fused by ``torch.compile``
 into the kernel that produces the activation. GEMM: ``torch._scaled_mm`` with row-wise scales, bf16 out, fast
-accumulation (faster on the H200, and the forward's error barely moved).
+accumulation (chosen by measurement: ``benchmarks/NOTES.md``, FP8 tiers).
 
 Attention stays bf16 under ``--precision fp8`` (the fastest exact kernel, as in bf16): FP8 attention is a separate,
 named choice (``--attention fp8``: cuDNN, per-tensor q/k/v scales, e4m3 output; ``fa3-fp8``: FlashAttention-3,

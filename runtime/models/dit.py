@@ -458,11 +458,11 @@ class WanS2VDiT(nn.Module):
         """Choose the self-attention kernel: ``auto`` (the fastest exact kernel available on this device), or one
         of ``IMPLEMENTATIONS``; returns the kernel chosen. A named kernel that cannot run here raises
         ``BackendUnavailable`` with the reason. FP8 attention (``fp8``, ``fa3-fp8``) is only ever named, never
-        picked: it adds rel-L2 ~0.2 to a forward (``runtime.kernels.fp8``), so it is logged when chosen."""
+        picked: it adds far more error than the FP8 linears (``runtime.kernels.fp8``), so it is logged when chosen."""
         weight = self.patch_embedding.weight
         self.attention_impl = resolve_attention(impl, weight.device, weight.dtype, self.cfg.head_dim)
         if self.attention_impl in FP8_ATTENTION:
-            log.warning("attention %s: FP8 q/k/v/P add ~0.2 rel-L2 to each forward (measured on random 14B weights); "
+            log.warning("attention %s: FP8 q/k/v/P is lossy (benchmarks/NOTES.md has its error on random 14B weights); "
                         "check it on your inputs with python -m runtime.quality", impl)
         return self.attention_impl
 

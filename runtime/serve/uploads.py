@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from runtime.config import MAX_SEED, RUN, SOLVERS
 from runtime.errors import InputError
 
 FILE_FIELDS = ("image", "audio", "pose_video")
-SOLVERS = ("unipc", "dpm++", "euler")
 _SUFFIX_MAX = 8
 
 
@@ -48,12 +48,12 @@ def parse_fields(form: dict[str, str], limits: Limits, default_size: str) -> dic
     out: dict[str, Any] = {
         "prompt": form.get("prompt", ""),
         "negative_prompt": form.get("negative_prompt", ""),
-        "seed": _int(form, "seed", random.randint(0, 2**31 - 1), 0, 2**63 - 1),
-        "sample_steps": _int(form, "sample_steps", 40, 1, limits.max_steps),
-        "infer_frames": _int(form, "infer_frames", 80, 4, limits.max_infer_frames),
-        "guide_scale": _float(form, "guide_scale", 4.5, 0.0, 100.0),
-        "sample_shift": _float(form, "sample_shift", 3.0, 0.01, 100.0),
-        "sample_solver": form.get("sample_solver", "unipc"),
+        "seed": _int(form, "seed", random.randint(0, 2**31 - 1), 0, MAX_SEED),
+        "sample_steps": _int(form, "sample_steps", RUN.sample_steps, 1, limits.max_steps),
+        "infer_frames": _int(form, "infer_frames", RUN.infer_frames, 4, limits.max_infer_frames),
+        "guide_scale": _float(form, "guide_scale", RUN.guide_scale, 0.0, 100.0),
+        "sample_shift": _float(form, "sample_shift", RUN.sample_shift, 0.01, 100.0),
+        "sample_solver": form.get("sample_solver", RUN.solver),
         "start_from_ref": _bool(form, "start_from_ref"),
         "size": form.get("size", default_size).strip(),
     }
