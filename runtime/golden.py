@@ -1,9 +1,9 @@
-"""``python -m runtime.golden DIR [--only dit,unipc,...]``: parity against official reference data.
+"""``python -m runtime.golden [DIR] [--only dit,unipc,...]``: parity against official reference data.
 
-DIR holds ``manifest.json`` plus safetensors files produced by the official Wan2.2 code (see
-``../shared/golden``). Every component listed in the manifest is run with this project's
-implementation, configured only from DIR; one row per case is printed and the exit code is 0 only if
-every selected component passes.
+DIR (default: the project's ``tests/golden``) holds ``manifest.json`` plus the safetensors and media files
+produced by the official Wan2.2 code (``tests/golden/README.md`` says how). Every component listed in the
+manifest is run with this project's implementation, configured only from DIR; one row per case is printed and
+the exit code is 0 only if every selected component passes.
 """
 from __future__ import annotations
 
@@ -16,6 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+# The reference data ships in the source tree beside the package (not inside the wheel).
+DEFAULT_DIR = Path(__file__).resolve().parents[1] / "tests" / "golden"
 
 # manifest key -> module implementing ``check(golden_dir: Path, manifest: dict) -> list[Case]``
 COMPONENTS: dict[str, str] = {
@@ -82,13 +85,17 @@ def run_component(name: str, golden_dir: Path, manifest: dict) -> list[Case]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m runtime.golden", description=__doc__.splitlines()[0])
-    parser.add_argument("dir", type=Path, help="folder with manifest.json and the reference safetensors")
+    parser.add_argument("dir", type=Path, nargs="?", default=DEFAULT_DIR,
+                        help="folder with manifest.json and the reference files (default: the project's tests/golden)")
     parser.add_argument("--only", default="", help="comma-separated components (default: all in the manifest)")
     args = parser.parse_args(argv)
 
     manifest_path = args.dir / "manifest.json"
     if not manifest_path.is_file():
-        print(f"error: {manifest_path} not found; pass the folder that holds the golden manifest.json", file=sys.stderr)
+        where = ("the reference data ships in a source checkout, not in an installed package: run from a clone or "
+                 if args.dir == DEFAULT_DIR else "")
+        print(f"error: {manifest_path} not found; {where}pass the folder that holds the golden manifest.json",
+              file=sys.stderr)
         return 2
     manifest = json.loads(manifest_path.read_text())
     present = [k for k in manifest if k not in ("seed", "variant")]  # everything else is a component

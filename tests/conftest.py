@@ -7,8 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
+# The official reference outputs ship with the project (tests/golden, see its README); the example media stay in
+# the development checkout's ../shared/samples, and the few tests that need a real photo skip without them.
+GOLDEN = Path(__file__).resolve().parent / "golden"
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-GOLDEN = SHARED / "golden"
 SAMPLES = SHARED / "samples"
 
 
@@ -95,10 +97,17 @@ def png_bytes(im) -> bytes:
     return buf.getvalue()
 
 
-def golden_or_skip() -> Path:
+def golden_dir() -> Path:
+    """tests/golden; a missing manifest fails (the data is part of the project, so a skip would hide its loss)."""
     if not (GOLDEN / "manifest.json").is_file():
-        pytest.skip(f"golden reference data not found at {GOLDEN}")
+        pytest.fail(f"golden reference data missing at {GOLDEN}; restore tests/golden from the repository")
     return GOLDEN
+
+
+def golden_manifest() -> dict:
+    import json
+
+    return json.loads((golden_dir() / "manifest.json").read_text())
 
 
 def samples_or_skip() -> Path:

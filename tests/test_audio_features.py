@@ -2,7 +2,6 @@
 against float64 numpy re-implementations, clip counts, golden parity."""
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -12,18 +11,16 @@ import torch
 
 from runtime.errors import CheckpointError, InputError
 from runtime.models import audio as A
-
-GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
+from tests.conftest import golden_dir, golden_manifest
 
 
 # --- golden ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not GOLDEN.is_dir(), reason=f"golden data not found at {GOLDEN}")
 def test_golden_audio_parity():
     from runtime.golden_checks.audio import check
 
-    cases = check(GOLDEN, json.loads((GOLDEN / "manifest.json").read_text()))
+    cases = check(golden_dir(), golden_manifest())
     assert len(cases) >= 3 and all(c.passed for c in cases), cases
     assert all(c.rel_l2 == 0.0 for c in cases)  # same ops, same inputs: bit-exact
 

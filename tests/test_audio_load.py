@@ -15,7 +15,7 @@ import soxr
 from runtime.errors import InputError
 from runtime.media import audio as A
 from runtime.media import load_audio, pose, probe_mp4, read_pose_frames, write_mp4
-from tests.conftest import golden_or_skip
+from tests.conftest import golden_dir
 from tests.test_media import encode_audio, indexed_video, tone
 
 
@@ -36,7 +36,7 @@ def test_golden_audio_load_matches_librosa():
     """What the official librosa.load(path, sr=16000) returned, for 44.1 kHz and 22.05 kHz stereo wavs."""
     from runtime.golden_checks.audio_load import check
 
-    folder = golden_or_skip()
+    folder = golden_dir()
     manifest = json.loads((folder / "manifest.json").read_text())
     if "audio_load" not in manifest:
         pytest.skip("this golden folder has no audio_load component")

@@ -14,7 +14,7 @@ from runtime.errors import CheckpointError, ConfigError
 from runtime.models.dit import ClipConditions, WanS2VDiT, build_dit, keeps_fp32, load_dit, timestep_frequencies
 from tests.checkpoints import save_dit
 from runtime.models.rope import rope_tables, s2v_token_groups
-from tests.conftest import golden_or_skip
+from tests.conftest import golden_dir
 
 TINY = DiTConfig.tiny()
 
@@ -36,7 +36,7 @@ def tiny_model():
 def test_golden_dit_parity():
     from runtime.golden_checks.dit import check
 
-    golden = golden_or_skip()
+    golden = golden_dir()
     cases = check(golden, json.loads((golden / "manifest.json").read_text()))
     assert len(cases) == 6
     for c in cases:

@@ -13,7 +13,7 @@ from runtime.demo import demo_image, demo_speech
 from runtime.errors import InputError, OutputError
 from runtime.generate import main as cli
 from runtime.media import probe_mp4
-from tests.conftest import GOLDEN, write_inputs
+from tests.conftest import golden_dir, golden_manifest, write_inputs
 
 FAST = dict(sample_steps=3, infer_frames=16, progress=False)
 QUICK = dict(sample_steps=1, infer_frames=16, progress=False)  # where the number of steps does not matter
@@ -102,15 +102,11 @@ def test_bad_arguments_are_typed(pipe):
 
 
 def test_golden_e2e_matches_official():
-    if not (GOLDEN / "manifest.json").is_file():
-        pytest.skip(f"golden reference data not found at {GOLDEN}")
-    import json
-
     from runtime.golden_checks.e2e import check
 
-    manifest = json.loads((GOLDEN / "manifest.json").read_text())
+    manifest = golden_manifest()
     for key in ("e2e", "e2e_pose"):
-        for case in check(GOLDEN, manifest, key=key):
+        for case in check(golden_dir(), manifest, key=key):
             assert case.passed, case
 
 

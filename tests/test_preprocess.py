@@ -1,9 +1,7 @@
 """Size rule and reference / pose preprocessing against the official behaviour."""
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,17 +23,16 @@ from runtime.preprocess import (
     target_size,
 )
 
-GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
+from tests.conftest import golden_dir, golden_manifest
 
 
 # ---------------------------------------------------------------------------------------------
 # target size
-@pytest.mark.skipif(not (GOLDEN / "manifest.json").is_file(), reason=f"golden data not found at {GOLDEN}")
 def test_golden_target_size():
     from runtime.golden_checks.target_size import check
 
-    manifest = json.loads((GOLDEN / "manifest.json").read_text())
-    rows = check(GOLDEN, manifest)
+    manifest = golden_manifest()
+    rows = check(golden_dir(), manifest)
     assert len(rows) == len(manifest["target_size"]) > 0
     assert all(r.passed for r in rows), [r for r in rows if not r.passed]
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -10,8 +9,8 @@ import torch
 
 from runtime.errors import ConfigError
 from runtime.scheduler import FlowDPMSolverPP, FlowUniPC, dpmpp_schedule, make_scheduler, unipc_schedule
+from tests.conftest import golden_dir
 
-GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
 
 # Spec §6.1: what the official feeds the DiT for 40 steps.
 SHIFT3_40 = [999, 991, 982, 973, 963, 954, 944, 933, 922, 911, 899, 887, 874, 861, 847, 832, 817, 801, 785, 767,
@@ -104,11 +103,10 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.skipif(not (GOLDEN / "unipc.safetensors").is_file(), reason=f"golden data not found at {GOLDEN}")
 def test_golden_unipc():
     from runtime.golden_checks.unipc import check
 
-    rows = check(GOLDEN, {})
+    rows = check(golden_dir(), {})
     assert len(rows) >= 3 * 3
     bad = [r for r in rows if not r.passed]
     assert not bad, bad

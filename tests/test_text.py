@@ -17,9 +17,9 @@ from torch import nn
 
 from runtime.errors import CheckpointError, ConfigError
 from runtime.models import text as T
-from tests.conftest import Payload
+from tests.conftest import Payload, golden_dir, golden_manifest
 
-GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
+SPECS = Path(__file__).resolve().parents[1].parent / "shared" / "specs"  # development checkout only
 TINY = T.WanT5Config(vocab=160, dim=16, dim_attn=16, dim_ffn=24, num_heads=2, num_layers=2, num_buckets=32)
 
 
@@ -156,12 +156,10 @@ def _ids_mask(lengths, total, vocab=TINY.vocab, seed=1):
 # --- golden parity ---------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not GOLDEN.is_dir(), reason=f"golden data not found at {GOLDEN}")
 def test_golden_t5_parity():
     from runtime.golden_checks.t5 import check
 
-    manifest = json.loads((GOLDEN / "manifest.json").read_text())
-    cases = check(GOLDEN, manifest)
+    cases = check(golden_dir(), golden_manifest())
     assert cases and all(c.passed for c in cases), cases
     assert max(c.rel_l2 for c in cases) < 1e-5
 
@@ -299,7 +297,7 @@ def test_clean_prompt(raw, clean):
 def test_negative_prompt_constant():
     neg = T.S2V_NEGATIVE_PROMPT
     assert len(neg) == 116 and neg.startswith("画面模糊，最差质量") and neg.endswith("背景人很多，倒着走")
-    spec = GOLDEN.parent / "specs" / "wan_components_spec.md"
+    spec = SPECS / "wan_components_spec.md"
     if spec.is_file():
         assert f"`{neg}`" in spec.read_text()
     assert T.resolve_negative_prompt("") == neg

@@ -1,9 +1,7 @@
 """Wan2.1 VAE: golden parity, chunked == full-sequence, frame counts, strict loading, ONNX export."""
 from __future__ import annotations
 
-import json
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,8 +9,8 @@ import torch
 
 from runtime.errors import CheckpointError
 from runtime.models.vae import VAEConfig, WanVAE, expected_shapes, load_vae
+from tests.conftest import golden_dir, golden_manifest
 
-GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
 
 
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -79,11 +77,10 @@ def test_config_from_state_dict(vae):
 # ------------------------------------------------------------------------------------------------ golden
 
 
-@pytest.mark.skipif(not (GOLDEN / "vae_io.safetensors").is_file(), reason="golden data not present")
 def test_golden_parity():
     from runtime.golden_checks.vae import check
 
-    cases = check(GOLDEN, json.loads((GOLDEN / "manifest.json").read_text()))
+    cases = check(golden_dir(), golden_manifest())
     assert {c.case for c in cases} == {"encode", "encode_chunked", "decode", "decode_chunked"}
     for c in cases:
         assert c.rel_l2 < 1e-5, c  # observed ~1e-7; the golden CLI tolerance is 1e-4
