@@ -49,7 +49,7 @@ def test_tiny_fp16_against_bf16(capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["precision"] == "fp16" and out["attention"] == "sdpa" and out["clips"]
     for row in out["clips"]:
-        assert 10 < row["psnr_db"] < float("inf") or row["psnr_db"] == float("inf")
+        assert 10 < row["psnr_db"] < float("inf")  # fp16 and bf16 round differently: never identical frames
         assert 0 < row["ssim"] <= 1
         assert 0 <= row["latent_rel_l2"] < 0.2
 
