@@ -22,26 +22,9 @@ from PIL import Image
 from runtime.media import mp4
 from runtime.errors import InputError, OutputError
 from runtime.media import AudioClip, load_audio, load_image, probe_mp4, read_pose_frames, write_mp4
-from tests.conftest import png_bytes, wav_bytes
+from tests.conftest import golden_dir, png_bytes, wav_bytes
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-SAMPLES = SHARED / "samples"
-GOLDEN = SHARED / "golden"
 FRAME_S = 1 / 16
-
-
-def sample(name: str) -> Path:
-    path = SAMPLES / name
-    if not path.is_file():
-        pytest.skip(f"sample media {path} not found (needs the project's shared/ folder)")
-    return path
-
-
-def golden(name: str) -> Path:
-    path = GOLDEN / name
-    if not path.is_file():
-        pytest.skip(f"golden file {path} not found (needs the project's shared/ folder)")
-    return path
 
 
 # ------------------------------------------------------------------------------------------
@@ -127,12 +110,90 @@ def empty_wav(rate: int = 16000) -> bytes:
 
 
 # ------------------------------------------------------------------------------------------
+# files like the official examples, made here (the real example media are not part of the project), plus the
+# golden folder's own files: talk.wav is the official examples/talk.wav (44.1 kHz stereo 16-bit speech)
+
+
+def camera_jpeg(path: Path, w: int = 416, h: int = 552) -> Path:
+    """A portrait JPEG as a camera writes it (EXIF, an ICC profile, 4:2:0, textured pixels), like i2v_input.JPG."""
+    from PIL import ImageCms
+
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    smooth = np.stack([128 + 90 * np.sin(x / 37 + c) * np.cos(y / 53 - c) for c in range(3)], axis=-1)
+    grain = np.random.default_rng(5).normal(0, 12, (h, w, 3))
+    im = Image.fromarray(np.clip(smooth + grain, 0, 255).astype(np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 1  # orientation: as stored
+    exif[0x0131] = "test camera"
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    im.save(path, format="JPEG", quality=92, exif=exif, icc_profile=icc, dpi=(72, 72))
+    return path
+
+
+def pose_png(path: Path, w: int = 1280, h: int = 720) -> Path:
+    """A landscape DW-pose-style PNG (coloured limbs and joints on black), like pose.png."""
+    from PIL import ImageDraw
+
+    im = Image.new("RGB", (w, h))
+    draw = ImageDraw.Draw(im)
+    joints = [(640, 150), (640, 260), (540, 270), (480, 400), (740, 270), (800, 400), (590, 480), (690, 480),
+              (580, 640), (700, 640)]
+    for k, (a, b) in enumerate([(0, 1), (1, 2), (2, 3), (1, 4), (4, 5), (1, 6), (1, 7), (6, 8), (7, 9)]):
+        draw.line([joints[a], joints[b]], fill=(255 - 25 * k, 40 * k % 256, 28 * k), width=9)
+    for x, y in joints:
+        draw.ellipse([x - 6, y - 6, x + 6, y + 6], fill=(255, 0, 0))
+    im.save(path)
+    return path
+
+
+def song(seconds: float, rate: int = 44100) -> np.ndarray:
+    """Stereo notes with an attack/decay envelope (a stand-in for sing.MP3)."""
+    t = np.arange(int(round(seconds * rate))) / rate
+    notes = 220 * 2 ** (np.floor(t * 3) % 12 / 12)
+    env = np.exp(-4 * (t * 3 % 1))
+    left = 0.4 * env * np.sin(2 * np.pi * np.cumsum(notes) / rate)
+    return np.stack([left, 0.8 * left + 0.05 * np.sin(2 * np.pi * 3 * notes * t)]).astype(np.float32)
+
+
+def moving_bar_video(path: Path, fps: int, n: int, w: int = 160, h: int = 96) -> Path:
+    """An MPEG-4 Part 2 MP4 (the codec of the official pose.mp4) whose frames all differ: a bar moving right."""
+    with av.open(str(path), "w") as out:
+        s = out.add_stream("mpeg4", rate=fps)
+        s.width, s.height, s.pix_fmt = w, h, "yuv420p"
+        for i in range(n):
+            frame = np.zeros((h, w, 3), np.uint8)
+            frame[:, (3 * i) % (w - 12):(3 * i) % (w - 12) + 12] = (40 + 4 * i % 200, 200, 90)
+            f = av.VideoFrame.from_ndarray(frame, format="rgb24")
+            f.pts = i
+            out.mux(s.encode(f))
+        out.mux(s.encode(None))
+    return path
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory) -> dict[str, Path]:
+    """The example-like files by role, made once per module."""
+    d = tmp_path_factory.mktemp("media")
+    prompt = d / "prompt_16k_mono.wav"
+    prompt.write_bytes(wav_bytes(song(3.5, 16000)[0] * 0.7 + 0.05 * tone(3.5, 16000)[0], 16000))
+    return {
+        "photo.jpg": camera_jpeg(d / "photo.jpg"),
+        "pose.png": pose_png(d / "pose.png"),
+        "e2e_ref.png": golden_dir() / "e2e_ref.png",
+        "talk.wav": golden_dir() / "talk.wav",
+        "song.mp3": encode_audio(d / "song.mp3", song(7.3), 44100, "libmp3lame", "mp3"),
+        "prompt_16k_mono.wav": prompt,
+        "pose_50fps.mp4": moving_bar_video(d / "pose_50fps.mp4", 50, 50),
+    }
+
+
+# ------------------------------------------------------------------------------------------
 # images
 
 
-@pytest.mark.parametrize("name", ["i2v_input.JPG", "pose.png", "e2e_ref.png"])
-def test_load_image_sample_files(name):
-    path = golden(name) if name == "e2e_ref.png" else sample(name)
+@pytest.mark.parametrize("name", ["photo.jpg", "pose.png", "e2e_ref.png"])
+def test_load_image_sample_files(media, name):
+    path = media[name]
     im = load_image(path)
     with Image.open(path) as ref:
         expected = np.asarray(ref.convert("RGB"))
@@ -216,8 +277,8 @@ def test_load_image_truncated_jpeg():
         load_image(data[:400])
 
 
-def test_load_image_truncated_sample():
-    data = sample("i2v_input.JPG").read_bytes()
+def test_load_image_truncated_sample(media):
+    data = media["photo.jpg"].read_bytes()
     with pytest.raises(InputError, match="corrupt or truncated"):
         load_image(data[: len(data) // 3])
 
@@ -260,9 +321,9 @@ def container_duration(path: Path) -> float:
         return c.duration / av.time_base
 
 
-@pytest.mark.parametrize("name,seconds", [("talk.wav", 5.0), ("sing.MP3", 18.8), ("zero_shot_prompt.wav", 3.5)])
-def test_load_audio_samples(name, seconds):
-    path = sample(name)
+@pytest.mark.parametrize("name,seconds", [("talk.wav", 5.0), ("song.mp3", 7.3), ("prompt_16k_mono.wav", 3.5)])
+def test_load_audio_samples(media, name, seconds):
+    path = media[name]
     clip = load_audio(path)
     assert clip.samples.dtype == np.float32 and clip.samples.ndim == 1 and clip.sample_rate == 16000
     assert abs(clip.duration_s - seconds) < 0.1
@@ -274,8 +335,8 @@ def test_load_audio_samples(name, seconds):
     assert not clip.samples.flags.writeable  # frozen clip: shared arrays cannot be mutated
 
 
-def test_load_audio_16k_mono_is_exact():
-    path = sample("zero_shot_prompt.wav")
+def test_load_audio_16k_mono_is_exact(media):
+    path = media["prompt_16k_mono.wav"]
     clip = load_audio(path)
     assert clip.native_rate == 16000 and clip.channels == 1
     assert np.array_equal(clip.samples, clip.native[0])
@@ -375,19 +436,19 @@ def test_read_pose_interval(tmp_path, fps, interval):
     assert [int(f[0, 0, 0]) for f in capped] == expected[:5]
 
 
-def test_read_pose_sample_mp4():
-    path = sample("pose.mp4")  # 350 frames at 50 fps -> interval 3 -> 117 frames
+def test_read_pose_sample_mp4(media):
+    path = media["pose_50fps.mp4"]  # 50 frames at 50 fps -> interval 3 -> 17 frames
     frames = read_pose_frames(path, 1000)
-    assert frames.shape == (117, 540, 960, 3) and frames.dtype == np.uint8
+    assert frames.shape == (17, 96, 160, 3) and frames.dtype == np.uint8
     with av.open(str(path)) as c:
         decoded = [f.to_ndarray(format="rgb24") for _, f in zip(range(7), c.decode(video=0))]
     assert np.array_equal(frames[0], decoded[0]) and np.array_equal(frames[2], decoded[6])
     assert not np.array_equal(frames[1], decoded[1])
-    assert read_pose_frames(path, 80).shape[0] == 80
+    assert read_pose_frames(path, 10).shape[0] == 10
 
 
 def test_read_pose_golden_mkv():
-    path = golden("e2e_pose.mkv")  # lossless, 16 fps, 40 frames
+    path = golden_dir() / "e2e_pose.mkv"  # lossless, 16 fps, 40 frames
     frames = read_pose_frames(path, 64)
     assert frames.shape == (40, 100, 140, 3)
     with av.open(str(path)) as c:
@@ -482,9 +543,9 @@ def test_write_mp4_unusual_audio(tmp_path, rate, channels, out_rate, out_channel
     assert abs(a["duration_s"] - 0.5) <= FRAME_S
 
 
-def test_write_mp4_keeps_sample_audio(tmp_path):
+def test_write_mp4_keeps_sample_audio(tmp_path, media):
     out = tmp_path / "talk.mp4"
-    audio = load_audio(sample("talk.wav"))
+    audio = load_audio(media["talk.wav"])
     write_mp4(out, ramp_frames(100, 32, 32), audio=audio)  # 6.25 s of video, 5.02 s of audio
     info = probe_mp4(out)
     assert info["video"]["frames"] == 80
@@ -497,7 +558,7 @@ def test_write_mp4_keeps_sample_audio(tmp_path):
     err = np.linalg.norm(got[:, :n] - audio.native[:, :n]) / np.linalg.norm(audio.native[:, :n])
     assert err < 0.2
     # a path is accepted as the audio too
-    write_mp4(tmp_path / "by_path.mp4", ramp_frames(16, 32, 32), audio=sample("talk.wav"))
+    write_mp4(tmp_path / "by_path.mp4", ramp_frames(16, 32, 32), audio=media["talk.wav"])
     assert probe_mp4(tmp_path / "by_path.mp4")["audio"]["channels"] == 2
 
 
