@@ -130,8 +130,8 @@ def camera_jpeg(path: Path, w: int = 416, h: int = 552) -> Path:
     return path
 
 
-def pose_png(path: Path, w: int = 1280, h: int = 720) -> Path:
-    """A landscape DW-pose-style PNG (coloured limbs and joints on black), like pose.png."""
+def landscape_png(path: Path, w: int = 1280, h: int = 720) -> Path:
+    """A landscape 8-bit RGB PNG of the official pose.png's size (a photo there; a drawn figure here)."""
     from PIL import ImageDraw
 
     im = Image.new("RGB", (w, h))
@@ -178,7 +178,7 @@ def media(tmp_path_factory) -> dict[str, Path]:
     prompt.write_bytes(wav_bytes(song(3.5, 16000)[0] * 0.7 + 0.05 * tone(3.5, 16000)[0], 16000))
     return {
         "photo.jpg": camera_jpeg(d / "photo.jpg"),
-        "pose.png": pose_png(d / "pose.png"),
+        "landscape.png": landscape_png(d / "landscape.png"),
         "e2e_ref.png": golden_dir() / "e2e_ref.png",
         "talk.wav": golden_dir() / "talk.wav",
         "song.mp3": encode_audio(d / "song.mp3", song(7.3), 44100, "libmp3lame", "mp3"),
@@ -191,7 +191,7 @@ def media(tmp_path_factory) -> dict[str, Path]:
 # images
 
 
-@pytest.mark.parametrize("name", ["photo.jpg", "pose.png", "e2e_ref.png"])
+@pytest.mark.parametrize("name", ["photo.jpg", "landscape.png", "e2e_ref.png"])
 def test_load_image_sample_files(media, name):
     path = media[name]
     im = load_image(path)
