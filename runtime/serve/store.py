@@ -1,41 +1,53 @@
-"""The job table: one SQLite file (WAL) under ``--data_dir``, plus one folder of inputs and output per job.
+"""The job store: one interface (:class:`JobStore`) for the job table, and :class:`JobFiles` for the job folders.
 
-A job's folder exists before its row (the row is inserted only once the inputs are written and checked), so
-every row has its inputs. Status moves queued → in_progress → completed | failed, or to cancelled from
-queued/in_progress. ``recover()`` at start-up puts a job that was in progress when the process died back in
-the queue, in its old place (the queue is ordered by insertion), so it runs again from the start.
+The SQLite implementation is ``store_sqlite.SQLiteStore``; another database (PostgreSQL) implements the same
+interface with the same semantics and runs the same tests (``tests/test_store.py``).
+
+A job moves queued → in_progress → completed | failed, or to cancelled from queued/in_progress. A worker
+*claims* the oldest queued job (one transaction: a job is claimed by one worker only) and holds a *lease* on it
+that it renews (``heartbeat``) while the job runs. A job whose lease ran out (its worker died) goes back to the
+queue in its old place, ahead of every job queued after it, unless it has used up its attempts: then it is
+failed with that reason (a job that kills its worker is not retried forever). A worker that stops on purpose
+``release``\\ s its job (back to the queue, the attempt not counted). Cancellation is a status change in the
+store: the worker sees it at its next heartbeat and stops between steps.
+
+Each job belongs to an *owner* (a hash of the API key that made it, "" without authentication); the API passes
+the caller's owner to every read and write, and another owner's job does not exist for it.
 """
 from __future__ import annotations
 
-import json
-import secrets
+import os
 import shutil
-import sqlite3
-import threading
+import socket
 import time
-from dataclasses import dataclass
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 QUEUED, IN_PROGRESS, COMPLETED, FAILED, CANCELLED = "queued", "in_progress", "completed", "failed", "cancelled"
 FINISHED = (COMPLETED, FAILED, CANCELLED)
 VIDEO_NAME = "video.mp4"
+ANYONE = None  # the owner argument that matches every job (the server's own maintenance)
+# Parameters a list view leaves out: a prompt can be kilobytes, and a listing shows many jobs.
+_DETAIL_ONLY = ("prompt", "negative_prompt")
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    seq          INTEGER PRIMARY KEY AUTOINCREMENT,   -- FIFO order
-    id           TEXT NOT NULL UNIQUE,
-    status       TEXT NOT NULL,
-    params       TEXT NOT NULL,                       -- JSON: the generation arguments and input file names
-    progress     REAL NOT NULL DEFAULT 0,
-    error        TEXT,
-    attempts     INTEGER NOT NULL DEFAULT 0,
-    created_at   REAL NOT NULL,
-    started_at   REAL,
-    completed_at REAL
-);
-CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, seq);
-"""
+
+class StoreError(Exception):
+    """The store cannot be read or written now (disk full, database locked or unreachable); ``full`` when the
+    cause is a full disk. The caller keeps running and retries later."""
+
+    def __init__(self, message: str, full: bool = False):
+        super().__init__(message)
+        self.full = full
+
+
+class QueueFull(Exception):
+    """``add`` refused: the server's queue limit (``per_owner`` False) or the caller's is reached."""
+
+    def __init__(self, limit: int, per_owner: bool):
+        super().__init__(f"queue limit {limit} reached")
+        self.limit, self.per_owner = limit, per_owner
 
 
 @dataclass(frozen=True)
@@ -49,16 +61,22 @@ class Job:
     created_at: float
     started_at: float | None
     completed_at: float | None
+    owner: str = ""
+    worker: str | None = None
+    lease_until: float | None = None
+    warnings: tuple[str, ...] = field(default_factory=tuple)
 
-    def public(self) -> dict[str, Any]:
-        """The API's view of the job (OpenAI ``video`` object plus this engine's parameters)."""
+    def public(self, detail: bool = True) -> dict[str, Any]:
+        """The API's view of the job (OpenAI ``video`` object plus this engine's parameters); ``detail`` False
+        leaves the prompts out (list views)."""
         out: dict[str, Any] = {
             "id": self.id, "object": "video", "status": self.status, "progress": round(self.progress, 4),
             "created_at": int(self.created_at),
             "started_at": None if self.started_at is None else int(self.started_at),
             "completed_at": None if self.completed_at is None else int(self.completed_at),
             "attempts": self.attempts,
-            **{k: v for k, v in self.params.items() if k != "files"},
+            **{k: v for k, v in self.params.items() if k != "files" and (detail or k not in _DETAIL_ONLY)},
+            "warnings": list(self.warnings),
         }
         if self.error is not None:
             out["error"] = {"message": self.error}
@@ -67,31 +85,131 @@ class Job:
         return out
 
 
-class JobStore:
-    """Thread-safe access to the job table (one connection, one lock: every statement is short)."""
+class JobStore(ABC):
+    """The job table. Every method is one short transaction; every failure to read or write it is a
+    :class:`StoreError`. ``owner`` None (``ANYONE``) matches every job."""
 
-    def __init__(self, data_dir: str | Path):
-        self.root = Path(data_dir)
-        self.jobs_dir = self.root / "jobs"
-        self.jobs_dir.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.root / "jobs.sqlite3", check_same_thread=False, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")  # a job accepted with 202 must survive a crash
-        self._db.executescript(_SCHEMA)
+    # ------------------------------------------------------------------ the API's side
+    @abstractmethod
+    def add(self, job_id: str, owner: str, params: dict, *, max_queued: int | None = None,
+            max_queued_per_owner: int | None = None) -> Job:
+        """Queue a job (its folder is already published). Raises :class:`QueueFull` when ``max_queued`` jobs are
+        queued, or ``max_queued_per_owner`` of this owner's; the check and the insert are one transaction."""
+
+    @abstractmethod
+    def get(self, job_id: str, owner: str | None = ANYONE) -> Job | None: ...
+
+    @abstractmethod
+    def list(self, owner: str | None = ANYONE, limit: int = 100) -> list[Job]:
+        """Newest first."""
+
+    @abstractmethod
+    def cancel(self, job_id: str, owner: str | None = ANYONE) -> bool:
+        """Queued/in progress → cancelled; False if the job is not (or no longer) waiting or running."""
+
+    @abstractmethod
+    def delete(self, job_id: str, owner: str | None = ANYONE) -> bool:
+        """Remove a finished job's row; False if there is no such finished job."""
+
+    @abstractmethod
+    def count(self, status: str, owner: str | None = ANYONE) -> int: ...
+
+    # ------------------------------------------------------------------ the workers' side
+    @abstractmethod
+    def claim(self, worker: str, lease_s: float) -> Job | None:
+        """The oldest queued job, now in progress under ``worker``'s lease (one attempt more), or None."""
+
+    @abstractmethod
+    def heartbeat(self, job_id: str, worker: str, lease_s: float, progress: float | None = None) -> bool:
+        """Renew the lease (and record progress); False when the job is no longer this worker's: cancelled,
+        deleted, or its lease ran out and it went back to the queue. The worker then stops the job."""
+
+    @abstractmethod
+    def finish(self, job_id: str, worker: str, status: str, error: str | None = None,
+               warnings: Iterable[str] = ()) -> bool:
+        """This worker's in-progress job → completed/failed/cancelled; False when it is no longer its job."""
+
+    @abstractmethod
+    def release(self, job_id: str, worker: str) -> bool:
+        """A worker stopping on purpose: its job goes back to the queue in its place, the attempt not counted."""
+
+    # ------------------------------------------------------------------ maintenance
+    @abstractmethod
+    def expire_leases(self, max_attempts: int, now: float | None = None) -> list[tuple[str, str]]:
+        """In-progress jobs whose lease ran out, or whose worker is a process of this host that no longer exists:
+        back to the queue, or failed once they have had ``max_attempts`` runs. Returns (job id, new status)."""
+
+    @abstractmethod
+    def purge_finished(self, before: float) -> list[str]:
+        """Delete the rows of jobs finished before ``before`` (epoch seconds); returns their ids."""
+
+    @abstractmethod
+    def ids(self) -> set[str]:
+        """Every job id (for sweeping folders without a row)."""
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        pass
 
-    # ------------------------------------------------------------------ folders
-    def new_job_dir(self) -> tuple[str, Path]:
-        """A fresh job id and its (hidden, not yet a job) folder; ``commit_job_dir`` makes it the job's."""
-        job_id = "video_" + secrets.token_hex(12)
-        tmp = self.jobs_dir / f".{job_id}.upload"
+
+# ---------------------------------------------------------------------------------------------- workers
+_HOST = socket.gethostname()
+
+
+def worker_name(tag: str = "w0") -> str:
+    """A worker's lease name, ``host/pid/tag``: a lease of a process of this host that no longer exists is
+    expired at once (a restart after kill -9 does not wait out the lease)."""
+    return f"{_HOST}/{os.getpid()}/{tag}"
+
+
+def worker_is_dead(worker: str | None) -> bool:
+    """True only when ``worker`` names a process of this host that is gone (pid reuse errs on alive)."""
+    if not worker:
+        return False
+    parts = worker.split("/")
+    if len(parts) < 3 or parts[0] != _HOST or not parts[1].isdigit():
+        return False
+    pid = int(parts[1])
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # exists, owned by someone else
+        return False
+    return False
+
+
+def expired_reason(attempts: int) -> str:
+    return (f"the worker running this job stopped (crash, kill or lost machine) {attempts} times; not retried. "
+            "The job may need more memory than the server has: try a shorter audio or a smaller size")
+
+
+# ---------------------------------------------------------------------------------------------- folders
+_ORPHAN_AGE_S = 600        # a published folder whose row never came (the row is inserted right after the rename)
+_UPLOAD_AGE_S = 86_400     # an upload folder of a process that cannot be checked (another host)
+
+
+class JobFiles:
+    """The job folders under ``<data_dir>/jobs``: an upload is written into a hidden folder named after its
+    process, which becomes ``jobs/<id>`` once checked; the row is inserted after that rename."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.jobs_dir = self.root / "jobs"
+
+    def create(self) -> None:
+        self.jobs_dir.mkdir(parents=True, exist_ok=True)
+
+    def new_upload_dir(self, job_id: str) -> Path:
+        tmp = self.jobs_dir / f".{job_id}.{_HOST}.{os.getpid()}.upload"
         tmp.mkdir()
-        return job_id, tmp
+        return tmp
+
+    def publish(self, upload_dir: Path, job_id: str) -> Path:
+        dest = self.job_dir(job_id)
+        upload_dir.rename(dest)
+        return dest
 
     def job_dir(self, job_id: str) -> Path:
         return self.jobs_dir / job_id
@@ -99,99 +217,40 @@ class JobStore:
     def video_path(self, job_id: str) -> Path:
         return self.job_dir(job_id) / VIDEO_NAME
 
-    # ------------------------------------------------------------------ writes
-    def add(self, job_id: str, upload_dir: Path, params: dict) -> Job:
-        """Publish the checked upload folder as the job's and queue the job."""
-        upload_dir.rename(self.job_dir(job_id))
-        with self._lock:
-            self._db.execute("INSERT INTO jobs (id, status, params, created_at) VALUES (?, ?, ?, ?)",
-                             (job_id, QUEUED, json.dumps(params), time.time()))
-        return self.get(job_id)
-
-    def claim_next(self) -> Job | None:
-        """The oldest queued job, now marked in progress (one attempt more), or None."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                row = self._db.execute("SELECT id FROM jobs WHERE status = ? ORDER BY seq LIMIT 1", (QUEUED,)).fetchone()
-                if row is not None:
-                    self._db.execute("UPDATE jobs SET status = ?, progress = 0, started_at = ?, attempts = attempts + 1 "
-                                     "WHERE id = ?", (IN_PROGRESS, time.time(), row["id"]))
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-        return None if row is None else self.get(row["id"])
-
-    def set_progress(self, job_id: str, progress: float) -> None:
-        with self._lock:
-            self._db.execute("UPDATE jobs SET progress = ? WHERE id = ? AND status = ?", (progress, job_id, IN_PROGRESS))
-
-    def finish(self, job_id: str, status: str, error: str | None = None) -> bool:
-        """In progress → completed/failed/cancelled. False when the job was cancelled (or deleted) meanwhile."""
-        with self._lock:
-            cur = self._db.execute("UPDATE jobs SET status = ?, error = ?, completed_at = ?, "
-                                   "progress = CASE WHEN ? = 'completed' THEN 1 ELSE progress END "
-                                   "WHERE id = ? AND status = ?",
-                                   (status, error, time.time(), status, job_id, IN_PROGRESS))
-        return cur.rowcount == 1
-
-    def cancel(self, job_id: str) -> bool:
-        """Queued/in progress → cancelled; False if the job is not (or no longer) waiting or running."""
-        with self._lock:
-            cur = self._db.execute("UPDATE jobs SET status = ?, completed_at = ? WHERE id = ? AND status IN (?, ?)",
-                                   (CANCELLED, time.time(), job_id, QUEUED, IN_PROGRESS))
-        return cur.rowcount == 1
-
-    def delete(self, job_id: str) -> bool:
-        """Remove a finished job: its row, then its folder. False if it is not finished."""
-        with self._lock:
-            cur = self._db.execute(f"DELETE FROM jobs WHERE id = ? AND status IN ({', '.join('?' * len(FINISHED))})",
-                                   (job_id, *FINISHED))
-        if cur.rowcount != 1:
-            return False
-        shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
-        return True
-
     def remove_inputs(self, job_id: str) -> None:
-        """A cancelled or failed job keeps its record, not its uploads."""
+        """A finished job keeps its record (and video), not its uploads."""
         d = self.job_dir(job_id)
         if d.is_dir():
             for p in d.iterdir():
                 if p.name != VIDEO_NAME:
                     p.unlink(missing_ok=True)
 
-    def recover(self) -> list[str]:
-        """After a crash: running jobs go back to the queue; half-written uploads and outputs are removed."""
-        with self._lock:
-            rows = self._db.execute("SELECT id FROM jobs WHERE status = ?", (IN_PROGRESS,)).fetchall()
-            self._db.execute("UPDATE jobs SET status = ?, progress = 0 WHERE status = ?", (QUEUED, IN_PROGRESS))
-            known = {r["id"] for r in self._db.execute("SELECT id FROM jobs")}
+    def remove_partial_outputs(self, job_id: str) -> None:
+        """Temp files of an earlier run of this job (its worker died); called by the worker that claimed it."""
+        for part in self.job_dir(job_id).glob(f".{VIDEO_NAME}.*.part"):
+            part.unlink(missing_ok=True)
+
+    def remove(self, job_id: str) -> None:
+        shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
+
+    def sweep(self, known: set[str], now: float | None = None) -> list[str]:
+        """Remove what dead uploads left: upload folders of processes of this host that are gone (or very old
+        ones), and published folders without a row that are old enough not to be an insert in flight."""
+        now = time.time() if now is None else now
+        removed = []
         for d in self.jobs_dir.iterdir():
-            if d.name.startswith(".") or d.name not in known:  # an upload the crash cut short
+            try:
+                age = now - d.stat().st_mtime
+            except FileNotFoundError:
+                continue
+            if d.name.startswith("."):
+                parts = d.name.split(".")  # "", id, host..., pid, "upload"
+                dead = len(parts) >= 5 and parts[-1] == "upload" and parts[-2].isdigit() and worker_is_dead(
+                    f"{'.'.join(parts[2:-2])}/{parts[-2]}/upload")
+                if dead or age > _UPLOAD_AGE_S:
+                    shutil.rmtree(d, ignore_errors=True)
+                    removed.append(d.name)
+            elif d.name not in known and age > _ORPHAN_AGE_S:
                 shutil.rmtree(d, ignore_errors=True)
-            else:
-                for part in d.glob(f".{VIDEO_NAME}.*.part"):  # Mp4Writer's temp file of a killed run
-                    part.unlink(missing_ok=True)
-        return [r["id"] for r in rows]
-
-    # ------------------------------------------------------------------ reads
-    def get(self, job_id: str) -> Job | None:
-        with self._lock:
-            row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        return None if row is None else _job(row)
-
-    def list(self, limit: int = 100) -> list[Job]:
-        with self._lock:
-            rows = self._db.execute("SELECT * FROM jobs ORDER BY seq DESC LIMIT ?", (limit,)).fetchall()
-        return [_job(r) for r in rows]
-
-    def queued_count(self) -> int:
-        with self._lock:
-            return self._db.execute("SELECT COUNT(*) FROM jobs WHERE status = ?", (QUEUED,)).fetchone()[0]
-
-
-def _job(row: sqlite3.Row) -> Job:
-    return Job(id=row["id"], status=row["status"], params=json.loads(row["params"]), progress=row["progress"],
-               error=row["error"], attempts=row["attempts"], created_at=row["created_at"],
-               started_at=row["started_at"], completed_at=row["completed_at"])
+                removed.append(d.name)
+        return removed
