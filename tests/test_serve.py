@@ -49,7 +49,8 @@ def multipart(fields: dict[str, str], files: dict[str, tuple[str, bytes]]) -> tu
     boundary = uuid.uuid4().hex
     out = io.BytesIO()
     for name, value in fields.items():
-        out.write(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode())
+        value = value if isinstance(value, bytes) else value.encode()
+        out.write(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'.encode() + value + b"\r\n")
     for name, (filename, data) in files.items():
         out.write(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{filename}"\r\n'
                   f'Content-Type: application/octet-stream\r\n\r\n'.encode() + data + b"\r\n")
@@ -120,6 +121,23 @@ class Server:
         raise AssertionError(f"job {job_id} still {job['status']} after {timeout}s")
 
 
+def pose_mp4(frames: int, size: int) -> bytes:
+    """A pose video in memory: ``frames`` frames of ``size``² (a moving white bar on black), 16 fps mpeg4."""
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as out:
+        s = out.add_stream("mpeg4", rate=16)
+        s.width = s.height = size
+        s.pix_fmt = "yuv420p"
+        for i in range(frames):
+            fr = np.zeros((size, size, 3), np.uint8)
+            fr[:, (i * 3) % size:(i * 3) % size + 8] = 255
+            for pkt in s.encode(av.VideoFrame.from_ndarray(fr, format="rgb24")):
+                out.mux(pkt)
+        for pkt in s.encode():
+            out.mux(pkt)
+    return buf.getvalue()
+
+
 def decode_mp4(data: bytes) -> tuple[int, float]:
     """(video frames, audio seconds) of an MP4 held in memory."""
     with av.open(io.BytesIO(data)) as c:
@@ -133,8 +151,10 @@ def decode_mp4(data: bytes) -> tuple[int, float]:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     # Limits small enough to test cheaply: 2 MiB of uploads, 5 s of audio, 128*128 output.
+    # Body timeout 2 s, prompts up to 2000 bytes, pose frames up to 128*128 px and 4 MiB of prepared pose.
     srv = Server(tmp_path_factory.mktemp("serve") / "data", "--max_upload_mb", "2", "--max_audio_s", "5",
-                 "--max_size", "128*128").start()
+                 "--max_size", "128*128", "--body_timeout_s", "2", "--max_prompt_bytes", "2000",
+                 "--max_pose_size", "128*128", "--max_pose_mb", "4").start()
     yield srv
     srv.stop()
 
@@ -179,17 +199,31 @@ def test_submit_poll_download(server, finished_job):
     ({}, {"image": ("x.png", IMAGE), "audio": ("a.wav", b"")}, 400, "audio", "empty"),
     ({"sample_steps": "zero"}, None, 400, "sample_steps", "not an integer"),
     ({"infer_frames": "10"}, None, 400, "infer_frames", "multiple of 4"),
-    ({"guide_scale": "nan"}, None, 400, "guide_scale", "out of range"),
+    ({"guide_scale": "nan"}, None, 400, "guide_scale", "not a number"),
+    ({"guide_scale": "1e9"}, None, 400, "guide_scale", "out of range"),
     ({"colour": "red"}, None, 400, "colour", "unknown field"),
     ({"size": "256*256"}, None, 413, "size", "over this server's limit"),
     ({}, {"image": ("x.png", IMAGE), "audio": ("a.wav", speech_wav(6.0))}, 413, "audio", "over this server's limit"),
     ({}, {"image": ("x.png", IMAGE), "audio": ("a.wav", AUDIO + b"\0" * (5 << 19))}, 413, "audio", "limit"),
+    ({"seed": "\u0663"}, None, 400, "seed", "ASCII digits"),             # an Arabic-Indic three
+    ({"seed": "1_000"}, None, 400, "seed", "ASCII digits"),
+    ({"guide_scale": "inf"}, None, 400, "guide_scale", "not a number"),
+    ({"prompt": "x" * 2001}, None, 413, "prompt", "limit"),
+    ({"negative_prompt": "\u00e9" * 1001}, None, 413, "negative_prompt", "limit"),  # 2002 bytes in UTF-8
+    ({}, {"image": ("x.png", IMAGE), "audio": ("a.wav", AUDIO), "pose_video": ("p.mp4", b"\0garbage" * 99)}, 400,
+     "pose_video", "not a readable video"),
+    ({}, {"image": ("x.png", IMAGE), "audio": ("a.wav", AUDIO), "pose_video": ("p.mp4", pose_mp4(2, 256))}, 413,
+     "pose_video", "per frame"),                                        # 256² frames over the 128*128 cap
+    ({}, {"image": ("x.png", IMAGE), "audio": ("a.wav", AUDIO), "pose_video": ("p.mp4", pose_mp4(40, 128))}, 413,
+     "pose_video", "MiB to prepare"),                                   # 32 frames read at 128²: over 4 MiB
 ])
 def test_bad_uploads_are_refused_before_queueing(server, fields, files, status, param, message):
     before = server.json("GET", "/v1/videos")[1]["data"]
     got, body = server.submit(fields, files)
     assert got == status, body
     assert body["error"]["param"] == param and message in body["error"]["message"], body
+    assert str(server.data_dir) not in body["error"]["message"] and "/jobs/" not in body["error"]["message"]
+    assert str(server.data_dir.parent) not in body["error"]["message"]
     assert server.json("GET", "/v1/videos")[1]["data"] == before
     assert [p.name for p in (server.data_dir / "jobs").iterdir() if p.name.startswith(".")] == []
 
@@ -291,6 +325,84 @@ def test_kill_9_mid_job_then_restart_completes_it(tmp_path):
         assert not list((data / "jobs").glob("*/.video.mp4.*.part"))
     finally:
         srv.stop()
+
+
+def raw_http(port: int, data: bytes, wait_s: float = 20) -> tuple[bytes, float]:
+    """Send raw bytes, read until the server closes; (reply, seconds until closed)."""
+    import socket
+
+    t0 = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=wait_s) as sock:
+        sock.sendall(data)
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    return reply, time.monotonic() - t0
+
+
+def test_one_error_format(server):
+    for method, path, status, param in (("GET", "/nope", 404, None), ("PUT", "/v1/videos", 405, None),
+                                        ("GET", "/v1/videos?limit=abc", 400, "limit"),
+                                        ("GET", "/v1/videos?limit=%D9%A3", 400, "limit"),
+                                        ("GET", "/v1/videos?limit=0", 400, "limit"),
+                                        ("GET", "/v1/videos/video_nope/content", 404, "id")):
+        got, headers, body = server.request(method, path)
+        assert got == status and headers["content-type"] == "application/json", (method, path, body)
+        err = json.loads(body)["error"]
+        assert set(err) == {"message", "type", "param"} and err["param"] == param and err["message"], err
+
+
+def test_invalid_utf8_text_field_is_400(server):
+    body, ctype = multipart({**FAST, "prompt": b"caf\xe9 (latin-1)"}, {"image": ("face.png", IMAGE),
+                                                                     "audio": ("a.wav", AUDIO)})
+    status, reply = server.json("POST", "/v1/videos", body=body, headers={"Content-Type": ctype})
+    assert status == 400 and reply["error"]["param"] == "prompt" and "UTF-8" in reply["error"]["message"], reply
+
+
+def test_prompts_stay_out_of_list_views(server):
+    status, job = server.submit({"prompt": "p" * 1500, "negative_prompt": "blurry"})
+    assert status == 202 and job["prompt"] == "p" * 1500
+    listed = next(j for j in server.json("GET", "/v1/videos")[1]["data"] if j["id"] == job["id"])
+    assert "prompt" not in listed and "negative_prompt" not in listed and listed["seed"] == job["seed"]
+    assert server.json("GET", f"/v1/videos/{job['id']}")[1]["negative_prompt"] == "blurry"
+    server.wait(job["id"])
+
+
+def test_a_stalled_body_times_out(server):
+    head = (f"POST /v1/videos HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nContent-Length: 5000\r\n"
+            "Content-Type: multipart/form-data; boundary=b\r\n\r\n--b\r\n").encode()
+    reply, seconds = raw_http(server.port, head)
+    assert reply.startswith(b"HTTP/1.1 408") and 1.5 < seconds < 15, (reply[:200], seconds)
+    assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]["message"].startswith("the request body stopped")
+    assert [p.name for p in (server.data_dir / "jobs").iterdir() if p.name.startswith(".")] == []
+
+
+def test_host_and_origin_checks(server):
+    """DNS rebinding (a foreign Host) and cross-site requests (a foreign Origin) are refused; the server's own
+    page and non-browser clients are not."""
+    for headers in ({"Host": "attacker.example"}, {"Host": f"attacker.example:{server.port}"},
+                    {"Origin": "http://attacker.example"}, {"Origin": "null"},
+                    {"Origin": f"http://localhost:{server.port + 1}"}):
+        status, reply = server.json("GET", "/v1/videos", headers=headers)
+        assert status == 403 and reply["error"]["param"] in ("Host", "Origin"), (headers, reply)
+    body, ctype = multipart(FAST, {"image": ("face.png", IMAGE), "audio": ("a.wav", AUDIO)})
+    status, reply = server.json("POST", "/v1/videos", body=body,
+                                headers={"Content-Type": ctype, "Origin": "https://evil.example"})
+    assert status == 403, reply
+    for headers in ({"Host": f"localhost:{server.port}"}, {"Origin": server.base},
+                    {"Host": f"localhost:{server.port}", "Origin": f"http://localhost:{server.port}"}):
+        assert server.json("GET", "/v1/videos", headers=headers)[0] == 200, headers
+
+
+def test_pose_warnings_reach_the_job(server):
+    """A still image as pose (one frame for 12 driven frames): the job completes and says so in ``warnings``."""
+    status, job = server.submit(files={"image": ("face.png", IMAGE), "audio": ("a.wav", AUDIO),
+                                       "pose_video": ("still.mp4", pose_mp4(1, 64))})
+    assert status == 202, job
+    done = server.wait(job["id"])
+    assert done["status"] == "completed", done
+    assert len(done["warnings"]) == 1 and "single frame" in done["warnings"][0], done["warnings"]
+    assert str(server.data_dir) not in done["warnings"][0]
 
 
 # ------------------------------------------------------------------------------------------ web page

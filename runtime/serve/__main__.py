@@ -1,28 +1,153 @@
-"""``python -m runtime.serve``: the HTTP video service (FastAPI + uvicorn, one pipeline, one GPU worker)."""
+"""``python -m runtime.serve``: the HTTP video service (FastAPI + uvicorn, one pipeline, one worker).
+
+Everything that can be wrong with the command line is checked before the worker starts loading: the model
+options, the limits, the API keys, the port (bound here and handed to uvicorn, so "in use" cannot come later),
+the data folder (writable) and its job store (openable). Each refusal is one ``error:`` line and exit 2.
+On SIGTERM/SIGINT the server stops accepting, the worker puts its job back in the queue at the next step and
+is joined before the interpreter exits.
+"""
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import os
+import signal
+import socket
 import sys
+import tempfile
 from pathlib import Path
 
 from runtime.options import add_pipeline_args, check_pipeline_args, pipeline_kwargs
+
+log = logging.getLogger("runtime.serve")
+STOP_GRACE_S = 30.0  # how long a stopping server waits for the worker's current step
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m runtime.serve",
                                 description="Serve Wan2.2-S2V speech-to-video over HTTP (OpenAI-style /v1/videos).")
     add_pipeline_args(p)  # the same model options as runtime.generate (LoRAs, precision, attention, backend, ...)
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface: needs "
+                                                       "an API key, or --no_auth)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--data_dir", required=True, help="where the job table, uploads and videos live (kept across restarts)")
-    p.add_argument("--size", default=None, help="default --size of a job that names none (1280*720; 64*64 for tiny)")
-    p.add_argument("--max_upload_mb", type=float, default=200, help="largest upload per request, all files (413 above)")
-    p.add_argument("--max_audio_s", type=float, default=600, help="longest driving audio in seconds (413 above)")
-    p.add_argument("--max_size", default="1280*720", help="largest output area a job may ask for, as H*W (413 above)")
-    p.add_argument("--max_steps", type=int, default=100, help="largest sample_steps a job may ask for")
+    g = p.add_argument_group("access")
+    g.add_argument("--api_key", action="append", default=[], metavar="KEY",
+                   help="an accepted API key (repeatable; clients send Authorization: Bearer KEY); also S2V_API_KEYS")
+    g.add_argument("--api_keys_file", default=None, metavar="FILE",
+                   help="API keys, one per line as KEY or NAME:KEY (# comments); re-read on SIGHUP")
+    g.add_argument("--no_auth", action="store_true", help="serve a non-loopback --host without API keys (anyone who "
+                                                         "reaches the port can use and read every job)")
+    g.add_argument("--allowed_host", action="append", default=[], metavar="NAME",
+                   help="a Host name browsers may use for this server (default: the --host address, and localhost "
+                        "names for a loopback one; any for 0.0.0.0)")
+    g.add_argument("--allowed_origin", action="append", default=[], metavar="URL",
+                   help="another site whose pages may call this API (e.g. https://tools.example.com)")
+    g = p.add_argument_group("limits")
+    g.add_argument("--size", default=None, help="default --size of a job that names none (1280*720; 64*64 for tiny)")
+    g.add_argument("--max_upload_mb", type=float, default=200, help="largest upload per request, all files (413 above)")
+    g.add_argument("--max_audio_s", type=float, default=600, help="longest driving audio in seconds (413 above)")
+    g.add_argument("--max_size", default="1280*720", help="largest output area a job may ask for, as H*W (413 above)")
+    g.add_argument("--max_steps", type=int, default=100, help="largest sample_steps a job may ask for")
+    g.add_argument("--max_prompt_bytes", type=int, default=4096, help="longest prompt / negative_prompt (413 above)")
+    g.add_argument("--max_pose_size", default="1920*1080", help="largest pose video frame, as H*W (413 above)")
+    g.add_argument("--max_pose_mb", type=float, default=8192,
+                   help="most memory a job's pose video may take once decoded and prepared (413 above)")
+    g.add_argument("--max_queued", type=int, default=1000, help="queued jobs in all (429 above)")
+    g.add_argument("--max_queued_per_key", type=int, default=100, help="queued jobs per API key (429 above)")
+    g.add_argument("--body_timeout_s", type=float, default=30,
+                   help="longest pause while a request body arrives (408 after it)")
+    g = p.add_argument_group("jobs")
+    g.add_argument("--keep_days", type=float, default=None,
+                   help="remove finished jobs and their files this many days after they finished (default: keep)")
+    g.add_argument("--max_attempts", type=int, default=3,
+                   help="runs a job gets when its worker dies under it (kill, crash, OOM) before it is failed")
+    g.add_argument("--lease_s", type=float, default=60,
+                   help="a running job's lease: a job whose worker stopped renewing it for this long runs again")
     p.add_argument("--log_level", default="info")
     return p
+
+
+def _check_numbers(args) -> None:
+    from runtime.errors import InputError
+
+    for name, lo in (("max_upload_mb", 0), ("max_audio_s", 0), ("max_steps", 0), ("max_prompt_bytes", 0),
+                     ("max_pose_mb", 0), ("max_queued", 0), ("max_queued_per_key", 0), ("body_timeout_s", 0),
+                     ("lease_s", 1), ("keep_days", 0), ("max_attempts", 0)):
+        v = getattr(args, name)
+        if v is not None and not v > lo:
+            raise InputError(f"--{name} {v} must be above {lo}")
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound now: a bad or busy port is a start-up error, not a late crash."""
+    from runtime.errors import InputError
+
+    if not 1 <= port <= 65535:
+        raise InputError(f"--port {port} is out of range; use 1..65535")
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                          flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as exc:
+        raise InputError(f"--host {host!r} is not an address of this machine ({exc.strerror}); use 127.0.0.1 or "
+                         "0.0.0.0") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise InputError(f"--port {port} on {host} is in use (another server?); stop it or pick another --port") \
+                from None
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            raise InputError(f"--port {port} needs privileges to bind; use a port above 1023") from None
+        raise InputError(f"cannot listen on {host}:{port} ({exc.strerror}); check --host and --port") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def _open_data_dir(data_dir: str):
+    """The job folders and the store, after checking that the folder is a writable directory."""
+    from runtime.errors import InputError
+
+    from .store import JobFiles, StoreError
+    from .store_sqlite import SQLiteStore
+
+    root = Path(data_dir)
+    where = f"--data_dir {str(root)!r}"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        JobFiles(root).create()
+        with tempfile.NamedTemporaryFile(dir=root, prefix=".write-check-"):
+            pass
+    except FileExistsError:
+        raise InputError(f"{where} is a file, not a folder; pass a folder") from None
+    except OSError as exc:
+        why = {errno.EROFS: "is on a read-only file system", errno.EACCES: "is not writable by this user",
+               errno.ENOTDIR: "is under a file, not a folder", errno.ENOSPC: "is on a full disk"}.get(
+            exc.errno, f"cannot be written ({exc.strerror})")
+        raise InputError(f"{where} {why}; pass a writable folder") from None
+    try:
+        store = SQLiteStore(root)
+    except StoreError as exc:
+        raise InputError(f"{where}: its job database cannot be opened ({exc}); move it aside or pass another "
+                         "--data_dir") from None
+    return JobFiles(root), store
+
+
+def _allowed_hosts(args) -> set[str] | None:
+    from .auth import is_loopback
+
+    if args.allowed_host:
+        return set(args.allowed_host)
+    if args.host in ("0.0.0.0", "::", ""):
+        return None
+    names = {args.host}
+    if is_loopback(args.host):
+        names |= {"localhost", "127.0.0.1", "::1"}
+    return names
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,10 +167,13 @@ def main(argv: list[str] | None = None) -> int:
     from runtime.pipeline import DEFAULT_SIZE, TINY, TINY_SIZE
     from runtime.preprocess import parse_size
 
-    from .store import JobStore
+    from .auth import ENV, KeyRing, is_loopback
+    from .guards import Guard
+    from .janitor import Janitor
     from .uploads import Limits
     from .worker import Worker
 
+    sock = None
     try:
         default_size = args.size or (TINY_SIZE if args.ckpt_dir == TINY else DEFAULT_SIZE)
         max_area = parse_size(args.max_size)
@@ -55,34 +183,86 @@ def main(argv: list[str] | None = None) -> int:
             raise InputError(f"{args.ckpt_dir}: checkpoint folder not found; pass --ckpt_dir pointing at "
                              "Wan2.2-S2V-14B (or 'tiny')")
         check_pipeline_args(args)  # device, backend, FP8, attention, LoRA files: before the worker loads anything
+        _check_numbers(args)
+        pose_area = _area(args.max_pose_size, "--max_pose_size")
+        keys = KeyRing(args.api_key, args.api_keys_file, os.environ.get(ENV))
+        if not keys.enabled and not is_loopback(args.host) and not args.no_auth:
+            raise InputError(f"--host {args.host} is reachable from other machines and no API key is configured; "
+                             "pass --api_key / --api_keys_file (or --no_auth to serve it open)")
+        sock = _bind(args.host, args.port)
+        files, store = _open_data_dir(args.data_dir)
     except S2VError as exc:
+        if sock is not None:
+            sock.close()
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.no_auth and not keys.enabled and not is_loopback(args.host):
+        log.warning("--no_auth: %s is served without API keys; anyone who reaches it can use and read every job",
+                    args.host)
     limits = Limits(max_upload_bytes=int(args.max_upload_mb * (1 << 20)), max_audio_s=args.max_audio_s,
-                    max_area=max_area, max_steps=args.max_steps)
+                    max_area=max_area, max_steps=args.max_steps, max_prompt_bytes=args.max_prompt_bytes,
+                    max_pose_pixels=pose_area,
+                    max_pose_bytes=int(args.max_pose_mb * (1 << 20)))
 
     from runtime.hostmem import release_large_frees
 
     release_large_frees()  # a long-lived process: freed clip buffers must not pile up in the heap
-    store = JobStore(args.data_dir)
-    requeued = store.recover()
-    if requeued:
-        logging.info("requeued %d job(s) that were running when the server stopped: %s", len(requeued),
-                     ", ".join(requeued))
+    janitor = Janitor(store, files, lease_s=args.lease_s, max_attempts=args.max_attempts, keep_days=args.keep_days)
+    janitor.round()  # jobs whose worker died with the last server (a live lease of another server is left alone)
+    try:
+        swept = files.sweep(store.ids())
+        if swept:
+            log.info("removed %d upload folder(s) left by stopped servers", len(swept))
+    except Exception as exc:  # noqa: BLE001 -- tidying is not worth refusing to start
+        log.warning("could not sweep %s: %s", files.jobs_dir, exc)
 
     def load():
         from runtime.pipeline import S2VPipeline
 
         return S2VPipeline.from_pretrained(args.ckpt_dir, **pipeline_kwargs(args))
 
-    worker = Worker(store, load)
+    worker = Worker(store, files, load, limits, lease_s=args.lease_s, label=args.device or "auto")
+    janitor.on_requeue = worker.notify
+    app = create_app(store, files, [worker], limits, default_size, model=_model_name(args.ckpt_dir), keys=keys,
+                     max_queued=args.max_queued, max_queued_per_key=args.max_queued_per_key)
+    app = Guard(app, allowed_hosts=_allowed_hosts(args), allowed_origins=set(args.allowed_origin),
+                body_timeout_s=args.body_timeout_s)
+    if args.api_keys_file:
+        signal.signal(signal.SIGHUP, lambda *_: keys.reload())
+    stopping: list[int] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):  # uvicorn re-raises the signal after its shutdown: land here
+        signal.signal(sig, lambda s, _f: stopping.append(s))
     worker.start()  # loads the pipeline while the API already accepts and queues jobs
-    app = create_app(store, worker, limits, default_size, model=args.ckpt_dir)
+    janitor.start()
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower())
+        config = uvicorn.Config(app, log_level=args.log_level.lower(), lifespan="off")
+        uvicorn.Server(config).run(sockets=[sock])
     finally:
+        janitor.stop()
         worker.stop()
+        worker.join(STOP_GRACE_S)
+        if worker.is_alive():  # still loading, or one step that outlasts the grace: do not wait on native code
+            log.warning("the worker did not stop within %.0fs; exiting without it", STOP_GRACE_S)
+            logging.shutdown()
+            os._exit(0)
+        store.close()
     return 0
+
+
+def _area(value: str, flag: str) -> int:
+    import re
+
+    from runtime.errors import InputError
+
+    m = re.fullmatch(r"\s*([0-9]+)\s*[*x]\s*([0-9]+)\s*", value)
+    if not m or not int(m[1]) * int(m[2]):
+        raise InputError(f"{flag} {value!r} is not H*W (e.g. 1920*1080)")
+    return int(m[1]) * int(m[2])
+
+
+def _model_name(ckpt_dir: str) -> str:
+    """What /health calls the model: the checkpoint folder's name, never its path."""
+    return Path(ckpt_dir.rstrip("/")).name or "model"
 
 
 if __name__ == "__main__":

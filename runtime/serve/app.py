@@ -1,134 +1,287 @@
 """The HTTP API (OpenAI-style ``/v1/videos``) and the web page at ``/``.
 
-Errors are JSON ``{"error": {"message", "type", "param"}}``: 400 for an unusable field or file (``param``
-names it), 413 for anything over the server's limits, 404 for an unknown job, 409 for content that is not
-there yet, 411 for an upload without Content-Length.
+Every error is JSON ``{"error": {"message", "type", "param"}}``: 400 for an unusable field or file (``param``
+names it), 401 for a missing or wrong API key (``code`` "invalid_api_key", OpenAI's shape), 404 for an unknown
+job (or another key's) or route, 405 for a wrong method, 408 for a body that stopped arriving, 409 for content
+that is not there yet, 411 for an upload without Content-Length, 413 for anything over the server's limits,
+429 when the queue (or the caller's share of it) is full, 503 when no worker can run jobs or the store is
+unavailable, 507 when the disk is full, 500 for anything else (details only in the server log).
 """
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import secrets
 from importlib import resources
 from pathlib import Path
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException
 
-from .store import COMPLETED, FINISHED, QUEUED, JobStore
-from .uploads import FILE_FIELDS, Limits, RequestError, check_files, discard, parse_fields, save_upload
-from .worker import Worker
+from .auth import KeyRing
+from .guards import BodyTimeout
+from .store import COMPLETED, FINISHED, QUEUED, JobFiles, JobStore, QueueFull, StoreError
+from .uploads import (FILE_FIELDS, Limits, RequestError, StrictMultiPartParser, check_files, discard, parse_fields,
+                      save_upload)
 
 log = logging.getLogger(__name__)
 
 # Multipart overhead allowed beyond the files themselves (boundaries, headers, text fields).
 _FORM_SLACK = 1 << 20
+_TYPES = {401: "invalid_request_error", 429: "rate_limit_error"}
 
 
-def error(status: int, message: str, param: str | None = None) -> JSONResponse:
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param}}, status_code=status)
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
 
 
-def create_app(store: JobStore, worker: Worker, limits: Limits, default_size: str, model: str) -> FastAPI:
+def error(status: int, message: str, param: str | None = None, code: str | None = None,
+          headers: dict | None = None) -> JSONResponse:
+    kind = _TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
+    body = {"message": message, "type": kind, "param": param}
+    if code is not None:
+        body["code"] = code
+    return JSONResponse({"error": body}, status_code=status, headers=headers)
+
+
+def _disk_full(exc: BaseException) -> bool:
+    return (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)) or \
+        (isinstance(exc, StoreError) and exc.full)
+
+
+def _not_found(job_id: str) -> ApiError:
+    return ApiError(404, f"no video job {job_id!r}; list yours with GET /v1/videos", "id")
+
+
+def create_app(store: JobStore, files: JobFiles, workers: list, limits: Limits, default_size: str, model: str,
+               keys: KeyRing, *, max_queued: int | None = None, max_queued_per_key: int | None = None) -> FastAPI:
     app = FastAPI(title="wan-s2v-trt", description="Wan2.2-S2V speech-to-video: OpenAI-style /v1/videos API",
                   docs_url="/docs", redoc_url=None)
+
+    # ------------------------------------------------------------------ one error format
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError):
+        return error(exc.status, exc.message, exc.param, exc.code, exc.headers)
 
     @app.exception_handler(RequestError)
     async def _request_error(request: Request, exc: RequestError):
         return error(exc.status, exc.message, exc.param)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 404:
+            message = f"no route {request.method} {request.url.path}; the API is /v1/videos (see /docs)"
+        elif exc.status_code == 405:
+            message = f"{request.method} is not allowed on {request.url.path}"
+        else:
+            message = str(exc.detail)
+        return error(exc.status_code, message, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError):
+        first = (exc.errors() or [{}])[0]
+        param = str(first.get("loc", ["", None])[-1])
+        return error(400, f"{param}: {first.get('msg', 'invalid value')}", param)
+
+    @app.exception_handler(StoreError)
+    async def _store_error(request: Request, exc: StoreError):
+        log.error("%s %s: %s", request.method, request.url.path, exc)
+        if exc.full:
+            return error(507, "the server's disk is full; try again later")
+        return error(503, "the job store is unavailable; try again later", headers={"Retry-After": "10"})
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception):
+        if _disk_full(exc):
+            return error(507, "the server's disk is full; try again later")
+        log.exception("%s %s: internal error", request.method, request.url.path)
+        return error(500, f"internal error ({type(exc).__name__}); see the server log")
+
+    def caller(request: Request) -> str:
+        """The caller's owner id ("" without keys); 401 for a missing or wrong key."""
+        if not keys.enabled:
+            return ""
+        key = keys.check(request.headers.get("authorization"))
+        if key is None:
+            given = bool(request.headers.get("authorization"))
+            raise ApiError(401, "Incorrect API key provided" if given else
+                           "You didn't provide an API key; send it as Authorization: Bearer KEY",
+                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        request.state.key_name = key.name
+        return key.owner
+
+    # ------------------------------------------------------------------ routes
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def index():
         return HTMLResponse(resources.files(__package__).joinpath("static/index.html").read_text(encoding="utf-8"))
 
+    def load_failure() -> str | None:
+        """Why no job can run: every worker failed to load (or died); None while one is loading or ready."""
+        if any(w.is_alive() and w.state in ("loading", "ready") for w in workers):
+            return None
+        failed = [w.load_error for w in workers if w.load_error]
+        if failed:
+            return f"the model failed to load ({failed[0]}); the server's operator must fix it and restart it"
+        return "no worker is running; the server's operator must restart it"
+
     @app.get("/health")
     def health():
-        body = {"status": "ok" if worker.state == "ready" else worker.state, "model": model,
-                "queued": store.queued_count(), "running": worker.current}
-        if worker.load_error:
-            body["error"] = worker.load_error
-        return JSONResponse(body, status_code=503 if worker.state == "failed" else 200)
+        described = [w.describe() for w in workers]
+        body = {"model": model, "workers": described,
+                "running": next((w.current for w in workers if w.current), None)}
+        try:
+            body["queued"] = store.count(QUEUED)
+        except StoreError as exc:
+            log.error("health: %s", exc)
+            body.update(status="unavailable", error="the job store is unavailable (see the server log)")
+            return JSONResponse(body, status_code=503)
+        if any(w.alive and not w.store_error for w in workers):
+            body["status"] = "ok"
+            return JSONResponse(body)
+        failure = load_failure()
+        if failure is not None:
+            body.update(status="failed", error=failure)
+        elif any(w.alive for w in workers):
+            body.update(status="unavailable", error="the workers cannot write the job store (disk full?); "
+                                                    "see the server log")
+        else:
+            body["status"] = "loading"
+        return JSONResponse(body, status_code=503)
 
     @app.post("/v1/videos", status_code=202)
     async def create(request: Request):
+        owner = caller(request)
+        failure = load_failure()
+        if failure is not None:
+            return error(503, failure)
         length = request.headers.get("content-length")
         if length is None:
             return error(411, "send the upload with a Content-Length header (curl -F does)")
-        if not length.isdigit() or int(length) > limits.max_upload_bytes + _FORM_SLACK:
+        if not (length.isascii() and length.isdigit()) or int(length) > limits.max_upload_bytes + _FORM_SLACK:
             return error(413, f"request is {length} bytes, over this server's limit of "
                               f"{limits.max_upload_bytes >> 20} MiB of uploads; send smaller files")
         if not request.headers.get("content-type", "").startswith("multipart/form-data"):
             return error(400, "send the job as multipart/form-data (fields image, audio, prompt, ...)")
+        _check_room(owner)  # before reading a large body that could not be queued
+        parser = StrictMultiPartParser(request.headers, request.stream(), max_files=len(FILE_FIELDS), max_fields=64,
+                                       max_text_bytes=max(limits.max_prompt_bytes, 4096) + 1)
         try:
-            form = await request.form(max_files=len(FILE_FIELDS), max_fields=64)
-        except Exception as exc:  # noqa: BLE001 -- malformed multipart
-            return error(400, f"unreadable multipart body ({exc})")
-        job_id, folder = store.new_job_dir()
+            form = await parser.parse()
+        except BodyTimeout:
+            return error(408, "the request body stopped arriving; send it again", headers={"Connection": "close"})
+        except MultiPartException as exc:
+            return error(400, f"unreadable multipart body ({exc.message})")
+        job_id = "video_" + secrets.token_hex(12)
+        folder = None
         try:
             try:
-                text, files, budget = {}, {}, limits.max_upload_bytes
+                folder = files.new_upload_dir(job_id)
+                text, saved, budget = {}, {}, limits.max_upload_bytes
                 for name, value in form.multi_items():
                     if isinstance(value, UploadFile):
                         if name not in FILE_FIELDS:
                             raise RequestError(name, f"unknown file field {name!r}; send image, audio, pose_video")
-                        if name in files:
+                        if name in saved:
                             raise RequestError(name, f"file field {name!r} sent twice; send it once")
-                        saved, size = save_upload(value, name, folder, budget)
-                        files[name], budget = saved, budget - size
+                        path, size = await asyncio.to_thread(save_upload, value, name, folder, budget)
+                        saved[name], budget = path, budget - size
                     elif name in FILE_FIELDS:
                         raise RequestError(name, f"{name} must be a file upload (curl: -F {name}=@path)")
                     else:
                         text[name] = value
                 params = parse_fields(text, limits, default_size)
                 # Decoding checks are CPU work: keep the event loop answering meanwhile.
-                await asyncio.to_thread(check_files, folder, files, limits)
+                audio_s = await asyncio.to_thread(check_files, folder, saved, limits, params)
             finally:
                 await form.close()
             params["max_audio_s"] = limits.max_audio_s  # the limit the upload was checked against
-            params["files"] = {k: str(v) for k, v in files.items()}
-            job = store.add(job_id, folder, params)
-        except BaseException:
+            params["audio_s"] = round(audio_s, 3)
+            params["files"] = {k: str(v) for k, v in saved.items()}
+            files.publish(folder, job_id)
+            folder = files.job_dir(job_id)
+            job = store.add(job_id, owner, params, max_queued=max_queued, max_queued_per_owner=max_queued_per_key)
+        except QueueFull as exc:
             discard(folder)
+            return _queue_full(exc)
+        except (OSError, StoreError) as exc:
+            if folder is not None:
+                discard(folder)
+            if _disk_full(exc):
+                log.error("POST /v1/videos: disk full (%s)", exc)
+                return error(507, "the server's disk is full; try again later")
             raise
-        worker.notify()
-        log.info("job %s: queued", job_id)
+        except BaseException:
+            if folder is not None:
+                discard(folder)
+            raise
+        for w in workers:
+            w.notify()
+        log.info("job %s: queued by %s", job_id, getattr(request.state, "key_name", "anonymous"))
         return JSONResponse(job.public(), status_code=202)
 
+    def _check_room(owner: str) -> None:
+        if max_queued is not None and store.count(QUEUED) >= max_queued:
+            raise _queue_full_error(QueueFull(max_queued, per_owner=False))
+        if max_queued_per_key is not None and store.count(QUEUED, owner) >= max_queued_per_key:
+            raise _queue_full_error(QueueFull(max_queued_per_key, per_owner=True))
+
+    def _queue_full_error(exc: QueueFull) -> ApiError:
+        who = "your API key has" if exc.per_owner else "the server has"
+        return ApiError(429, f"{who} {exc.limit} jobs queued already (the limit); wait for some to finish",
+                        code="queue_full", headers={"Retry-After": "30"})
+
+    def _queue_full(exc: QueueFull) -> JSONResponse:
+        e = _queue_full_error(exc)
+        return error(e.status, e.message, e.param, e.code, e.headers)
+
     @app.get("/v1/videos")
-    def list_jobs(limit: int = 100):
-        return {"object": "list", "data": [j.public() for j in store.list(max(1, min(limit, 1000)))]}
+    def list_jobs(request: Request, limit: str = "100"):
+        owner = caller(request)
+        if not (limit.isascii() and limit.isdigit()) or not 1 <= int(limit) <= 1000:
+            raise ApiError(400, f"limit={limit!r}; use an integer 1..1000", "limit")
+        return {"object": "list", "data": [j.public(detail=False) for j in store.list(owner, int(limit))]}
 
     @app.get("/v1/videos/{job_id}")
-    def get_job(job_id: str):
-        job = store.get(job_id)
+    def get_job(request: Request, job_id: str):
+        job = store.get(job_id, caller(request))
         if job is None:
-            return error(404, f"no video job {job_id!r}; list them with GET /v1/videos", "id")
+            raise _not_found(job_id)
         return job.public()
 
     @app.get("/v1/videos/{job_id}/content")
-    def content(job_id: str):
-        job = store.get(job_id)
+    def content(request: Request, job_id: str):
+        job = store.get(job_id, caller(request))
         if job is None:
-            return error(404, f"no video job {job_id!r}; list them with GET /v1/videos", "id")
-        path: Path = store.video_path(job_id)
+            raise _not_found(job_id)
+        path: Path = files.video_path(job_id)
         if job.status != COMPLETED or not path.is_file():
-            return error(409, f"video job {job_id} is {job.status}, not completed; poll GET /v1/videos/{job_id}")
+            raise ApiError(409, f"video job {job_id} is {job.status}, not completed; poll GET /v1/videos/{job_id}")
         return FileResponse(path, media_type="video/mp4", filename=f"{job_id}.mp4", content_disposition_type="inline")
 
     @app.delete("/v1/videos/{job_id}")
-    def delete(job_id: str):
-        job = store.get(job_id)
+    def delete(request: Request, job_id: str):
+        owner = caller(request)
+        job = store.get(job_id, owner)
         if job is None:
-            return error(404, f"no video job {job_id!r}; list them with GET /v1/videos", "id")
+            raise _not_found(job_id)
         if job.status in FINISHED:
-            if store.delete(job_id):
+            if store.delete(job_id, owner):
+                files.remove(job_id)
                 return {"id": job_id, "object": "video", "deleted": True}
-        elif store.cancel(job_id):
-            worker.cancel(job_id)  # the worker stops after its current step
+        elif store.cancel(job_id, owner):
+            for w in workers:
+                w.cancel(job_id)  # a local worker stops after its current step (a remote one at its heartbeat)
             if job.status == QUEUED:
-                store.remove_inputs(job_id)
-            return store.get(job_id).public()
-        return get_job(job_id)  # it finished meanwhile: report what it is now
+                files.remove_inputs(job_id)
+            return store.get(job_id, owner).public()
+        return get_job(request, job_id)  # it finished meanwhile: report what it is now
 
     return app

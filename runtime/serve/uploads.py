@@ -2,22 +2,30 @@
 
 Every problem becomes a :class:`RequestError` naming the form field; the API turns it into a JSON error with
 status 400 (unusable) or 413 (over a limit). Files are decoded once here with the same loaders the pipeline
-uses, so a job that enters the queue does not fail later on its inputs.
+uses, so a job that enters the queue does not fail later on its inputs. Messages never name server paths
+(:func:`scrub`). Text fields must be UTF-8 and numbers ASCII digits; the multipart body is parsed by
+:class:`StrictMultiPartParser` (Starlette's, with those rules and a size cap on text fields).
 """
 from __future__ import annotations
 
 import math
 import random
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from starlette.formparsers import MultiPartParser
 
 from runtime.config import MAX_SEED, RUN, SOLVERS
 from runtime.errors import InputError
 
 FILE_FIELDS = ("image", "audio", "pose_video")
 _SUFFIX_MAX = 8
+_INT = re.compile(r"[0-9]+\Z")
+_FLOAT = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?\Z")
+POSE_FPS = 16
 
 
 @dataclass(frozen=True)
@@ -27,6 +35,9 @@ class Limits:
     max_area: int = 1280 * 720             # output pixels (the --size area)
     max_steps: int = 100
     max_infer_frames: int = 160
+    max_prompt_bytes: int = 4096           # prompt and negative_prompt, UTF-8 bytes each
+    max_pose_pixels: int = 1920 * 1080     # per pose frame (they are resized to the output anyway)
+    max_pose_bytes: int = 8 << 30          # what the pipeline holds for the pose: source frames and prepared tensor
 
 
 class RequestError(Exception):
@@ -45,6 +56,11 @@ def parse_fields(form: dict[str, str], limits: Limits, default_size: str) -> dic
         if name not in known:
             raise RequestError(name, f"unknown field {name!r}; accepted: image, audio, pose_video, "
                                      f"{', '.join(sorted(known))}")
+    for name in ("prompt", "negative_prompt"):
+        n = len(form.get(name, "").encode())
+        if n > limits.max_prompt_bytes:
+            raise RequestError(name, f"{name} is {n} bytes, over this server's limit of {limits.max_prompt_bytes}; "
+                                     "send a shorter text", 413)
     out: dict[str, Any] = {
         "prompt": form.get("prompt", ""),
         "negative_prompt": form.get("negative_prompt", ""),
@@ -73,9 +89,10 @@ def parse_fields(form: dict[str, str], limits: Limits, default_size: str) -> dic
     return out
 
 
-def check_files(folder: Path, files: dict[str, Path], limits: Limits) -> None:
-    """Decode each saved upload with the pipeline's own loaders; raise RequestError naming the bad one."""
-    from runtime.media import load_audio, load_image, read_pose_frames
+def check_files(folder: Path, files: dict[str, Path], limits: Limits, params: dict[str, Any]) -> float:
+    """Decode each saved upload with the pipeline's own loaders; raise RequestError naming the bad one (and no
+    server path). Returns the audio's length in seconds."""
+    from runtime.media import load_audio, load_image
 
     for name in ("image", "audio"):
         if name not in files:
@@ -83,7 +100,7 @@ def check_files(folder: Path, files: dict[str, Path], limits: Limits) -> None:
     try:
         load_image(folder / files["image"], draft=(2048, 2048))
     except InputError as exc:
-        raise RequestError("image", str(exc)) from None
+        raise RequestError("image", scrub(str(exc), folder, files)) from None
     try:
         # The loader refuses audio over the limit before decoding it when the container declares its length.
         clip = load_audio(folder / files["audio"], max_seconds=limits.max_audio_s)
@@ -91,15 +108,75 @@ def check_files(folder: Path, files: dict[str, Path], limits: Limits) -> None:
         if "s limit" in str(exc):
             raise RequestError("audio", f"audio is over this server's limit of {limits.max_audio_s:g} s "
                                         "(--max_audio_s); send a shorter recording", 413) from None
-        raise RequestError("audio", str(exc)) from None
+        raise RequestError("audio", scrub(str(exc), folder, files)) from None
     if clip.native_duration_s > limits.max_audio_s:  # the loader's own rounding aside, the same limit
         raise RequestError("audio", f"audio lasts {clip.native_duration_s:.1f} s, over this server's limit of "
                                     f"{limits.max_audio_s:g} s (--max_audio_s); send a shorter recording", 413)
     if "pose_video" in files:
-        try:
-            read_pose_frames(folder / files["pose_video"], 1)
-        except InputError as exc:
-            raise RequestError("pose_video", str(exc)) from None
+        check_pose(folder / files["pose_video"], clip.native_duration_s, params, limits)
+    return clip.native_duration_s
+
+
+def check_pose(path: Path, audio_s: float, params: dict[str, Any], limits: Limits) -> None:
+    """Bound the pose video's cost before any frame is decoded (at upload and again in the worker): frames of at
+    most ``max_pose_pixels``, and the bytes the pipeline would hold for them (the frames it reads at source size,
+    and the prepared float32 pose at the output size for every clip) within ``max_pose_bytes``. The stream is
+    demuxed, not decoded; one frame is decoded to check that it is a readable video."""
+    import av
+
+    from runtime.media import read_pose_frames
+    from runtime.preprocess import parse_size
+
+    name = "pose_video"
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise RequestError(name, "pose_video has no video stream; send a pose video (mp4/mkv)")
+            stream = container.streams.video[0]
+            w, h = stream.codec_context.width, stream.codec_context.height
+            if w * h > limits.max_pose_pixels:
+                raise RequestError(name, f"pose_video frames are {w}x{h} px, over this server's limit of "
+                                         f"{limits.max_pose_pixels:,} px per frame; downscale it (its frames are "
+                                         "resized to the output size anyway)", 413)
+            rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+            interval = max(1, round(float(rate) / POSE_FPS)) if rate else 1
+            frames_f = int(params.get("infer_frames", RUN.infer_frames))
+            clips = math.floor(audio_s * POSE_FPS / frames_f) + 2        # the official count, with a margin
+            if params.get("num_clip"):
+                clips = min(clips, int(params["num_clip"]))
+            total = clips * frames_f                                      # pose frames the pipeline prepares
+            packets = 0
+            for packet in container.demux(stream):
+                if packet.size:
+                    packets += 1
+                    if packets >= total * interval:
+                        break
+    except RequestError:
+        raise
+    except Exception as exc:  # noqa: BLE001 -- any demuxer failure is an unreadable upload
+        raise RequestError(name, f"pose_video is not a readable video ({type(exc).__name__}); re-encode it as "
+                                 "H.264 mp4") from None
+    read = min(total, -(-packets // interval))
+    need = read * w * h * 3 * 2 + total * parse_size(params["size"]) * 4 * 3 * 2   # list + stack; tensor + pad copy
+    if need > limits.max_pose_bytes:
+        raise RequestError(name, f"pose_video would take about {need >> 20} MiB to prepare for this audio, over "
+                                 f"this server's limit of {limits.max_pose_bytes >> 20} MiB; send a pose video with "
+                                 "smaller frames, a shorter audio, or a smaller size", 413)
+    try:
+        read_pose_frames(path, 1)
+    except InputError as exc:
+        raise RequestError(name, scrub(str(exc), path.parent, {name: path.name})) from None
+
+
+def scrub(message: str, folder: Path, files: dict[str, Any], root: Path | None = None) -> str:
+    """``message`` without server paths: an input file's path becomes its field name, the job folder and the data
+    folder become placeholders."""
+    for field, name in files.items():
+        message = message.replace(str(Path(folder) / name), field)
+    message = message.replace(str(folder), "<job folder>")
+    if root is not None:
+        message = message.replace(str(root), "<data_dir>")
+    return message
 
 
 def save_upload(upload, field: str, folder: Path, budget: int) -> tuple[Path, int]:
@@ -134,6 +211,9 @@ def _number(form, name, default, lo, hi, cast, what):
     raw = form.get(name)
     if raw is None or not raw.strip():
         return default
+    # ASCII digits only: Python's int()/float() also take "1_000", "٣", "nan" and "inf".
+    if not (_INT if cast is int else _FLOAT).match(raw.strip()):
+        raise RequestError(name, f"{name}={raw!r} is not {what} (ASCII digits)")
     try:
         v = cast(raw.strip())
     except ValueError:
@@ -159,3 +239,30 @@ def _bool(form, name) -> bool:
     if raw in ("0", "false", "no", "off", ""):
         return False
     raise RequestError(name, f"{name}={raw!r} is not a boolean; use true or false")
+
+
+class StrictMultiPartParser(MultiPartParser):
+    """Starlette's multipart parser with the rules of this API: text fields are UTF-8 (Starlette falls back to
+    latin-1 silently) and at most ``max_text_bytes`` each (413, naming the field)."""
+
+    def __init__(self, *args, max_text_bytes: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.max_text_bytes = max_text_bytes
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        part = self._current_part
+        if part.file is None and len(part.data) + end - start > self.max_text_bytes:
+            raise RequestError(part.field_name, f"{part.field_name} is over this server's limit of "
+                                                f"{self.max_text_bytes} bytes for a text field; send a shorter text", 413)
+        super().on_part_data(data, start, end)
+
+    def on_part_end(self) -> None:
+        part = self._current_part
+        if part.file is not None:
+            return super().on_part_end()
+        try:
+            value = bytes(part.data).decode("utf-8")
+        except UnicodeDecodeError:
+            raise RequestError(part.field_name, f"{part.field_name} is not valid UTF-8; send text fields as UTF-8") \
+                from None
+        self.items.append((part.field_name, value))
