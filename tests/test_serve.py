@@ -59,25 +59,29 @@ def multipart(fields: dict[str, str], files: dict[str, tuple[str, bytes]]) -> tu
 
 
 class Server:
-    def __init__(self, data_dir: Path, *extra: str):
-        self.data_dir, self.extra = data_dir, extra
+    def __init__(self, data_dir: Path, *extra: str, prefix: tuple[str, ...] = (), env: dict | None = None,
+                 key: str | None = None, ckpt_dir: str = "tiny", log: Path | None = None):
+        self.data_dir, self.extra, self.prefix, self.env, self.key = data_dir, extra, prefix, env, key
+        self.ckpt_dir = ckpt_dir
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.proc = None
-        self.log = data_dir.parent / f"{data_dir.name}-server.log"
+        self.log = log or data_dir.parent / f"{data_dir.name}-server.log"
 
-    def start(self) -> "Server":
-        cmd = [sys.executable, "-m", "runtime.serve", "--ckpt_dir", "tiny", "--host", "127.0.0.1",
+    def start(self, until: str = "ok") -> "Server":
+        """Start the process and wait until /health says ``until`` (e.g. "failed" for a model that cannot load)."""
+        cmd = [*self.prefix, sys.executable, "-m", "runtime.serve", "--ckpt_dir", self.ckpt_dir, "--host", "127.0.0.1",
                "--port", str(self.port), "--data_dir", str(self.data_dir), "--device", "cpu", *self.extra]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT,
+                                     env=None if self.env is None else {**os.environ, **self.env})
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, f"server exited early:\n{self.log.read_text()[-3000:]}"
             try:
                 status, _, body = self.request("GET", "/health")
-                if status == 200 and json.loads(body)["status"] == "ok":
+                if json.loads(body)["status"] == until:
                     return self
-            except OSError:
+            except (OSError, ValueError, KeyError):
                 pass
             time.sleep(0.3)
         raise AssertionError(f"server not ready in {START_TIMEOUT_S}s:\n{self.log.read_text()[-3000:]}")
@@ -92,7 +96,10 @@ class Server:
                 self.proc.wait()
 
     def request(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
-        req = urllib.request.Request(self.base + path, data=body, method=method, headers=headers or {})
+        headers = dict(headers or {})
+        if self.key is not None and path != "/health":
+            headers.setdefault("Authorization", f"Bearer {self.key}")
+        req = urllib.request.Request(self.base + path, data=body, method=method, headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=60) as r:
                 return r.status, dict(r.headers), r.read()
