@@ -23,6 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from export.files import check_out, inside
+from runtime.quoting import shown
+
 log = logging.getLogger("export.build")
 EXIT_NO_TRT = 3
 
@@ -106,6 +109,7 @@ def export_and_check_dit(args, device, report: dict) -> Path:
 
     to_fp16(model, audit.keep_fp32)
     onnx_path = Path(args.out) / "onnx" / "dit" / "model.onnx"
+    inside(onnx_path.parent, args.out)  # checked again right before writing (the folder may have been replaced)
     stats = export_dit(model, onnx_path, graph_inputs(ex))
     write_onnx_manifest(onnx_path, "dit", args.precision, args.ckpt_dir, keep_fp32=audit.keep_fp32,
                         loras=args.lora_identity)
@@ -115,7 +119,7 @@ def export_and_check_dit(args, device, report: dict) -> Path:
     ops = check_graph(graph)
     report["dit_ops"] = ops.describe()
     if not ops.ok:
-        raise SystemExit(f"error: {onnx_path}: {ops.describe()}")
+        raise SystemExit(f"error: {shown(onnx_path)}: {ops.describe()}")
     if ref is not None and not args.save_check:
         import onnxruntime as ort
 
@@ -148,11 +152,12 @@ def export_and_check_vae(args, device, report: dict) -> list[Path]:
     h, w = args.vae_check_size
     for kind in GRAPHS:
         path = Path(args.out) / "onnx" / "vae" / f"{kind}.onnx"
+        inside(path.parent, args.out)
         stats = export_vae_graph(vae, kind, path, h, w)
         write_onnx_manifest(path, f"vae_{kind}", "fp32", args.ckpt_dir)
         ops = check_graph(onnx.load(str(path), load_external_data=False))
         if not ops.ok:
-            raise SystemExit(f"error: {path}: {ops.describe()}")
+            raise SystemExit(f"error: {shown(path)}: {ops.describe()}")
         if not args.no_validate:
             xs = example(vae, kind, h, w, seed=1)
             with torch.no_grad():
@@ -189,7 +194,7 @@ def build_engines(args, dit_onnx: Path | None, vae_onnx: list[Path], report: dic
     from export import trt as trtw
     from export.manifest import checkpoint_identity, engine_key, onnx_sha256, write_manifest
     from export.profiles import FRAMES, dit_profiles, vae_profile
-    from runtime.engines import io_mismatch, onnx_manifest_path, read_manifest, sha256_file
+    from runtime.manifest import io_mismatch, onnx_manifest_path, read_manifest, sha256_file
 
     flavor = trtw.select_flavor(args.trt)
     gpu = gpu_cc = None
@@ -221,8 +226,8 @@ def build_engines(args, dit_onnx: Path | None, vae_onnx: list[Path], report: dic
                   "profiles": profile_dicts, "flags": flags, "io": onnx_manifest["io"],
                   "loras": onnx_manifest.get("loras") or []}
         if fields["onnx_sha256"] != onnx_manifest["onnx_sha256"]:
-            raise SystemExit(f"error: {onnx_path} changed after it was exported; re-run export.build")
-        folder = out / component / engine_key(fields)
+            raise SystemExit(f"error: {shown(onnx_path)} changed after it was exported; re-run export.build")
+        folder = inside(out / component / engine_key(fields), out)
         stats = trtw.build_engine(flavor, onnx_path, folder / "engine.plan", profile_shapes, compute_capabilities=ccs,
                                   opt_level=args.opt_level, timing_cache=cache, tf32=tf32,
                                   strip_plan=args.strip_plan and component == "dit")
@@ -231,8 +236,8 @@ def build_engines(args, dit_onnx: Path | None, vae_onnx: list[Path], report: dic
         if why:  # the parser renamed, retyped or reshaped an input/output: the runtime binds by the ONNX's
             raise SystemExit(f"error: {component} engine I/O differs from the ONNX graph ({why})")
         write_manifest(folder, {**fields, **stats, "plan_sha256": sha256_file(folder / "engine.plan"),
-                                "onnx_path": str(onnx_path.relative_to(out)), "parser_errors": 0})
-        log.info("%s engine: %s (%s)", component, folder, stats)
+                                "onnx_path": str(onnx_path.relative_to(out))})
+        log.info("%s engine: %s (%s)", component, shown(folder), stats)
         report.setdefault("engines", []).append({"component": component, "folder": str(folder), **stats})
 
 
@@ -290,9 +295,17 @@ def main(argv=None) -> int:
         print(f"error: --components {args.components!r}: unknown component(s) {', '.join(unknown) or '(none given)'}; "
               "choose from dit, vae (comma-separated)", file=sys.stderr)
         return 2
-    report: dict = {"command": "python -m export.build " + " ".join(sys.argv[1:] if argv is None else argv)}
     from export.files import write_text
     from runtime.errors import S2VError
+
+    try:  # a bad --out fails now, in one line, before the model loads
+        from export.onnx_vae import GRAPHS
+
+        check_out(args.out, ["onnx/dit", "onnx/vae", "dit"] + [f"vae_{g}" for g in GRAPHS])
+    except S2VError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    report: dict = {"command": "python -m export.build " + " ".join(sys.argv[1:] if argv is None else argv)}
 
     class Terminated(BaseException):
         pass
@@ -332,17 +345,17 @@ def main(argv=None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         write_text(out / "export_report.json", json.dumps(report, indent=2, default=str) + "\n")
         if args.onnx_only:
-            print(f"ONNX written to {out / 'onnx'} (report: {out / 'export_report.json'})")
+            print(f"ONNX written to {shown(out / 'onnx')} (report: {shown(out / 'export_report.json')})")
             return 0
         from export import trt as trtw
 
         ok, why = trtw.available(args.trt)
         if not ok:
-            print(f"ONNX written to {out / 'onnx'}; engines not built: {why}", file=sys.stderr)
+            print(f"ONNX written to {shown(out / 'onnx')}; engines not built: {why}", file=sys.stderr)
             return EXIT_NO_TRT
         build_engines(args, dit_onnx, vae_onnx, report)
         write_text(out / "export_report.json", json.dumps(report, indent=2, default=str) + "\n")
-        print(f"engines written under {out}")
+        print(f"engines written under {shown(out)}")
         return 0
     except S2VError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -15,6 +15,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from runtime.errors import ConfigError
+from runtime.quoting import shown
+
 
 def _new_temp(dest: Path) -> tuple[int, Path]:
     for _ in range(16):
@@ -60,6 +63,38 @@ def staged(dest: str | Path):
             os.replace(f, dest.parent / f.name)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def inside(folder: str | Path, root: str | Path) -> Path:
+    """``folder`` (existing or not) when its existing part resolves inside ``root``; a symlinked folder leading out
+    of ``root`` is refused (writing through it would overwrite files elsewhere)."""
+    folder, base = Path(folder), Path(root).resolve()
+    real = folder.resolve()
+    if real != base and base not in real.parents:
+        raise ConfigError(f"{shown(folder)} leads out of the output folder {shown(root)} (symlink to {shown(real)}); "
+                          "refused; remove the link or choose another --out")
+    return folder
+
+
+def check_out(out: str | Path, folders=()) -> Path:
+    """Early checks of an output folder: a folder (or creatable in a writable folder), and none of the ``folders``
+    (relative to it) the export will write in a symlink leading out of it. (Links elsewhere in it are never
+    written through: files are replaced by a rename, and temporaries get fresh random names.)"""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {shown(out)} is not a folder; choose a folder (it is created if missing)")
+    parent = out
+    while not parent.exists():
+        if parent.is_symlink():
+            raise ConfigError(f"--out {shown(out)}: {shown(parent)} is a dangling symbolic link; choose another --out")
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"--out {shown(out)}: {shown(parent)} is not a folder; choose another --out")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {shown(out)}: {shown(parent)} is not writable; choose another --out")
+    for rel in folders:
+        inside(out / rel, out)
+    return out
 
 
 def read_regular(path: str | Path) -> bytes | None:

@@ -1,4 +1,4 @@
-"""Writing manifests (the reading side, keys and checks are ``runtime.engines``, shared with the backends).
+"""Writing manifests (the reading side, keys and checks are ``runtime.manifest``, shared with the backends).
 
 An ONNX graph ``<stem>.onnx`` gets ``<stem>.manifest.json`` beside it; an engine folder ``<component>/<key>/``
 gets ``manifest.json``. Both are written atomically with their ``key``.
@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 from export.files import write_text
-from runtime.engines import (checkpoint_identity, engine_key, onnx_manifest_path, onnx_sha256,  # noqa: F401
-                             sha256_file)
+from runtime.manifest import (checkpoint_identity, engine_key, onnx_manifest_path, onnx_sha256,  # noqa: F401
+                              sha256_file)
 
 _ONNX_DTYPES = {1: "float32", 10: "float16", 16: "bfloat16", 7: "int64", 6: "int32", 9: "bool", 11: "float64"}
 

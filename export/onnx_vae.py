@@ -12,9 +12,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from runtime.backends.vae_graphs import VAE_GRAPHS as GRAPHS  # noqa: F401  (the names the runtime loads)
 from runtime.models.vae import WanVAE
-
-GRAPHS = ("decoder_first", "decoder_step", "encoder_first", "encoder_step")
 
 
 class _Graph(nn.Module):

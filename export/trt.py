@@ -19,7 +19,8 @@ from pathlib import Path
 
 from export.files import read_regular, write_bytes
 from runtime.errors import BackendUnavailable, ConfigError
-from runtime.trt_runtime import INSTALL, MODULES, RTX_COMPUTE_CAPABILITIES, dtype_name, import_runtime
+from runtime.quoting import shown
+from runtime.backends.trt_backend import INSTALL, MODULES, RTX_COMPUTE_CAPABILITIES, dtype_name, import_runtime
 
 CHOICES = ("auto", "tensorrt", "tensorrt-rtx")
 
@@ -124,7 +125,7 @@ def parse(flavor: Flavor, onnx_path: str | Path, logger=None):
         for i in range(parser.num_errors):
             e = parser.get_error(i)
             errors.append(f"node {e.node_name() or e.node()} ({e.node_operator()}): {e.desc()}")
-        raise ConfigError(f"{flavor.name} {flavor.version} could not parse {onnx_path}: " + " | ".join(errors[:3] or ["?"]))
+        raise ConfigError(f"{flavor.name} {flavor.version} could not parse {shown(onnx_path)}: " + " | ".join(errors[:3] or ["?"]))
     return builder, network, parser
 
 
@@ -161,7 +162,7 @@ def build_engine(flavor: Flavor, onnx_path: str | Path, plan_path: str | Path, p
         for name, (lo, opt, hi) in shapes.items():
             prof.set_shape(name, lo, opt, hi)
         if not prof:
-            raise ConfigError(f"invalid optimization profile for {onnx_path}: {shapes}")
+            raise ConfigError(f"invalid optimization profile for {shown(onnx_path)}: {shapes}")
         config.add_optimization_profile(prof)
     if flavor.timing_cache and timing_cache:
         cache = config.create_timing_cache(read_regular(timing_cache) or b"")  # a planted symlink is not read
@@ -169,13 +170,13 @@ def build_engine(flavor: Flavor, onnx_path: str | Path, plan_path: str | Path, p
     t0 = time.perf_counter()
     plan = builder.build_serialized_network(network, config)
     if plan is None:
-        raise ConfigError(f"{flavor.name} failed to build an engine from {onnx_path} (see the log above)")
+        raise ConfigError(f"{flavor.name} failed to build an engine from {shown(onnx_path)} (see the log above)")
     build_s = time.perf_counter() - t0
     write_bytes(plan_path, plan)
     if flavor.timing_cache and timing_cache:
         write_bytes(timing_cache, config.get_timing_cache().serialize())
     return {"parse_s": round(parse_s, 1), "build_s": round(build_s, 1), "plan_bytes": Path(plan_path).stat().st_size,
-            "io": _io(network, flavor)}
+            "network_layers": network.num_layers, "io": _io(network, flavor)}
 
 
 __all__ = ["CHOICES", "Flavor", "MODULES", "available", "build_engine", "parse", "select_flavor", "targets"]

@@ -34,7 +34,7 @@ import torch
 
 from runtime import lora
 from runtime.checkpoint import dit_weight_files
-from runtime.engines import checkpoint_identity
+from runtime.manifest import checkpoint_identity
 from runtime.errors import ConfigError, InputError
 from runtime.media.atomic import write_file
 

@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 
 from runtime.checkpoint import read_safetensors_header
-from runtime.engines import sha256_file
+from runtime.manifest import sha256_file
 from runtime.errors import ConfigError
 
 log = logging.getLogger(__name__)

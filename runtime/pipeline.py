@@ -153,7 +153,7 @@ class S2VPipeline:
                  t5_cpu: bool = False, offload_model: bool = False, name: str = "", engines_dir: str = "engines",
                  attention: str = "auto", precision: str | None = None, parallel=None, loras=None):
         from runtime import parallel as par
-        from runtime.backends import make_backend, resolve_backend
+        from runtime.backends import make_backend, make_vae, resolve_backend
         from runtime.sampler import S2VSampler
 
         self.dit, self.vae, self.text_encoder, self.audio_encoder = dit, vae, text_encoder, audio_encoder
@@ -178,7 +178,9 @@ class S2VPipeline:
         if parallel is not None and parallel.cfg_parallel:
             self.backend = par.CFGParallelDiT(self.backend, parallel)
         # The official offload_model moves the DiT to the GPU for each clip's denoising only.
-        self.sampler = S2VSampler(self.backend, vae, device, offload=offload_model)
+        # The engine backends run the VAE through its exported graphs too (the PyTorch VAE otherwise).
+        sampler_vae = make_vae(backend, vae, engines_dir=engines_dir, checkpoint=name or None)
+        self.sampler = S2VSampler(self.backend, sampler_vae, device, offload=offload_model)
         if offload_model:
             self.sampler.move_dit("cpu")
         self._lock = threading.Lock()

@@ -18,7 +18,7 @@ from export.onnx_vae import GRAPHS, _Graph, example
 from export.profiles import covers, dit_profiles, extra_tokens, reachable_sizes
 from export.trt_ops import SUPPORTED, check_graph
 from runtime.config import DiTConfig
-from runtime import engines as eng
+from runtime import manifest as eng
 from runtime.errors import BackendUnavailable, ConfigError, EngineMismatch
 from runtime.models.dit import ClipConditions, build_dit
 from runtime.tiny import tiny_vae
@@ -247,14 +247,17 @@ def test_symlinks_out_of_the_engines_folder_are_refused(tmp_path):
 
 
 def test_onnx_hash_covers_external_data(tmp_path):
-    (tmp_path / "m.onnx").write_bytes(b"graph")
-    (tmp_path / "m.onnx.data").write_bytes(b"weights")
+    from tests.test_hardening import _graph_with_external_data
+
+    path = _graph_with_external_data(tmp_path)          # m.onnx + the m.onnx.data it references
     (tmp_path / "m.manifest.json").write_text("{}")
-    h1 = mf.onnx_sha256(tmp_path / "m.onnx")
+    h1 = mf.onnx_sha256(path)
     (tmp_path / "m.manifest.json").write_text('{"a": 1}')  # the manifest beside it is not part of the graph
-    assert mf.onnx_sha256(tmp_path / "m.onnx") == h1
-    (tmp_path / "m.onnx.data").write_bytes(b"weightz")
-    assert mf.onnx_sha256(tmp_path / "m.onnx") != h1
+    assert mf.onnx_sha256(path) == h1
+    data = bytearray((tmp_path / "m.onnx.data").read_bytes())
+    data[0] ^= 1
+    (tmp_path / "m.onnx.data").write_bytes(bytes(data))
+    assert mf.onnx_sha256(path) != h1
 
 
 def test_onnx_only_output_has_manifests_matching_the_graphs(built):
@@ -298,9 +301,9 @@ def test_atomic_writer_replaces_a_planted_link_and_never_reads_through_one(tmp_p
 
 # ------------------------------------------------------------------------------------------ TensorRT
 def test_build_without_tensorrt_stops_after_onnx_with_one_line(tmp_path, capsys, monkeypatch):
-    from runtime import trt_runtime
+    from runtime.backends import trt_backend
 
-    monkeypatch.setattr(trt_runtime, "MODULES", {"tensorrt": "no_such_tensorrt", "tensorrt-rtx": "no_such_rtx"})
+    monkeypatch.setattr(trt_backend, "MODULES", {"tensorrt": "no_such_tensorrt", "tensorrt-rtx": "no_such_rtx"})
     code = build_main(["--ckpt_dir", "tiny", "--out", str(tmp_path), "--components", "dit", "--no-validate"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == EXIT_NO_TRT
@@ -320,6 +323,7 @@ def engine_manifests(built) -> dict[str, dict]:
 def test_cpu_built_engines_and_their_manifests(built):
     import tensorrt_rtx_bindings
 
+    flavor = trtw.select_flavor("tensorrt-rtx")
     found = engine_manifests(built)
     assert sorted(found) == ["dit"] + [f"vae_{k}" for k in sorted(GRAPHS)]
     for component, m in found.items():
@@ -327,7 +331,9 @@ def test_cpu_built_engines_and_their_manifests(built):
         onnx_path = built / m["onnx_path"]
         assert m["runtime"] == "tensorrt-rtx" and m["runtime_version"] == tensorrt_rtx_bindings.__version__
         assert m["compute_capabilities"] == ["8.0", "8.6", "8.9", "12.0"] and m["gpu"] is None
-        assert m["parser_errors"] == 0 and m["plan_bytes"] == (folder / "engine.plan").stat().st_size > 100_000
+        assert m["plan_bytes"] == (folder / "engine.plan").stat().st_size > 100_000
+        _, network, parser = trtw.parse(flavor, onnx_path)  # the graph parses again, cleanly, into the same network
+        assert parser.num_errors == 0 and m["network_layers"] == network.num_layers > 0
         assert m["plan_sha256"] == eng.sha256_file(folder / "engine.plan")
         assert m["onnx_sha256"] == eng.onnx_sha256(onnx_path)
         # the engine's I/O (recorded from the network TensorRT-RTX built) equals the ONNX graph's
@@ -395,23 +401,39 @@ def test_compute_capability_targets():
 def test_rtx_capability_table_matches_the_installed_runtime():
     import tensorrt_rtx_bindings as trt
 
-    from runtime.trt_runtime import RTX_COMPUTE_CAPABILITIES
+    from runtime.backends.trt_backend import RTX_COMPUTE_CAPABILITIES
 
     members = [m[2:] for m in trt.ComputeCapability.__members__ if m.startswith("SM")]
     assert list(RTX_COMPUTE_CAPABILITIES) == [f"{m[:-1]}.{m[-1]}" for m in members]
 
 
-def test_tensorrt_engine_build_and_parity(built):
-    ok, why = trtw.available("tensorrt")
-    if not ok or not torch.cuda.is_available():
-        pytest.skip(f"needs TensorRT 10/11 and a GPU: {why if not ok else 'no CUDA device'}")
-    cfg = DiTConfig.tiny()
-    profiles = dit_profiles(cfg, sizes={(64, 96), (128, 128)}, opt_size=(64, 96), frames=(16, 16), opt_frames=16)
-    plan = built / "tiny_dit.plan"
-    cc = "%d.%d" % torch.cuda.get_device_capability(0)
-    trtw.build_engine(trtw.select_flavor("tensorrt"), built / "onnx" / "dit" / "model.onnx", plan,
-                      [p.shapes(cfg) for p in profiles], compute_capabilities=[cc], opt_level=1)
-    assert Path(plan).stat().st_size > 0
+def test_engines_built_here_match_pytorch_on_this_gpu(tmp_path):
+    """On a GPU with a TensorRT runtime that runs on it: export.build's engines (DiT FP16, VAE FP32) through the
+    tensorrt backend against the PyTorch models on the same inputs. Needs a GPU: skipped on the CPU machine."""
+    from runtime.backends import make_backend, make_vae
+    from runtime.backends.trt_backend import gpu_of, installed_runtimes, usable_runtimes
+    from runtime.tiny import tiny_dit
+    from tests.conftest import step_inputs
+
+    if not torch.cuda.is_available():
+        pytest.skip("running an engine needs a CUDA GPU (TensorRT-RTX engines are built and checked on the CPU above)")
+    cc, gpu = gpu_of(torch.device("cuda"))
+    runtimes = usable_runtimes(installed_runtimes(), cc, gpu) if installed_runtimes() else {}
+    if not runtimes:
+        pytest.skip(f"no installed TensorRT runtime runs on {gpu} (compute capability {cc})")
+    choice = "tensorrt" if "tensorrt" in runtimes else "tensorrt-rtx"
+    out = tmp_path / "engines"
+    assert build_main(["--ckpt_dir", "tiny", "--out", str(out), "--trt", choice, "--opt-level", "1"]) == 0
+    model = tiny_dit(torch.float32, "cuda")
+    x, t, cond = step_inputs(model, 3, 8, 12, motion=True, batch=2)
+    ref = make_backend("torch", model).forward(x, t, cond)
+    engine = make_backend("tensorrt", model, engines_dir=str(out), checkpoint="tiny")
+    for _ in range(2):  # the captured graph, then its replay
+        assert mean_rel(engine.forward(x, t, cond), ref) <= 1e-2
+    vae = tiny_vae("cuda")
+    z = torch.randn(1, 16, 3, 8, 12, device="cuda")
+    frames, want = make_vae("tensorrt", vae, engines_dir=str(out), checkpoint="tiny").decode(z), vae.decode(z)
+    assert float((frames - want).norm() / want.norm()) <= 1e-3  # FP32 engine, TF32 off
 
 
 def test_runtime_never_imports_export():
@@ -423,7 +445,7 @@ def test_runtime_never_imports_export():
     pat = re.compile(r"^\s*(from|import) export\b", re.M)
     offenders = [str(p.relative_to(root)) for p in (root / "runtime").rglob("*.py") if pat.search(p.read_text())]
     assert offenders == []
-    code = ("import sys, runtime.backends.trt_backend, runtime.backends.ort_backend, runtime.engines, runtime.trt_runtime, "
+    code = ("import sys, runtime.backends.trt_backend, runtime.backends.ort_backend, runtime.manifest, "
             "runtime.generate; assert not [m for m in sys.modules if m == 'export' or m.startswith('export.')]")
     assert subprocess.run([sys.executable, "-c", code], cwd=root).returncode == 0
 

@@ -347,7 +347,7 @@ def test_lora_is_merged_before_fp8_quantisation(tmp_path, monkeypatch):
 
 
 def test_engine_manifests_record_and_compare_loras(tmp_path):
-    from runtime.engines import engine_key, verify
+    from runtime.manifest import engine_key, verify
     from runtime.errors import EngineMismatch
 
     path = tmp_path / "l.safetensors"

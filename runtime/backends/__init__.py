@@ -7,8 +7,10 @@ PyTorch (once per clip), only the per-step transformer call is delegated:
 - ``torch-compile``: blocks under ``torch.compile``;
 - ``torch-graph``: compiled blocks, the whole step captured as a CUDA graph per shape (CUDA only);
 - ``onnxruntime``: the exported FP16 graph in ONNX Runtime (CUDA EP with IO binding and CUDA graphs on a GPU);
-- ``tensorrt``: an engine built by ``python -m export.build`` (imported lazily);
+- ``tensorrt``: an engine built by ``python -m export.build`` (``trt_backend``: runtime, runner and backends);
 - ``auto`` (the default): ``torch-graph`` on CUDA, ``torch`` on the CPU or with the DiT offloaded (``resolve_backend``).
+
+The two engine backends also run the VAE through its exported FP32 graphs (``make_vae``).
 """
 from __future__ import annotations
 
@@ -53,3 +55,19 @@ def make_backend(name: str, model, engines_dir: str = "engines", checkpoint: str
 
         return TrtDiT.from_engines(model, engines_dir, checkpoint, loras)
     raise BackendUnavailable(f"unknown backend {name!r}; choose one of: {', '.join(BACKENDS)}")
+
+
+def make_vae(name: str, vae, engines_dir: str = "engines", checkpoint: str | None = None):
+    """The VAE the sampler runs: the PyTorch ``vae`` for the PyTorch backends; for ``onnxruntime`` and ``tensorrt``
+    the FP32 VAE graphs (ONNX Runtime sessions, TensorRT engines) that ``export.build`` wrote with the DiT's, in the
+    same chunk loop (``runtime.backends.vae_graphs.GraphVAE``). Missing or mismatching graphs are refused like the
+    DiT's, never replaced by the PyTorch VAE."""
+    if name == "onnxruntime":
+        from runtime.backends.ort_backend import ort_vae
+
+        return ort_vae(vae, engines_dir, checkpoint)
+    if name == "tensorrt":
+        from runtime.backends.trt_backend import trt_vae
+
+        return trt_vae(vae, engines_dir, checkpoint)
+    return vae

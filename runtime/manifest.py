@@ -1,6 +1,7 @@
 """Manifests of exported artefacts (ONNX graphs and TensorRT engines): identity, integrity, selection.
 
-``export.build`` writes them; the backends read them here, so the runtime never imports ``export/``.
+``export.build`` writes them (``export/manifest.py``); the backends read and check them here, so the runtime never
+imports ``export/``. The engines themselves are run by ``runtime/backends/trt_backend.py``.
 
 - An engine lives in ``ENGINES/<component>/<key>/`` as ``engine.plan`` + ``manifest.json``; an ONNX graph
   ``ENGINES/onnx/<component>/<stem>.onnx`` has ``<stem>.manifest.json`` beside it.
@@ -16,9 +17,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
 from pathlib import Path
 
-from runtime.errors import EngineMismatch
+from runtime.errors import BackendUnavailable, EngineMismatch
+from runtime.quoting import shown
 
 IDENTITY_FIELDS = ("kind", "component", "precision", "onnx_sha256", "checkpoint", "runtime", "runtime_version", "gpu",
                    "compute_capabilities", "profiles", "flags", "io", "opset")
@@ -33,12 +37,51 @@ def sha256_file(path: str | Path, chunk: int = 1 << 24) -> str:
     return h.hexdigest()
 
 
-def onnx_files(path: str | Path) -> list[Path]:
-    """The graph file and its external-data files (``<name>.data`` style, sorted by name)."""
+def external_data_locations(path: str | Path) -> list[str]:
+    """The external-data files the ONNX graph at ``path`` references (its tensors' ``location`` entries), sorted.
+
+    Only these are part of the graph: other ``<name>.*`` files beside it (a backup, a stray link) are not read by a
+    parser, so they are neither hashed nor opened. A location must be a plain relative path (no ``..``, not
+    absolute), as the exporters write it."""
+    try:
+        import onnx
+        from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+    except ImportError:
+        raise BackendUnavailable("checking an ONNX graph needs the onnx package; pip install onnx") from None
     path = Path(path)
-    extra = sorted(p for p in path.parent.iterdir()
-                   if p != path and p.name.startswith(path.name + ".") and not p.name.endswith(".json"))
-    return [path, *extra]
+    regular_file(path, "ONNX graph")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as err:  # DecodeError and friends: not a graph
+        raise EngineMismatch(f"{shown(path)}: not a readable ONNX graph ({type(err).__name__}); re-export it with: "
+                             "python -m export.build") from None
+    found: set[str] = set()
+
+    def tensors(graph):
+        yield from graph.initializer
+        yield from (s.values for s in graph.sparse_initializer)
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.HasField("t"):
+                    yield attr.t
+                yield from attr.tensors
+                for g in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                    yield from tensors(g)
+
+    for t in tensors(model.graph):
+        if uses_external_data(t):
+            loc = ExternalDataInfo(t).location
+            if not loc or Path(loc).is_absolute() or ".." in Path(loc).parts:
+                raise EngineMismatch(f"{shown(path)}: external data location {loc!r} is not a file beside the graph; refused; "
+                                     "re-export with: python -m export.build")
+            found.add(loc)
+    return sorted(found)
+
+
+def onnx_files(path: str | Path) -> list[Path]:
+    """The graph file and the external-data files it references (sorted by location)."""
+    path = Path(path)
+    return [path, *(path.parent / loc for loc in external_data_locations(path))]
 
 
 def onnx_sha256(path: str | Path) -> str:
@@ -46,8 +89,20 @@ def onnx_sha256(path: str | Path) -> str:
     files = onnx_files(path)
     h = hashlib.sha256(sha256_file(files[0]).encode())
     for extra in files[1:]:
-        h.update(extra.name.encode() + sha256_file(extra).encode())
+        regular_file(extra, "external data of the ONNX graph")
+        h.update(str(extra.relative_to(files[0].parent)).encode() + sha256_file(extra).encode())
     return h.hexdigest()
+
+
+def regular_file(path: Path, what: str) -> None:
+    """Refuse, before opening it, anything but a regular file (a FIFO would block the reader forever)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise EngineMismatch(f"{shown(path)}: the {what} is missing; rebuild with: python -m export.build") from None
+    if not stat.S_ISREG(mode):
+        raise EngineMismatch(f"{shown(path)}: the {what} is not a regular file (a FIFO, device or folder); refused; "
+                             "rebuild with: python -m export.build")
 
 
 def checkpoint_identity(ckpt: str | Path) -> str:
@@ -89,7 +144,7 @@ def confined(path: str | Path, root: str | Path) -> Path:
     """``path`` resolved; refused when it (or a symlink on the way) leads out of ``root``."""
     real, base = Path(path).resolve(), Path(root).resolve()
     if real != base and base not in real.parents:
-        raise EngineMismatch(f"{path}: leads out of the engines folder {root} (symlink to {real}); refused; "
+        raise EngineMismatch(f"{shown(path)}: leads out of the engines folder {shown(root)} (symlink to {shown(real)}); refused; "
                              "copy the file into the engines folder instead")
     return real
 
@@ -98,24 +153,24 @@ def read_manifest(path: str | Path, root: str | Path, rebuild: str = "python -m 
     """The manifest at ``path`` (inside ``root``), with its key checked against its contents."""
     path = Path(path)
     if not path.is_file():
-        raise EngineMismatch(f"{path}: no manifest; rebuild with: {rebuild}")
+        raise EngineMismatch(f"{shown(path)}: no manifest; rebuild with: {rebuild}")
     confined(path, root)
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise EngineMismatch(f"{path}: unreadable manifest ({err}); rebuild with: {rebuild}") from None
+        raise EngineMismatch(f"{shown(path)}: unreadable manifest ({err}); rebuild with: {rebuild}") from None
     except RecursionError:
-        raise EngineMismatch(f"{path}: unreadable manifest (nested too deeply); rebuild with: {rebuild}") from None
+        raise EngineMismatch(f"{shown(path)}: unreadable manifest (nested too deeply); rebuild with: {rebuild}") from None
     if not isinstance(data, dict) or not data.get("key"):
-        raise EngineMismatch(f"{path}: manifest has no key; rebuild with: {rebuild}")
+        raise EngineMismatch(f"{shown(path)}: manifest has no key; rebuild with: {rebuild}")
     key = engine_key(data)
     if data["key"] != key:
-        raise EngineMismatch(f"{path}: manifest key {data['key']} does not match its contents ({key}); "
+        raise EngineMismatch(f"{shown(path)}: manifest key {data['key']} does not match its contents ({key}); "
                              f"the manifest was edited; rebuild with: {rebuild}")
     need = ("io",) + (("profiles",) if data.get("kind") == "engine" else ())
     missing = [f for f in need if not isinstance(data.get(f), (dict, list)) or not data.get(f)]
     if missing:
-        raise EngineMismatch(f"{path}: manifest without {', '.join(missing)}; rebuild with: {rebuild}")
+        raise EngineMismatch(f"{shown(path)}: manifest without {', '.join(missing)}; rebuild with: {rebuild}")
     return data
 
 
@@ -154,10 +209,12 @@ def verify(manifest: dict, request: dict, rebuild: str) -> None:
 
 def verify_hash(path: Path, expected: str | None, what: str, rebuild: str, onnx: bool = False) -> None:
     if not expected:
-        raise EngineMismatch(f"{path}: the manifest records no hash of the {what}; rebuild with: {rebuild}")
+        raise EngineMismatch(f"{shown(path)}: the manifest records no hash of the {what}; rebuild with: {rebuild}")
+    if not onnx:
+        regular_file(path, what)
     got = onnx_sha256(path) if onnx else sha256_file(path)
     if got != expected:
-        raise EngineMismatch(f"{path}: the {what} changed since it was built (sha256 {got[:12]}…, manifest "
+        raise EngineMismatch(f"{shown(path)}: the {what} changed since it was built (sha256 {got[:12]}…, manifest "
                              f"{expected[:12]}…); rebuild with: {rebuild}")
 
 
@@ -168,7 +225,7 @@ def select_engine(root: str | Path, component: str, request: dict, rebuild: str)
     base = Path(root) / component
     candidates = sorted(p for p in base.glob("*/manifest.json")) if base.is_dir() else []
     if not candidates:
-        raise EngineMismatch(f"no {component} engine under {base}; build one with: {rebuild}")
+        raise EngineMismatch(f"no {component} engine under {shown(base)}; build one with: {rebuild}")
     first_error = None
     for path in candidates:
         try:
@@ -176,7 +233,7 @@ def select_engine(root: str | Path, component: str, request: dict, rebuild: str)
             verify(manifest, request, rebuild)
             plan = path.parent / "engine.plan"
             if not plan.is_file():
-                raise EngineMismatch(f"{path.parent}: manifest without engine.plan; rebuild with: {rebuild}")
+                raise EngineMismatch(f"{shown(path.parent)}: manifest without engine.plan; rebuild with: {rebuild}")
             confined(plan, root)
             verify_hash(plan, manifest.get("plan_sha256"), "engine plan", rebuild)
         except EngineMismatch as err:
@@ -191,6 +248,7 @@ def check_onnx(onnx_path: str | Path, root: str | Path, request: dict, rebuild: 
     onnx_path = Path(onnx_path)
     manifest = read_manifest(onnx_manifest_path(onnx_path), root, rebuild)
     verify(manifest, request, rebuild)
+    confined(onnx_path, root)  # before the graph is read for its external-data references
     for f in onnx_files(onnx_path):
         confined(f, root)
     verify_hash(onnx_path, manifest.get("onnx_sha256"), "ONNX graph", rebuild, onnx=True)
