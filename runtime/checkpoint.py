@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from runtime.errors import CheckpointError
+from runtime.quoting import shown
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +168,7 @@ def load_torch_state_dict(path: Path, what: str) -> dict[str, torch.Tensor]:
         try:
             sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
         except (RuntimeError, OSError, ValueError) as err:  # a legacy file, or no mmap on this filesystem
-            log.info("%s: cannot memory-map (%s), reading it into memory instead", path, type(err).__name__)
+            log.info("%s: cannot memory-map (%s), reading it into memory instead", shown(path), type(err).__name__)
             sd = torch.load(str(path), map_location="cpu", weights_only=True)
     except MemoryError:
         raise

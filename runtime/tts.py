@@ -37,6 +37,7 @@ import numpy as np
 from .errors import BackendUnavailable, InputError, OutputError
 from .media import load_audio
 from .media.atomic import _create_temp, _output_error, _publish, _remove_quietly
+from .quoting import shown
 
 log = logging.getLogger(__name__)
 
@@ -249,13 +250,13 @@ def select_tts(prefer: Optional[str] = None, cosyvoice_dir: Optional[PathLike] =
                                          f"and the model in ./{COSYVOICE_MODEL} as the official script does, "
                                          "or drop the voice prompt to use espeak-ng")
             raise BackendUnavailable(f"CosyVoice TTS unavailable ({what}); {INSTALL_COSYVOICE}")
-        log.info("TTS voice engine: CosyVoice2 (model %s%s)", cosyvoice_dir,
-                 f", code from {cosyvoice_repo}" if cosyvoice_repo is not None and Path(cosyvoice_repo).is_dir() else "")
+        log.info("TTS voice engine: CosyVoice2 (model %s%s)", shown(cosyvoice_dir),
+                 f", code from {shown(cosyvoice_repo)}" if cosyvoice_repo is not None and Path(cosyvoice_repo).is_dir() else "")
         return CosyVoiceTTS(cosyvoice_dir, cosyvoice_repo)
     if _espeak_binary():
         backend = EspeakTTS(voice=voice)
         log.info("TTS voice engine: espeak-ng (offline, voice %s)%s", voice or "by script",
-                 "" if prefer == "espeak" else f"; CosyVoice not found at {cosyvoice_dir}")
+                 "" if prefer == "espeak" else f"; CosyVoice not found at {shown(cosyvoice_dir)}")
         return backend
     if prefer == "espeak":
         raise BackendUnavailable(f"espeak-ng is not installed; run `{INSTALL_ESPEAK}`")

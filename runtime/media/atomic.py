@@ -9,6 +9,7 @@ import socket
 from pathlib import Path
 
 from ..errors import OutputError
+from ..quoting import shown
 
 log = logging.getLogger(__name__)
 # Temporary files this process has created and not yet published or removed: a process that must exit at once
@@ -123,7 +124,7 @@ def _remove_quietly(path: Path) -> None:
     except FileNotFoundError:
         pass
     except OSError as exc:
-        log.warning("could not remove temporary file %s: %s", path, exc)
+        log.warning("could not remove temporary file %s: %s", shown(path), exc)
 
 
 def _output_error(exc: BaseException, dest: Path) -> OutputError:

@@ -13,6 +13,7 @@ import av
 import numpy as np
 
 from ..errors import InputError
+from ..quoting import shown
 from .common import VIDEO_FPS, PathLike, _check_readable_file
 from .image import MAX_IMAGE_PIXELS
 
@@ -48,7 +49,7 @@ def read_pose_frames(src: Union[PathLike, bytes], num_frames: int, fps: int = VI
             stream.thread_type = "AUTO"
             src_fps = stream.average_rate or stream.guessed_rate or stream.base_rate
             if not src_fps:
-                log.warning("%s has no frame rate; assuming %s fps (every frame used)", path, fps)
+                log.warning("%s has no frame rate; assuming %s fps (every frame used)", shown(path), fps)
                 src_fps = fps
             interval = max(1, round(float(src_fps) / fps))
             for index, frame in enumerate(container.decode(stream)):

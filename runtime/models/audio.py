@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from runtime.errors import CheckpointError, InputError
+from runtime.quoting import shown
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ class Wav2Vec2Features:
         if info.get("mismatched_keys"):
             raise CheckpointError(f"{folder}: wav2vec2 weight {sorted(info['mismatched_keys'])[0]!r} has the wrong shape for config.json")
         if info.get("unexpected_keys"):
-            log.warning("%s: ignoring unexpected wav2vec2 weights, e.g. %s", folder, sorted(info["unexpected_keys"])[0])
+            log.warning("%s: ignoring unexpected wav2vec2 weights, e.g. %s", shown(folder), sorted(info["unexpected_keys"])[0])
         base = model.wav2vec2 if is_ctc else model
         if base.config.add_adapter:  # would make last_hidden_state differ from the encoder output
             raise CheckpointError(f"{folder}: wav2vec2 configs with add_adapter=true are not supported")
