@@ -23,6 +23,7 @@ def speech(seconds):
     return demo_speech(seconds)
 
 
+@pytest.mark.slow
 def test_same_seed_same_frames_other_seed_differs(pipe):
     img, aud = demo_image(), speech(0.8)
     a = pipe.generate(img, aud, prompt="talk", seed=7, **FAST)
@@ -33,6 +34,7 @@ def test_same_seed_same_frames_other_seed_differs(pipe):
     assert not np.array_equal(a.frames, c.frames)
 
 
+@pytest.mark.slow
 def test_two_clips_and_trim_to_audio(pipe):
     aud = speech(1.5)  # 24 video frames of audio; clip 0 gives 13 frames, so a second clip is needed
     r = pipe.generate(demo_image(), aud, seed=1, **FAST)
@@ -59,6 +61,7 @@ def write_pose_video(path, frames: int = 40, size: int = 64):
     return path
 
 
+@pytest.mark.slow
 def test_start_from_ref_and_pose_video(pipe, tmp_path):
     pose = write_pose_video(tmp_path / "pose.mp4")
     aud = speech(1.5)
@@ -68,6 +71,7 @@ def test_start_from_ref_and_pose_video(pipe, tmp_path):
     assert not np.array_equal(plain.frames, posed.frames)
 
 
+@pytest.mark.slow
 def test_inputs_as_path_bytes_and_arrays(pipe, tmp_path):
     img = demo_image()
     p = tmp_path / "face.png"
@@ -110,6 +114,7 @@ def test_golden_e2e_matches_official():
             assert case.passed, case
 
 
+@pytest.mark.slow
 def test_progress_reports_vae_stages_and_four_argument_callbacks_still_work(pipe):
     events, old = [], []
     kw = dict(seed=1, sample_steps=2, infer_frames=16)
@@ -122,6 +127,7 @@ def test_progress_reports_vae_stages_and_four_argument_callbacks_still_work(pipe
     assert old == [(0, 1), (0, 2), (1, 1), (1, 2)]
 
 
+@pytest.mark.slow
 def test_motion_history_is_not_encoded_after_the_last_clip(pipe, monkeypatch):
     calls = []
     encode = pipe.vae.encode
@@ -130,6 +136,7 @@ def test_motion_history_is_not_encoded_after_the_last_clip(pipe, monkeypatch):
     assert calls == [1, 73]  # the reference, then the 73-frame history after clip 1 only (not after clip 2)
 
 
+@pytest.mark.slow
 def test_offload_model_moves_the_dit_off_the_device_between_clips(pipe, monkeypatch):
     """As the official offload_model: DiT to the device before each clip's denoising, back to the CPU before the VAE."""
     offloaded = S2VPipeline.from_pretrained("tiny", device="cpu", offload_model=True)
@@ -167,6 +174,7 @@ def test_seed_minus_one_picks_reports_and_repeats(pipe, caplog):
     assert np.array_equal(r.frames, again.frames)
 
 
+@pytest.mark.slow
 def test_pose_video_as_bytes_and_short_or_still_pose_warns(pipe, tmp_path):
     pose = write_pose_video(tmp_path / "pose.mp4", frames=40)
     aud = speech(1.5)  # 24 video frames
@@ -232,6 +240,7 @@ def leftovers_of(folder):
 
 
 # ---------------------------------------------------------------------------------------------- CLI
+@pytest.mark.slow
 def test_cli_tiny_demo_writes_mp4_and_refuses_overwrite(tmp_path, capsys):
     out = tmp_path / "demo.mp4"
     args = ["--save_file", str(out), "--sample_steps", "2", "--infer_frames", "16", "--base_seed", "5"]

@@ -19,6 +19,7 @@ FAST = dict(sample_steps=2, infer_frames=16, progress=False)
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_on_clip_frames_are_the_generate_frames(pipe):
     img, aud = demo_image(), demo_speech(2.2)   # 35 frames: 3 clips of 16 (−3 on the first), the last one trimmed
     whole = pipe.generate(img, aud, seed=5, **FAST)
@@ -33,6 +34,7 @@ def test_on_clip_frames_are_the_generate_frames(pipe):
         streamed.save("never.mp4")
 
 
+@pytest.mark.slow
 def test_each_clip_leaves_before_the_next_is_made_and_none_is_kept(pipe):
     """The mechanism behind flat memory: clip r is handed on before clip r+1's first step, and nothing in the
     sampler still holds it when clip r+1 arrives."""
@@ -68,6 +70,7 @@ def pipe_audio():
     return load_audio(wav, src_rate=rate)
 
 
+@pytest.mark.slow
 def test_generate_mp4_equals_generate_then_save(pipe, tmp_path):
     img, aud = demo_image(), demo_speech(1.7)
     saved = pipe.generate(img, aud, seed=1, **FAST).save(tmp_path / "saved.mp4")

@@ -239,6 +239,7 @@ class _DecodeStep(torch.nn.Module):
         return (frames, *new)
 
 
+@pytest.mark.slow
 def test_onnx_export_decode_step(vae, tmp_path):
     onnx = pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
@@ -265,6 +266,7 @@ def test_onnx_export_decode_step(vae, tmp_path):
         assert float(np.abs(o - r.numpy()).max()) < 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("chunk", [2, 3])
 def test_chunk_length_and_channels_last_do_not_change_the_result(chunk):
     """optimize(): k latents per chunk step and channels-last weights give the one-latent result (float64)."""
