@@ -31,6 +31,7 @@ def step_inputs(model, motion=True, batch=2, seed=0):
     return conftest.step_inputs(model, 3, 8, 12, motion=motion, batch=batch, seed=seed)
 
 
+@pytest.mark.slow
 def test_onnxruntime_backend_matches_torch(engines):
     model = tiny_dit()
     ref, ort_b = make_backend("torch", model), make_backend("onnxruntime", model, engines_dir=str(engines))
@@ -62,6 +63,7 @@ def rel_l2(out, ref) -> float:
     return float((out - ref).norm() / ref.norm())
 
 
+@pytest.mark.slow
 def test_onnxruntime_pipeline_end_to_end(engines):
     """The whole loop through ONNX Runtime (FP16 DiT graph, FP32 VAE graphs) against the float32 PyTorch pipeline.
     Tolerances a real error cannot pass: a 2 % velocity error already moves the tiny clip's latents by 9e-3 rel-L2."""
@@ -84,6 +86,7 @@ def test_onnxruntime_pipeline_end_to_end(engines):
     assert np.abs(a - b).mean() < 0.1  # grey levels (measured 0.004; a 10 % velocity error gives 0.8)
 
 
+@pytest.mark.slow
 def test_onnxruntime_vae_graphs_match_the_pytorch_vae(engines):
     """GraphVAE over the four exported FP32 graphs against the PyTorch VAE's whole-sequence encode/decode: a batch
     of two, frames past the last full chunk dropped, and another size than the export's (dynamic height/width)."""
@@ -104,6 +107,7 @@ def test_onnxruntime_vae_graphs_match_the_pytorch_vae(engines):
     assert type(graphs).encode_chunked is type(graphs).encode and graphs.cfg is vae.cfg
 
 
+@pytest.mark.slow
 def test_engine_backends_refuse_missing_or_foreign_vae_graphs(engines, tmp_path):
     """No VAE graphs, or graphs of another checkpoint: one line with the export command, never the PyTorch VAE."""
     from runtime.backends import make_vae
@@ -121,6 +125,7 @@ def test_engine_backends_refuse_missing_or_foreign_vae_graphs(engines, tmp_path)
     assert make_vae("torch", vae) is vae and make_vae("torch-graph", vae) is vae
 
 
+@pytest.mark.slow
 def test_compiled_blocks_match_eager():
     model = tiny_dit()
     x, t, cond = step_inputs(model)
@@ -185,6 +190,7 @@ def onnx_copy(engines, tmp_path) -> Path:
     return dst
 
 
+@pytest.mark.slow
 def test_onnxruntime_backend_checks_the_onnx_manifest(engines, tmp_path):
     from runtime.manifest import onnx_manifest_path
 
@@ -360,6 +366,7 @@ def test_uncompile_blocks_restores_the_eager_model():
     assert all("forward" not in b.__dict__ and not hasattr(b.forward, "_torchdynamo_orig_callable") for b in m.blocks)
 
 
+@pytest.mark.slow
 def test_export_with_a_lora_records_it_and_the_runtime_refuses_another_merge(tmp_path):
     """export.build --lora merges before export; the ONNX manifest records sha256 + strength; the onnxruntime
     backend runs it with the same merge (matching the merged PyTorch model) and refuses a run without it."""

@@ -38,6 +38,7 @@ def test_flop_model_full_size_hand_count():
     assert f.floor_s(1570, 613) == pytest.approx(7.43 - 1.01, abs=0.01)  # twice the GEMM rate halves the linear part
 
 
+@pytest.mark.slow
 def test_runner_cpu_smoke(tmp_path):
     assert run_main(["--scenario", "tiny-cpu", "--variants", "torch,torch-graph", "--repeat", "1", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "run_tiny-cpu.json").read_text())
@@ -52,6 +53,7 @@ def test_runner_cpu_smoke(tmp_path):
     assert (tmp_path / "run_tiny-cpu.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_step_cache_benchmark_cpu_smoke(tmp_path):
     from benchmarks.step_cache import half_schedule, main as cache_main
 

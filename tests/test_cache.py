@@ -84,6 +84,7 @@ def test_step_with_residual_gives_the_same_velocity_and_the_skip_rebuilds_it():
 
 
 # --------------------------------------------------------------------------------------------- neutral settings
+@pytest.mark.slow
 def test_neutral_settings_are_bit_identical_to_no_cache(tmp_path):
     pipe = _pipe()
     ref, _ = _latents(pipe)
@@ -377,6 +378,7 @@ def _worker(rank, world, port, ulysses, cfg_parallel, out_dir):
         parallel.shutdown()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ulysses,cfg_parallel", [(2, False), (1, True)])
 def test_parallel_ranks_take_the_one_process_decisions(ulysses, cfg_parallel, tmp_path):
     import torch.multiprocessing as mp

@@ -65,6 +65,7 @@ def test_signal_during_generation_leaves_no_output(tmp_path, sig, code):
     assert leftovers(tmp_path) == [], leftovers(tmp_path)
 
 
+@pytest.mark.slow
 def test_signal_during_onnx_export_leaves_no_partial_graph(tmp_path):
     cmd = [sys.executable, "-m", "export.build", "--ckpt_dir", "tiny", "--out", "eng", "--onnx-only", "--no-validate",
            "--components", "dit"]
@@ -122,6 +123,7 @@ def test_long_prompt_warns_and_truncates(pipe):
     assert r.frames.shape[0] > 0
 
 
+@pytest.mark.slow
 def test_long_audio_gives_the_official_clip_count(pipe):
     # 6 s at 16 frames per clip: N30 = 179 → official int(179/30)+1 = 6 clips; the last one still has audio
     r = pipe.generate(demo_image(), demo_speech(6.0), sample_steps=1, infer_frames=16, progress=False)

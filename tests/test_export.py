@@ -74,6 +74,7 @@ def fp32_model():
     return tiny_dit(torch.float32)
 
 
+@pytest.mark.slow
 def test_dit_graph_is_fp16_dynamic_and_parser_clean(built):
     g = onnx.load(str(built / "onnx" / "dit" / "model.onnx"), load_external_data=False)
     rep = check_graph(g)
@@ -88,6 +89,7 @@ def test_dit_graph_is_fp16_dynamic_and_parser_clean(built):
     assert report["dit_ort"]["mean_rel"] <= 1e-2 and report["fp16_audit"]["keep_fp32"] == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("frames,lat_h,lat_w,motion,batch", [(3, 8, 12, True, 2), (5, 16, 8, False, 1),
                                                              (2, 16, 16, True, 1), (4, 8, 8, False, 2)])
 def test_one_dit_graph_serves_every_clip_shape(built, fp32_model, frames, lat_h, lat_w, motion, batch):
@@ -99,6 +101,7 @@ def test_one_dit_graph_serves_every_clip_shape(built, fp32_model, frames, lat_h,
     assert mean_rel(out, ref) <= 1e-2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", GRAPHS)
 def test_vae_graphs_match_pytorch_at_other_sizes(built, kind):
     vae = tiny_vae()
@@ -260,6 +263,7 @@ def test_onnx_hash_covers_external_data(tmp_path):
     assert mf.onnx_sha256(path) != h1
 
 
+@pytest.mark.slow
 def test_onnx_only_output_has_manifests_matching_the_graphs(built):
     for path in [built / "onnx" / "dit" / "model.onnx", *[built / "onnx" / "vae" / f"{k}.onnx" for k in GRAPHS]]:
         m = eng.read_manifest(eng.onnx_manifest_path(path), built)
@@ -274,6 +278,7 @@ def test_onnx_only_output_has_manifests_matching_the_graphs(built):
 
 
 # ------------------------------------------------------------------------------------------ temp files
+@pytest.mark.slow
 def test_export_never_follows_symlinks_planted_at_temporary_names(built):
     assert snapshot(VICTIMS["folder"]) == VICTIMS["before"]  # nothing outside written, moved or deleted
     for rel in PLANTED:
@@ -300,6 +305,7 @@ def test_atomic_writer_replaces_a_planted_link_and_never_reads_through_one(tmp_p
 
 
 # ------------------------------------------------------------------------------------------ TensorRT
+@pytest.mark.slow
 def test_build_without_tensorrt_stops_after_onnx_with_one_line(tmp_path, capsys, monkeypatch):
     from runtime.backends import trt_backend
 
@@ -319,6 +325,7 @@ def engine_manifests(built) -> dict[str, dict]:
     return found
 
 
+@pytest.mark.slow
 @needs_rtx
 def test_cpu_built_engines_and_their_manifests(built):
     import tensorrt_rtx_bindings
@@ -343,6 +350,7 @@ def test_cpu_built_engines_and_their_manifests(built):
     assert (first["name"], later["name"]) == ("first", "later")
 
 
+@pytest.mark.slow
 @needs_rtx
 def test_dit_engine_profiles_cover_the_first_and_later_clips_of_the_tiny_pipeline(built):
     from export.profiles import DiTProfile, Range
@@ -359,6 +367,7 @@ def test_dit_engine_profiles_cover_the_first_and_later_clips_of_the_tiny_pipelin
             assert covers(later, f, h // 16, w // 16, extra_tokens(cfg, h, w, True), batch=2)
 
 
+@pytest.mark.slow
 @needs_rtx
 def test_network_io_equals_the_onnx_graph_and_parser_takes_every_node(built):
     flavor = trtw.select_flavor("tensorrt-rtx")

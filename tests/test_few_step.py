@@ -10,6 +10,7 @@ from runtime.generate import main as cli
 from tests.conftest import write_inputs
 
 
+@pytest.mark.slow
 def test_euler_schedule_runs_and_equals_its_default_list(pipe):
     kw = dict(infer_frames=16, progress=False, seed=5, guide_scale=1.0, sample_shift=5.0, sample_solver="euler")
     a = pipe.generate(demo_image(), demo_speech(0.5), denoising_steps=(1000, 750, 500, 250), **kw)
@@ -21,6 +22,7 @@ def test_euler_schedule_runs_and_equals_its_default_list(pipe):
         pipe.generate(demo_image(), demo_speech(0.5), sample_steps=3, denoising_steps=(1000, 500), **kw)
 
 
+@pytest.mark.slow
 def test_cfg_off_runs_one_forward_per_step(pipe, monkeypatch):
     calls = []
     real = pipe.backend.forward

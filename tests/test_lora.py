@@ -303,6 +303,7 @@ def random_lora(model, path, scale=1.0, zero=False):
     return path
 
 
+@pytest.mark.slow
 def test_strength_zero_and_an_all_zero_lora_give_the_same_video_bit_for_bit(pipe, tmp_path):
     from runtime import S2VPipeline
 

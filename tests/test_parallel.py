@@ -75,6 +75,7 @@ def _reference(clip: str, batch: int) -> torch.Tensor:
         return model.step(x, t, *cond.as_tuple())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("clip", ["first", "later"])
 def test_ulysses_two_ranks_equal_one_process(clip):
     ref = _reference(clip, 1)
@@ -83,6 +84,7 @@ def test_ulysses_two_ranks_equal_one_process(clip):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_ulysses_after_compiling_unsharded():
     """Blocks compiled before sharding must not keep their unsharded graph (the first H200 run did: rel-L2 0.33)."""
     ref = _reference("first", 1)
@@ -90,6 +92,7 @@ def test_ulysses_after_compiling_unsharded():
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_ulysses_ranks_with_compiled_blocks():
     """Sharded, then compiled (what the pipeline does on every rank now): equal to one process."""
     ref = _reference("later", 1)
@@ -97,6 +100,7 @@ def test_ulysses_ranks_with_compiled_blocks():
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_ulysses_four_ranks_and_cfg_parallel():
     ref = _reference("later", 2)
     out = _run(4, 2, True, "later")     # 2 CFG branches × Ulysses-2

@@ -44,6 +44,7 @@ def single(tmp_path_factory):
     return _frames(out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags", [["--cfg_parallel"], ["--ulysses_size", "2"]], ids=["cfg-parallel", "ulysses-2"])
 def test_torchrun_matches_one_process(tmp_path, single, flags):
     out = tmp_path / "par.mp4"

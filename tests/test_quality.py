@@ -43,6 +43,7 @@ def test_unrunnable_attention_refused_before_loading(capsys, monkeypatch):
     assert len(err) == 1 and "--attention fa3-fp8 cannot run here" in err[0], err
 
 
+@pytest.mark.slow
 def test_tiny_fp16_against_bf16(capsys):
     assert main(["--precision", "fp16", "--reference", "bf16", "--device", "cpu", "--sample_steps", "2",
                  "--infer_frames", "16", "--attention", "sdpa", "--json"]) == 0
@@ -54,6 +55,7 @@ def test_tiny_fp16_against_bf16(capsys):
         assert 0 <= row["latent_rel_l2"] < 0.2
 
 
+@pytest.mark.slow
 def test_lora_few_step_recipe_against_the_exact_reference(tmp_path, capsys):
     """A LoRA + 4-step CFG-off euler recipe against the 2-step CFG reference: both runs happen, and they differ."""
     from runtime.tiny import tiny_dit

@@ -249,6 +249,7 @@ def test_upload_without_content_length_or_multipart(server):
     assert status == 404 and body["error"]["param"] == "id"
 
 
+@pytest.mark.slow
 def test_three_concurrent_submissions_run_in_order(server):
     results = [None] * 3
 
@@ -300,6 +301,7 @@ def test_cancel_queued_and_running_then_delete(server):
         assert not (server.data_dir / "jobs" / job_id).exists()
 
 
+@pytest.mark.slow
 def test_kill_9_mid_job_then_restart_completes_it(tmp_path):
     data = tmp_path / "data"
     srv = Server(data).start()
