@@ -110,6 +110,8 @@ def main(argv=None) -> int:
     clock = StageClock(device)
     rows, ref = [], None
     variant = f"{pipe.backend_name}:{pipe.dit.attention_impl}"
+    precision = "fp8" if pipe.dit.precision == "fp8" else str(pipe.dit.dtype).replace("torch.", "")
+    print(f"warm-up (compilation and capture of every step kind): {warmup_s:.1f} s", flush=True)
     for c in caches:
         clock.events.clear()
         start = clock.now()
@@ -117,34 +119,40 @@ def main(argv=None) -> int:
         st = clip_stages(clock, start, 1)[0]
         computed = res.info["cache"]["clips"][0]["computed"] if "cache" in res.info else args.steps
         ref = res.frames if ref is None else ref
-        row = {"variant": variant, "precision": "fp8" if pipe.dit.precision == "fp8" else str(pipe.dit.dtype).replace("torch.", ""), "cache": c if c != "half" else
+        row = {"variant": variant, "precision": precision, "cache": c if c != "half" else
                "half: every even step", "schedule": spec[c], "scenario": f"later-{height}x{width}-{frames}f", "gpus": gpus,
                "steps": args.steps, "guide_scale": args.guide_scale, "steps_computed": computed,
                "steps_skipped": args.steps - computed, "clip": "later", "clip_s": st["denoise_s"] + st["vae_decode_s"],
                "denoise_s": st["denoise_s"], "vae_decode_s": st["vae_decode_s"], "step_s": st["step_s"],
                "rel_l2": rel_l2(res.frames, ref), "psnr_db": finite(psnr(res.frames, ref))}
+        row["speedup"] = (rows[0]["clip_s"] if rows else row["clip_s"]) / row["clip_s"]
         rows.append(row)
         print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
-    for row in rows:
-        row["speedup"] = rows[0]["clip_s"] / row["clip_s"]
-    if distributed.is_main():
-        meta = {"device": device_description(device), "date": time.strftime("%Y-%m-%d %H:%M"), "git": code_revision(),
-                "command": ("torchrun ... " if gpus > 1 else "") + "python -m benchmarks.step_cache "
-                           + " ".join(sys.argv[1:] if argv is None else argv),
-                "shapes": {"height": height, "width": width, "infer_frames": frames, "clip": "later (start_from_ref)"},
-                "recipe": {"steps": args.steps, "guide_scale": args.guide_scale, "shift": args.shift, "solver": "unipc"},
-                "dtype": f"DiT {args.precision} ({'FP8 block linears, bf16 activations and attention' if args.precision == 'fp8' else 'bf16'}), VAE float32", "layout": None if layout is None else
-                {"cfg_parallel": args.cfg_parallel, "ulysses": args.ulysses},
-                "weights": "random at the real configuration: rel_l2/psnr_db say nothing about quality on real weights",
-                "warmup_s": warmup_s, "process_total_s": time.perf_counter() - t_start,
-                "notes": "clip_s = denoise + VAE decode after a device sync at every progress event; the uncached row "
-                         "and the cached rows run in this process on the same weights and inputs"}
-        name = f"step_cache_{height}x{width}-{frames}f_{args.steps}steps_{args.precision}_{gpus}gpu.json"
-        table = markdown_table(rows, COLUMNS)
-        write_results(results_dir(args.out, device) / name, rows, meta, table)
-        print(table)
+        if distributed.is_main():  # after every row: a run cut off by a time limit keeps what it measured
+            _write(args, rows, device, precision, height, width, frames, gpus, layout, warmup_s, t_start, argv,
+                   done=len(rows) == len(caches))
     distributed.shutdown()
     return 0
+
+
+def _write(args, rows, device, precision, height, width, frames, gpus, layout, warmup_s, t_start, argv, done):
+    meta = {"device": device_description(device), "date": time.strftime("%Y-%m-%d %H:%M"), "git": code_revision(),
+            "command": ("torchrun ... " if gpus > 1 else "") + "python -m benchmarks.step_cache "
+                       + " ".join(sys.argv[1:] if argv is None else argv),
+            "shapes": {"height": height, "width": width, "infer_frames": frames, "clip": "later (start_from_ref)"},
+            "recipe": {"steps": args.steps, "guide_scale": args.guide_scale, "shift": args.shift, "solver": "unipc"},
+            "dtype": f"DiT {precision}" + (" (FP8 block linears, bf16 activations and attention)" if precision == "fp8" else "")
+                     + ", VAE float32", "layout": None if layout is None else
+            {"cfg_parallel": args.cfg_parallel, "ulysses": args.ulysses},
+            "weights": "random at the real configuration: rel_l2/psnr_db say nothing about quality on real weights",
+            "warmup_s": warmup_s, "process_total_s": time.perf_counter() - t_start, "complete": done,
+            "notes": "clip_s = denoise + VAE decode after a device sync at every progress event; the uncached row "
+                     "and the cached rows run in this process on the same weights and inputs"}
+    name = f"step_cache_{height}x{width}-{frames}f_{args.steps}steps_{precision}_{gpus}gpu.json"
+    table = markdown_table(rows, COLUMNS)
+    write_results(results_dir(args.out, device) / name, rows, meta, table)
+    if done:
+        print(table)
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ def test_step_cache_benchmark_cpu_smoke(tmp_path):
 
     assert half_schedule(6) == "steps:2,4,6"
     assert cache_main(["--tiny", "--steps", "4", "--out", str(tmp_path)]) == 0
-    data = json.loads((tmp_path / "step_cache_64x96-16f_4steps_1gpu.json").read_text())
+    data = json.loads((tmp_path / "step_cache_64x96-16f_4steps_float32_1gpu.json").read_text())
     off, half = data["rows"]
     assert (off["cache"], off["steps_computed"], off["rel_l2"], off["psnr_db"]) == ("off", 4, 0.0, None)
     assert (half["steps_computed"], half["steps_skipped"]) == (2, 2)

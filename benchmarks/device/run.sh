@@ -10,4 +10,4 @@ export PYTHONPATH=$PWD/.fa3bin:/tmp/site:$PWD PYTHONUNBUFFERED=1
 bash benchmarks/device/setup.sh || exit 3
 module=${1:?benchmark module, e.g. clip}; shift
 nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv,noheader
-python3 -m "benchmarks.$module" --out "$OUT" "$@" 2>&1 | grep -v -i "warn" | tee "$OUT/$module.log" | grep -v "^|"
+python3 -m "benchmarks.$module" --out "$OUT" "$@" 2>&1 | grep --line-buffered -v -i "warn" | tee "$OUT/$module.log" | grep -v "^|"
