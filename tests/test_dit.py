@@ -84,7 +84,7 @@ def test_rope_tables_against_complex_reference():
 
 
 # ------------------------------------------------------------------------------------------ math
-def test_prepare_step_equals_forward_and_batching(tiny_model):
+def test_cfg_batch_of_two_equals_two_single_steps(tiny_model):
     a, b = tiny_inputs(seed=1), tiny_inputs(seed=2)
     t = 700.0
     ca = tiny_model.prepare(a["context"], a["ref_latents"], a["motion_latents"], a["cond_states"], a["audio_input"], 4)
@@ -92,8 +92,9 @@ def test_prepare_step_equals_forward_and_batching(tiny_model):
     tf = timestep_frequencies(t, TINY.freq_dim)
     va = tiny_model.step(a["x"], tf, *ca.as_tuple())
     vb = tiny_model.step(b["x"], tf, *cb.as_tuple())
-    assert torch.allclose(va, tiny_model(**a, t=t), atol=0, rtol=0)
-    # CFG as one batch-2 call must equal two batch-1 calls
+    # CFG as one batch-2 call must equal two batch-1 calls (forward = prepare + step is checked against the
+    # official model by test_golden_dit_parity, not here)
+    assert not torch.allclose(va, vb)  # two different inputs: the comparison below can fail
     both = tiny_model.step(torch.cat([a["x"], b["x"]]), tf.expand(2, -1), *ClipConditions.cat([ca, cb]).as_tuple())
     torch.testing.assert_close(both, torch.cat([va, vb]), atol=1e-5, rtol=1e-5)
 
