@@ -90,6 +90,26 @@ def wav_bytes(pcm, rate: int) -> bytes:
     return buf.getvalue()
 
 
+def pose_mp4(frames: int, size: int) -> bytes:
+    """A pose video in memory: ``frames`` frames of ``size``² (a moving white bar on black), 16 fps mpeg4."""
+    import av
+    import numpy as np
+
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as out:
+        s = out.add_stream("mpeg4", rate=16)
+        s.width = s.height = size
+        s.pix_fmt = "yuv420p"
+        for i in range(frames):
+            fr = np.zeros((size, size, 3), np.uint8)
+            fr[:, (i * 3) % size:(i * 3) % size + 8] = 255
+            for pkt in s.encode(av.VideoFrame.from_ndarray(fr, format="rgb24")):
+                out.mux(pkt)
+        for pkt in s.encode():
+            out.mux(pkt)
+    return buf.getvalue()
+
+
 def png_bytes(im) -> bytes:
     """A PIL image as PNG bytes."""
     buf = io.BytesIO()

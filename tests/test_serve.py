@@ -29,7 +29,7 @@ pytest.importorskip("uvicorn", reason="the server needs the 'serve' extra: pip i
 pytest.importorskip("multipart", reason="the server needs the 'serve' extra: pip install -e '.[serve]'")
 
 from runtime.demo import demo_image, demo_speech  # noqa: E402
-from tests.conftest import free_port, png_bytes, wav_bytes  # noqa: E402
+from tests.conftest import free_port, png_bytes, pose_mp4, wav_bytes  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = {"sample_steps": "1", "infer_frames": "16"}
@@ -126,23 +126,6 @@ class Server:
                 return job
             time.sleep(0.2)
         raise AssertionError(f"job {job_id} still {job['status']} after {timeout}s")
-
-
-def pose_mp4(frames: int, size: int) -> bytes:
-    """A pose video in memory: ``frames`` frames of ``size``² (a moving white bar on black), 16 fps mpeg4."""
-    buf = io.BytesIO()
-    with av.open(buf, "w", format="mp4") as out:
-        s = out.add_stream("mpeg4", rate=16)
-        s.width = s.height = size
-        s.pix_fmt = "yuv420p"
-        for i in range(frames):
-            fr = np.zeros((size, size, 3), np.uint8)
-            fr[:, (i * 3) % size:(i * 3) % size + 8] = 255
-            for pkt in s.encode(av.VideoFrame.from_ndarray(fr, format="rgb24")):
-                out.mux(pkt)
-        for pkt in s.encode():
-            out.mux(pkt)
-    return buf.getvalue()
 
 
 def decode_mp4(data: bytes) -> tuple[int, float]:
