@@ -102,6 +102,7 @@ def test_neutral_settings_are_bit_identical_to_no_cache(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------- a forced schedule
+@pytest.mark.slow
 @pytest.mark.parametrize("batch_cfg", [True, False])
 def test_forced_schedule_skips_exactly_those_steps_and_equals_a_hand_written_loop(batch_cfg):
     from runtime.scheduler import make_scheduler
@@ -159,6 +160,7 @@ def test_forced_schedule_skips_exactly_those_steps_and_equals_a_hand_written_loo
     assert (exact[0][:, :, -lat_f:] - x).abs().max() > 1e-3  # skipping changed the clip (the check can fail)
 
 
+@pytest.mark.slow
 def test_each_clip_starts_with_an_empty_cache():
     pipe = _pipe()
     rec = Recording(pipe.backend)
@@ -309,6 +311,7 @@ def _perturbed(model):
 
 
 # --------------------------------------------------------------------------------------------- the CLIs
+@pytest.mark.slow
 def test_calibrate_then_generate_cli(tmp_path, capsys):
     from runtime import calibrate, generate
 
@@ -332,6 +335,7 @@ def test_calibrate_then_generate_cli(tmp_path, capsys):
     assert "read by --cache magcache only" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_quality_reports_the_cache_and_the_lower_face(capsys):
     from runtime import quality
 

@@ -57,6 +57,7 @@ def _interrupt(cmd: list[str], folder: Path, sig: int, after_s: float = 0.0, rea
     return proc.returncode, "".join(lines)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGHUP, 129)])
 def test_signal_during_generation_leaves_no_output(tmp_path, sig, code):
     cmd = [sys.executable, "-m", "runtime.generate", "--save_file", "out.mp4", "--size", "256*256", "--base_seed", "1"]
@@ -88,6 +89,7 @@ def test_out_of_memory_names_what_fits(monkeypatch, tmp_path, capsys):
     assert not (tmp_path / "o.mp4").exists()
 
 
+@pytest.mark.slow
 def test_two_threads_on_one_pipeline_are_serialized(pipe):
     img, aud = demo_image(), demo_speech(0.8)
     expected = {s: pipe.generate(img, aud, seed=s, **FAST).frames for s in (11, 12)}

@@ -83,6 +83,7 @@ def test_inputs_as_path_bytes_and_arrays(pipe, tmp_path):
     assert np.array_equal(a.frames, b.frames) and np.array_equal(a.frames, c.frames)
 
 
+@pytest.mark.slow
 def test_save_writes_h264_aac_trimmed(pipe, tmp_path):
     r = pipe.generate(demo_image(), speech(1.0), seed=4, **FAST)
     out = r.save(tmp_path / "x.mp4")
@@ -105,13 +106,12 @@ def test_bad_arguments_are_typed(pipe):
         pipe.generate(demo_image(), speech(0.5), size="abc")
 
 
-def test_golden_e2e_matches_official():
+@pytest.mark.parametrize("key", ["e2e", pytest.param("e2e_pose", marks=pytest.mark.slow)])
+def test_golden_e2e_matches_official(key):
     from runtime.golden_checks.e2e import check
 
-    manifest = golden_manifest()
-    for key in ("e2e", "e2e_pose"):
-        for case in check(golden_dir(), manifest, key=key):
-            assert case.passed, case
+    cases = check(golden_dir(), golden_manifest(), key=key)
+    assert cases and all(case.passed for case in cases), cases
 
 
 @pytest.mark.slow
