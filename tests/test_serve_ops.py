@@ -108,6 +108,7 @@ def test_model_load_failure_refuses_jobs_and_hides_paths(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ crashes
+@pytest.mark.slow
 def test_a_job_that_kept_killing_its_server_is_failed_not_retried(tmp_path):
     """A job whose server was killed under it on its last allowed attempt (kill -9, the attempt count set to the
     limit) is failed with the reason at the restart, not run again; the job queued behind it runs."""
@@ -144,6 +145,7 @@ def _can_mount_tmpfs(tmp_path: Path) -> bool:
     return res.returncode == 0
 
 
+@pytest.mark.slow
 def test_full_disk_keeps_the_worker_alive_and_health_honest(tmp_path):
     """--data_dir on a 1.2 MB tmpfs (mounted in the server's own mount namespace: unshare -rm) that is filled up
     while a job runs, then freed. Where mounting is impossible the test is skipped (the store's error paths
@@ -218,6 +220,7 @@ def test_two_servers_on_one_data_dir_run_each_job_once(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ limits
+@pytest.mark.slow
 def test_retention_and_queue_limit(tmp_path):
     """--keep_days removes a finished job and its files; --max_queued answers 429 JSON beyond it."""
     srv = Server(tmp_path / "data", "--keep_days", "0.00003", "--max_queued", "2").start()   # kept ~2.6 s
