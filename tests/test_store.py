@@ -1,8 +1,9 @@
 """The job store interface (``runtime.serve.store.JobStore``): claims, leases, heartbeats, expiry, attempts,
 cancellation, ownership, ordering, queue limits, retention and the schema version.
 
-Every test takes the ``make_store`` fixture, parametrised over the implementations: another one (PostgreSQL)
-joins by adding a factory to ``IMPLEMENTATIONS`` and runs the same tests.
+Every test takes the ``make_store`` fixture, parametrised over the implementations in ``IMPLEMENTATIONS``:
+SQLite, and PostgreSQL on the session's throw-away cluster (``tests/postgres_cluster.py``; a schema per test
+folder; skipped with the reason where no server can start).
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ import pytest
 from runtime.serve.store import (CANCELLED, COMPLETED, FAILED, IN_PROGRESS, QUEUED, JobFiles, QueueFull, StoreError,
                                  worker_is_dead, worker_name)
 from runtime.serve.store_sqlite import DB_NAME, SCHEMA_VERSION, SQLiteStore
+from tests import postgres_cluster
+from tests.postgres_cluster import postgres  # noqa: F401 -- the session's cluster, removed at its end
 
 
 def _sqlite(tmp: Path):
@@ -31,8 +34,21 @@ def _sqlite_newer_schema(tmp: Path) -> None:
         db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
 
 
+def _postgres(tmp: Path):
+    from runtime.serve.store_postgres import PostgresStore
+
+    return PostgresStore(postgres_cluster.schema_url(tmp))
+
+
+def _postgres_newer_schema(tmp: Path) -> None:
+    import psycopg
+
+    with psycopg.connect(postgres_cluster.schema_url(tmp), autocommit=True) as db:
+        db.execute("UPDATE s2v_schema SET version = version + 1")
+
+
 # name → (open a store on a folder, mark that folder's store as a newer schema)
-IMPLEMENTATIONS = {"sqlite": (_sqlite, _sqlite_newer_schema)}
+IMPLEMENTATIONS = {"sqlite": (_sqlite, _sqlite_newer_schema), "postgres": (_postgres, _postgres_newer_schema)}
 
 
 @pytest.fixture(params=sorted(IMPLEMENTATIONS))

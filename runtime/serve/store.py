@@ -1,7 +1,9 @@
 """The job store: one interface (:class:`JobStore`) for the job table, and :class:`JobFiles` for the job folders.
 
-The SQLite implementation is ``store_sqlite.SQLiteStore``; another database (PostgreSQL) implements the same
-interface with the same semantics and runs the same tests (``tests/test_store.py``).
+Two implementations with one schema and the same semantics, run by the same tests (``tests/test_store.py``):
+``store_sqlite.SQLiteStore`` (one file under ``--data_dir``, the default) and ``store_postgres.PostgresStore``
+(one database that the service nodes of many machines share; the job folders then live on a shared
+filesystem that every node mounts as ``--data_dir``). :func:`open_store` picks one from ``--store``.
 
 A job moves queued → in_progress → completed | failed, or to cancelled from queued/in_progress. A worker
 *claims* the oldest queued job (one transaction: a job is claimed by one worker only) and holds a *lease* on it
@@ -12,11 +14,15 @@ failed with that reason (a job that kills its worker is not retried forever). A 
 store: the worker sees it at its next heartbeat and stops between steps.
 
 Each job belongs to an *owner* (a hash of the API key that made it, "" without authentication); the API passes
-the caller's owner to every read and write, and another owner's job does not exist for it.
+the caller's owner to every read and write, and another owner's job does not exist for it. A row also names
+the *node* (host) that wrote the job's files: the one that took the upload, then the one whose worker wrote
+the video.
 """
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import socket
 import time
@@ -65,6 +71,7 @@ class Job:
     worker: str | None = None
     lease_until: float | None = None
     warnings: tuple[str, ...] = field(default_factory=tuple)
+    node: str | None = None     # the host that wrote the job's files (not shown by the API)
 
     def public(self, detail: bool = True) -> dict[str, Any]:
         """The API's view of the job (OpenAI ``video`` object plus this engine's parameters); ``detail`` False
@@ -151,8 +158,52 @@ class JobStore(ABC):
         pass
 
 
+def job_from_row(row) -> Job:
+    """A row of either implementation (the same columns) as a :class:`Job`."""
+    return Job(id=row["id"], status=row["status"], params=json.loads(row["params"]), progress=row["progress"],
+               error=row["error"], attempts=row["attempts"], created_at=row["created_at"],
+               started_at=row["started_at"], completed_at=row["completed_at"], owner=row["owner"],
+               worker=row["worker"], lease_until=row["lease_until"], warnings=tuple(json.loads(row["warnings"])),
+               node=row["node"])
+
+
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+
+
+def redact(url: str) -> str:
+    """A store URL fit for messages and logs: its password (if any) replaced by ``***``."""
+    url = re.sub(r"^([a-z]+://[^/@:]*):[^/@]*@", r"\1:***@", url)
+    return re.sub(r"([?&]password=)[^&]*", r"\1***", url)
+
+
+def open_store(url: str | None, data_dir: str | Path) -> JobStore:
+    """The store ``--store`` names: None or "sqlite" for the SQLite file under ``data_dir``, a
+    ``postgresql://USER@HOST/DB`` URL for PostgreSQL. Raises ValueError for anything else, ImportError when
+    psycopg is not installed, :class:`StoreError` when the store cannot be opened or is of a newer schema."""
+    if url is None or url == "sqlite":
+        from .store_sqlite import SQLiteStore
+
+        return SQLiteStore(data_dir)
+    if url.startswith(POSTGRES_SCHEMES):
+        from .store_postgres import PostgresStore
+
+        return PostgresStore(url)
+    raise ValueError(f"--store {redact(url)!r} is not a job store; use postgresql://USER@HOST/DB, or leave it out "
+                     "for SQLite under --data_dir")
+
+
 # ---------------------------------------------------------------------------------------------- workers
 _HOST = socket.gethostname()
+
+
+def this_node() -> str:
+    """The name a row records for files this process writes (the host name, as in worker names)."""
+    return _HOST
+
+
+def node_of(worker: str) -> str:
+    """The host part of a worker's lease name."""
+    return worker.split("/", 1)[0]
 
 
 def worker_name(tag: str = "w0") -> str:

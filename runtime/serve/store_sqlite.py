@@ -14,10 +14,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .store import (ANYONE, CANCELLED, COMPLETED, FAILED, FINISHED, IN_PROGRESS, QUEUED, Job, JobStore, QueueFull,
-                    StoreError, expired_reason, worker_is_dead)
+                    StoreError, expired_reason, job_from_row, node_of, this_node, worker_is_dead)
 
 DB_NAME = "jobs.sqlite3"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -34,15 +34,17 @@ CREATE TABLE IF NOT EXISTS jobs (
     owner        TEXT NOT NULL DEFAULT '',            -- hash of the API key that made the job
     worker       TEXT,                                -- the lease holder while in progress
     lease_until  REAL,
-    warnings     TEXT NOT NULL DEFAULT '[]'           -- JSON list of input warnings
+    warnings     TEXT NOT NULL DEFAULT '[]',          -- JSON list of input warnings
+    node         TEXT                                 -- the host that wrote the job's files (upload, then video)
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, seq);
 CREATE INDEX IF NOT EXISTS jobs_owner ON jobs (owner, seq);
 """
-# Version 1 (before leases and owners) had the first ten columns.
-_V1_TO_V2 = ("ALTER TABLE jobs ADD COLUMN owner TEXT NOT NULL DEFAULT ''", "ALTER TABLE jobs ADD COLUMN worker TEXT",
-             "ALTER TABLE jobs ADD COLUMN lease_until REAL",
-             "ALTER TABLE jobs ADD COLUMN warnings TEXT NOT NULL DEFAULT '[]'")
+# Version 1 (before leases and owners) had the first ten columns, version 2 all but ``node``.
+_ADDED_COLUMNS = ("ALTER TABLE jobs ADD COLUMN owner TEXT NOT NULL DEFAULT ''", "ALTER TABLE jobs ADD COLUMN worker TEXT",
+                  "ALTER TABLE jobs ADD COLUMN lease_until REAL",
+                  "ALTER TABLE jobs ADD COLUMN warnings TEXT NOT NULL DEFAULT '[]'",
+                  "ALTER TABLE jobs ADD COLUMN node TEXT")
 
 
 def _store_error(exc: BaseException) -> StoreError:
@@ -74,9 +76,9 @@ class SQLiteStore(JobStore):
             raise StoreError(f"{self.path.name} has schema version {version}, newer than this server's "
                              f"{SCHEMA_VERSION}; run the newer server or another --data_dir")
         exists = self._db.execute("SELECT 1 FROM sqlite_master WHERE name = 'jobs'").fetchone()
-        if exists and version < 2:
+        if exists and version < SCHEMA_VERSION:
             cols = {r["name"] for r in self._db.execute("PRAGMA table_info(jobs)")}
-            for stmt in _V1_TO_V2:
+            for stmt in _ADDED_COLUMNS:
                 if stmt.split()[5] not in cols:
                     self._db.execute(stmt)
         for stmt in _SCHEMA.split(";"):
@@ -127,20 +129,20 @@ class SQLiteStore(JobStore):
                 n = db.execute("SELECT COUNT(*) FROM jobs WHERE status = ? AND owner = ?", (QUEUED, owner)).fetchone()[0]
                 if n >= max_queued_per_owner:
                     raise QueueFull(max_queued_per_owner, per_owner=True)
-            db.execute("INSERT INTO jobs (id, status, params, created_at, owner) VALUES (?, ?, ?, ?, ?)",
-                       (job_id, QUEUED, json.dumps(params), time.time(), owner))
+            db.execute("INSERT INTO jobs (id, status, params, created_at, owner, node) VALUES (?, ?, ?, ?, ?, ?)",
+                       (job_id, QUEUED, json.dumps(params), time.time(), owner, this_node()))
             row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        return _job(row)
+        return job_from_row(row)
 
     def get(self, job_id, owner=ANYONE):
         where, args = self._owned(owner)
         rows = self._read(f"SELECT * FROM jobs WHERE id = ?{where}", (job_id, *args))
-        return _job(rows[0]) if rows else None
+        return job_from_row(rows[0]) if rows else None
 
     def list(self, owner=ANYONE, limit=100):
         where, args = self._owned(owner)
         rows = self._read(f"SELECT * FROM jobs WHERE 1{where} ORDER BY seq DESC LIMIT ?", (*args, limit))
-        return [_job(r) for r in rows]
+        return [job_from_row(r) for r in rows]
 
     def cancel(self, job_id, owner=ANYONE) -> bool:
         where, args = self._owned(owner)
@@ -171,7 +173,7 @@ class SQLiteStore(JobStore):
                        "worker = ?, lease_until = ?, error = NULL WHERE id = ?",
                        (IN_PROGRESS, now, worker, now + lease_s, row["id"]))
             row = db.execute("SELECT * FROM jobs WHERE id = ?", (row["id"],)).fetchone()
-        return _job(row)
+        return job_from_row(row)
 
     def heartbeat(self, job_id, worker, lease_s, progress=None) -> bool:
         with self._tx() as db:
@@ -182,11 +184,12 @@ class SQLiteStore(JobStore):
 
     def finish(self, job_id, worker, status, error=None, warnings=()) -> bool:
         with self._tx() as db:
+            done = status == COMPLETED  # the video is this worker's node's file now
             cur = db.execute("UPDATE jobs SET status = ?, error = ?, completed_at = ?, warnings = ?, worker = NULL, "
-                             "lease_until = NULL, progress = CASE WHEN ? = ? THEN 1 ELSE progress END "
-                             "WHERE id = ? AND status = ? AND worker = ?",
-                             (status, error, time.time(), json.dumps(list(warnings)), status, COMPLETED, job_id,
-                              IN_PROGRESS, worker))
+                             "lease_until = NULL, progress = CASE WHEN ? THEN 1 ELSE progress END, "
+                             "node = CASE WHEN ? THEN ? ELSE node END WHERE id = ? AND status = ? AND worker = ?",
+                             (status, error, time.time(), json.dumps(list(warnings)), done, done, node_of(worker),
+                              job_id, IN_PROGRESS, worker))
         return cur.rowcount == 1
 
     def release(self, job_id, worker) -> bool:
@@ -225,11 +228,4 @@ class SQLiteStore(JobStore):
 
     def ids(self):
         return {r["id"] for r in self._read("SELECT id FROM jobs")}
-
-
-def _job(row: sqlite3.Row) -> Job:
-    return Job(id=row["id"], status=row["status"], params=json.loads(row["params"]), progress=row["progress"],
-               error=row["error"], attempts=row["attempts"], created_at=row["created_at"],
-               started_at=row["started_at"], completed_at=row["completed_at"], owner=row["owner"],
-               worker=row["worker"], lease_until=row["lease_until"], warnings=tuple(json.loads(row["warnings"])))
 
