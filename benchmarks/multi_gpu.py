@@ -7,8 +7,10 @@ default), with the single-GPU backend per rank (compiled blocks, CUDA graph, fas
 - ``cfg-parallel``: each CFG branch on its own rank group, one all-gather per step;
 - ``ulysses-U``: the sequence split over the ranks of each branch (all-to-all around attention).
 
-Rows carry ``gpus``, ``step_s``, speedup over 1 GPU, per-rank peak memory, and rel-L2 of the velocity
-against the 1-GPU result.
+Rows carry ``gpus``, ``step_s``, speedup over 1 GPU, per-rank peak memory, rel-L2 of the velocity against the
+1-GPU result, and what ran: the backend, whether the blocks were compiled and whether a CUDA graph was
+replayed (read from the backend after the run, not from ``--graph``). The meta holds the command, git revision,
+date, dtype, shapes and steps, as ``benchmarks.run`` writes them.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from benchmarks.common import device_description, device_slug, markdown_table, median, results_dir, time_fn, write_results
+from benchmarks.common import code_revision, device_description, device_slug, markdown_table, median, results_dir, time_fn, write_results
 
 
 def main(argv=None) -> int:
@@ -60,7 +62,13 @@ def main(argv=None) -> int:
     x2, t2 = x.expand(2, -1, -1, -1, -1), t_freq.expand(2, -1)
     rows, ref = [], None
 
-    def record(name: str, gpus: int, fn, ulysses: int = 1):
+    def ran(backend) -> dict:
+        """What a backend actually ran, read after its calls (not the flags asked for)."""
+        inner = getattr(backend, "inner", backend)
+        return {"backend": inner.name, "compiled": bool(inner.model.compiled),
+                "graph": "on" if isinstance(inner, GraphDiT) and bool(inner.graphs) else "off"}
+
+    def record(name: str, gpus: int, fn, ulysses: int = 1, backend=None):
         nonlocal ref
         torch.cuda.reset_peak_memory_stats(dev)
         t0 = time.perf_counter()
@@ -75,7 +83,7 @@ def main(argv=None) -> int:
             if ref is None:
                 ref = out.float()
             row = {"device": device_slug(dev), "variant": name, "precision": "bf16", "scenario": scn.name, "gpus": gpus,
-                   "ulysses": ulysses, "attention": choice[0], "graph": args.graph, "step_s": median(ts), "step_all_s": ts,
+                   "ulysses": ulysses, "attention": choice[0], **ran(backend), "step_s": median(ts), "step_all_s": ts,
                    "first_call_s": first, "peak_mem_gib_per_rank": [round(float(p), 2) for p in peaks[:gpus]],
                    "rel_l2_vs_1gpu": rel_l2(out, ref)}
             rows.append(row)
@@ -93,7 +101,7 @@ def main(argv=None) -> int:
         ts = time_fn(record_fn, dev, warmup=0, repeat=args.repeat)
         ref = out.float()
         rows.append({"device": device_slug(dev), "variant": "1 GPU", "precision": "bf16", "scenario": scn.name, "gpus": 1,
-                     "ulysses": 1, "attention": choice[0], "graph": args.graph, "step_s": median(ts), "step_all_s": ts,
+                     "ulysses": 1, "attention": choice[0], **ran(single), "step_s": median(ts), "step_all_s": ts,
                      "peak_mem_gib_per_rank": [round(torch.cuda.max_memory_allocated(dev) / 2**30, 2)], "rel_l2_vs_1gpu": 0.0})
         print(rows[-1], flush=True)
         del single
@@ -115,7 +123,7 @@ def main(argv=None) -> int:
             inner = make(m)
             backend = parallel.CFGParallelDiT(inner, layout) if cfg_par else inner
             name = "+".join((["cfg-parallel"] if cfg_par else []) + ([f"ulysses-{ulysses}"] if ulysses > 1 else []))
-            record(name, world, lambda: backend.forward(x2, t2, both), ulysses)
+            record(name, world, lambda: backend.forward(x2, t2, both), ulysses, backend)
             del backend, inner, m
         except Exception as e:
             if rank == 0:
@@ -129,9 +137,14 @@ def main(argv=None) -> int:
         for r in rows:
             if "step_s" in r:
                 r["speedup_vs_1gpu"] = base / r["step_s"]
-        table = markdown_table(rows, ["variant", "gpus", "attention", "step_s", "speedup_vs_1gpu", "peak_mem_gib_per_rank",
+        table = markdown_table(rows, ["variant", "gpus", "attention", "backend", "compiled", "graph", "step_s", "speedup_vs_1gpu", "peak_mem_gib_per_rank",
                                       "rel_l2_vs_1gpu", "error"])
         meta = {"device": f"{world} × {device_description(dev)}", "scenario": scn.name, "tokens": cond.num_tokens,
+                "git": code_revision(), "date": time.strftime("%Y-%m-%d %H:%M"), "dtype": str(model.dtype),
+                "shapes": {"height": scn.height, "width": scn.width, "infer_frames": scn.infer_frames, "clip": scn.clip,
+                           "batch": 2},
+                "steps": {"timed": "one CFG step (the batch-2 call) per repeat", "repeat": args.repeat,
+                          "recipe_steps": scn.steps},
                 "command": f"torchrun --nproc_per_node {world} -m benchmarks.multi_gpu " + " ".join(sys.argv[1:] if argv is None else argv),
                 "notes": "random 14B weights (bf16), same on every rank; one CFG step = the batch-2 call; CUDA events, "
                          "median of repeats after a warm-up/capture call; NCCL, NVLink multicast off"}

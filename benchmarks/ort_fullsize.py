@@ -6,6 +6,10 @@
    saved PyTorch FP32 output (mean relative error, limit 1e-2);
 2. timing: one forward at 704×1024, 80 frames, later clip, batch 1 (and batch 2 = one CFG step), through
    the ``onnxruntime`` backend, with the random weights the graph was exported with.
+
+Each row records the execution providers the session ran with (ONNX Runtime falls back to the CPU provider
+silently when the CUDA one cannot load) and whether a CUDA graph was used; the meta holds the command, git
+revision, date, dtype, shapes and steps, as ``benchmarks.run`` writes them.
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import device_description, device_slug, markdown_table, median, time_fn, write_results
+from benchmarks.common import code_revision, device_description, device_slug, markdown_table, median, time_fn, write_results
 
 
 def main(argv=None) -> int:
@@ -61,13 +65,18 @@ def main(argv=None) -> int:
         torch.cuda.synchronize()
         first = time.perf_counter() - w0
         ts = time_fn(lambda: backend.forward(xx, tt, cc), device, warmup=0, repeat=args.repeat)
-        rows.append({"device": device_slug(device), "variant": "onnxruntime-cuda-fp16", "scenario": scn.name, "batch": batch,
+        rows.append({"device": device_slug(device), "variant": "onnxruntime-fp16", "scenario": scn.name, "batch": batch,
+                     "providers": backend.session.get_providers(), "cuda_graph": backend.cuda_graph,
                      "seconds": median(ts), "all_s": ts, "first_call_s": round(first, 1),
                      "torch_peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30})
         print(rows[-1], flush=True)
-    meta = {"device": device_description(device), **result,
+    meta = {"device": device_description(device), **result, "git": code_revision(), "date": time.strftime("%Y-%m-%d %H:%M"),
+            "dtype": "FP16 ONNX graph (FP32 islands inside), bf16 PyTorch model for prepare()",
+            "shapes": {"height": scn.height, "width": scn.width, "infer_frames": scn.infer_frames, "clip": scn.clip,
+                       "batch": [1, 2]},
+            "steps": {"timed": "one DiT forward per repeat", "repeat": args.repeat},
             "command": "python -m benchmarks.ort_fullsize " + " ".join(argv or __import__("sys").argv[1:])}
-    table = markdown_table(rows, ["device", "variant", "scenario", "batch", "seconds", "first_call_s"])
+    table = markdown_table(rows, ["device", "variant", "providers", "scenario", "batch", "seconds", "first_call_s"])
     write_results(args.out / "ort_fullsize.json", rows, meta, table)
     print(table)
     return 0

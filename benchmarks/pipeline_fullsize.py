@@ -2,6 +2,8 @@
 wav2vec2-large): the whole request path on the GPU, timed, with peak memory.
 
     python -m benchmarks.pipeline_fullsize --backend torch-graph --steps 2 --seconds 3 --out DIR
+
+The meta holds the command, git revision, date, dtypes, size and steps, as ``benchmarks.run`` writes them.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import device_description, device_slug, markdown_table, write_results
+from benchmarks.common import code_revision, device_description, device_slug, markdown_table, write_results
 
 
 def main(argv=None) -> int:
@@ -53,7 +55,10 @@ def main(argv=None) -> int:
                      "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30})
         print(rows[-1], flush=True)
     res.save(args.out / "fullsize_random.mp4", overwrite=True)
-    meta = {"device": device_description(device), "load_s": round(load_s, 1),
+    meta = {"device": device_description(device), "load_s": round(load_s, 1), "git": code_revision(),
+            "date": time.strftime("%Y-%m-%d %H:%M"),
+            "dtype": "DiT bf16, VAE float32 (TF32 convolutions), UMT5 and wav2vec2 as S2VPipeline loads them",
+            "shapes": {"size": args.size, "audio_s": args.seconds}, "steps": args.steps, "backend": args.backend,
             "command": "python -m benchmarks.pipeline_fullsize " + " ".join(argv or __import__("sys").argv[1:]),
             "note": "random weights: the video is noise; this checks the request path at the real sizes"}
     table = markdown_table(rows, ["device", "variant", "run", "steps", "seconds", "frames", "size", "clips", "peak_mem_gib"])

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import device_description, device_slug, markdown_table, median, results_dir, time_fn, write_results
+from benchmarks.common import code_revision, device_description, device_slug, markdown_table, median, results_dir, time_fn, write_results
 from benchmarks.flops import dit_forward_flops
 from runtime.sampler import latent_frames
 
@@ -258,7 +258,7 @@ def main(argv=None) -> int:
     meta = {"device": device_description(device), "scenario": asdict(scn), "tokens": seq, "dtype": str(dtype),
             "flops_per_forward": {"linear": flops1.linear, "attention": flops1.attention},
             "step_flops": flops1.total * (2 if scn.cfg else 1), "ceilings": ceilings, "repeat": args.repeat,
-            "timestep": t_value, "gpus": 1,
+            "timestep": t_value, "gpus": 1, "git": code_revision(), "date": time.strftime("%Y-%m-%d %H:%M"),
             "command": "python -m benchmarks.run " + " ".join(sys.argv[1:] if argv is None else argv),
             "notes": "random weights (bf16 at full size), shared by every variant (the official model's state dict "
                      "loaded into ours); CUDA events; median of repeats; forward calls interleaved across variants, "
