@@ -43,6 +43,24 @@ class RunDefaults:
 RUN = RunDefaults()
 SOLVERS = ("unipc", "dpm++", "euler")
 MAX_SEED = 2**63 - 1  # the official random.randint(0, sys.maxsize); torch generators take < 2**64
+MAX_STEPS = 1000  # the schedule has 1000 training timesteps; more steps cannot add anything
+
+# Official ``--size`` choices for s2v-14B and the area each one stands for (MAX_AREA_CONFIGS). Only the area
+# is used: the aspect ratio of the output follows the reference image.
+SIZE_AREAS: dict[str, int] = {
+    "720*1280": 720 * 1280,
+    "1280*720": 1280 * 720,
+    "480*832": 480 * 832,
+    "832*480": 832 * 480,
+    "1024*704": 1024 * 704,
+    "704*1024": 704 * 1024,
+    "704*1280": 704 * 1280,
+    "1280*704": 1280 * 704,
+}
+MIN_AREA = 64 * 64  # one tile of the 64-px output grid (runtime.preprocess.DIVISOR): no smaller H x W exists
+# Largest accepted area: 1920*1080, 2.25x the largest official choice (1280*720). The DiT's attention grows with
+# the square of the area, so a typo like 10240*7040 would otherwise ask for days of work and terabytes.
+MAX_AREA = 1920 * 1080
 
 MAX_PARAMETERS = 50e9  # 3.5x the 14B model; a bigger config.json is damaged or for another model
 

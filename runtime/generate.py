@@ -18,7 +18,10 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from runtime.config import MAX_SEED, RUN, SOLVERS
+from runtime.checks import (check_guide_scale, check_infer_frames, check_num_clip, check_sample_shift, check_sample_steps,
+                            check_seed, check_size)
+from runtime.config import RUN, SOLVERS
+from runtime.errors import InputError
 from runtime.options import (add_cache_args, add_pipeline_args, check_cache_args, check_pipeline_args,  # noqa: F401
                              pipeline_kwargs, str2bool)
 
@@ -94,20 +97,15 @@ EXAMPLE_PROMPT = ("Summer beach vacation style, a white cat wearing sunglasses s
 
 def validate(args) -> None:
     """Every flag, before anything is loaded: a typo must not cost a model load."""
-    from runtime.errors import InputError
-    from runtime.preprocess import parse_size
-    from runtime.sampler import MAX_STEPS
-
     if args.task != "s2v-14B":
         raise InputError(f"--task {args.task}: this engine runs only s2v-14B")
     if args.ulysses_size < 1:
         raise InputError(f"--ulysses_size {args.ulysses_size}: must be ≥ 1")
     if args.use_prompt_extend:
         raise InputError("--use_prompt_extend needs online prompt-extension models; write the prompt out instead")
-    if args.infer_frames <= 0 or args.infer_frames % 4:
-        raise InputError(f"--infer_frames {args.infer_frames}: must be a positive multiple of 4 (e.g. 48 or 80)")
-    if args.num_clip is not None and args.num_clip <= 0:
-        raise InputError(f"--num_clip {args.num_clip}: must be a positive integer (or omit it to follow the audio)")
+    check_infer_frames(args.infer_frames, "infer_frames", flag=True)
+    if args.num_clip is not None:
+        check_num_clip(args.num_clip, "num_clip", flag=True)
     if args.denoising_steps is not None:
         from runtime.scheduler import SolverConfig, parse_denoising_steps
 
@@ -118,21 +116,20 @@ def validate(args) -> None:
             args.sample_steps = len(args.denoising_steps)
         SolverConfig("euler", args.sample_steps, args.sample_shift if args.sample_shift is not None else RUN.sample_shift,
                      denoising_steps=args.denoising_steps)
-    if args.sample_steps is not None and not 0 < args.sample_steps <= MAX_STEPS:
-        raise InputError(f"--sample_steps {args.sample_steps}: must be an integer in [1, {MAX_STEPS}] (official default {RUN.sample_steps})")
-    if args.sample_shift is not None and not (math.isfinite(args.sample_shift) and args.sample_shift > 0):
-        raise InputError(f"--sample_shift {args.sample_shift}: must be a positive finite number (official default {RUN.sample_shift:g})")
-    if args.sample_guide_scale is not None and not math.isfinite(args.sample_guide_scale):
-        raise InputError(f"--sample_guide_scale {args.sample_guide_scale}: must be a finite number "
-                         f"(official default {RUN.guide_scale:g}; 1 or less turns CFG off)")
+    if args.sample_steps is not None:
+        check_sample_steps(args.sample_steps, "sample_steps", flag=True)
+    if args.sample_shift is not None:
+        check_sample_shift(args.sample_shift, "sample_shift", flag=True)
+    if args.sample_guide_scale is not None:
+        check_guide_scale(args.sample_guide_scale, "sample_guide_scale", flag=True)
     if args.cfg_parallel and args.sample_guide_scale is not None and args.sample_guide_scale <= 1:
         raise InputError(f"--cfg_parallel with --sample_guide_scale {args.sample_guide_scale:g}: CFG is off, so there is "
                          "no unconditional branch to run on a second rank; drop --cfg_parallel and spread the one "
                          "branch with --ulysses_size N instead")
-    if args.base_seed != -1 and not 0 <= args.base_seed <= MAX_SEED:
-        raise InputError(f"--base_seed {args.base_seed}: must be in [0, 2**63 - 1], or -1 for a random seed")
+    if args.base_seed != -1:
+        check_seed(args.base_seed, "base_seed", flag=True)
     if args.size is not None:
-        parse_size(args.size)
+        check_size(args.size, "size", flag=True)
     if not (0 < args.max_audio_s < float("inf")):
         raise InputError(f"--max_audio_s {args.max_audio_s}: must be a positive number of seconds")
     if args.enable_tts and not args.tts_text:

@@ -23,6 +23,7 @@ import torch
 from runtime import lora
 from runtime.cache import (CALIBRATION_NAME, CacheSpec, Calibration, StepCache, calibrate_command, model_identity,
                            recipe_of)
+from runtime.checks import check_num_clip, check_size
 from runtime.config import RUN
 from runtime.errors import CheckpointError, ConfigError, InputError, OutputError
 
@@ -350,7 +351,7 @@ class S2VPipeline:
         writes beside the checkpoint) and refuses one made for another checkpoint or recipe.
         """
         from runtime.media import load_image
-        from runtime.preprocess import parse_size, prepare_reference, target_size
+        from runtime.preprocess import prepare_reference, target_size
         from runtime.sampler import SampleOptions, check_finite
 
         if isinstance(seed, int) and not isinstance(seed, bool) and seed == -1:
@@ -366,10 +367,10 @@ class S2VPipeline:
         if self.parallel is not None and self.parallel.cfg_parallel and not guide_scale > 1:
             raise InputError(f"guide_scale={guide_scale} turns CFG off, so CFG parallel has nothing to split; run "
                              "without cfg_parallel (use Ulysses sequence parallelism to spread one branch over GPUs)")
-        if num_clip is not None and (isinstance(num_clip, bool) or not isinstance(num_clip, int) or num_clip <= 0):
-            raise InputError(f"num_clip={num_clip}: must be a positive integer (or omit it to follow the audio length)")
+        if num_clip is not None:
+            check_num_clip(num_clip)
         step_cache = self.step_cache(cache, cache_calibration)
-        area = parse_size(size or (TINY_SIZE if self.name == TINY else DEFAULT_SIZE))
+        area = check_size(size or (TINY_SIZE if self.name == TINY else DEFAULT_SIZE))
         img = load_image(image)
         clip = _load_audio(audio, max_audio_s)
 

@@ -16,7 +16,6 @@ RGB/RGBA/L/CMYK/P, every --size area plus odd crops) and 40 pose cases.
 from __future__ import annotations
 
 import math
-import re
 import warnings
 
 import numpy as np
@@ -24,26 +23,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from runtime.checks import check_size
+from runtime.config import MAX_AREA, MIN_AREA, SIZE_AREAS  # noqa: F401 (the size rule's names, read here by others)
 from runtime.errors import InputError
+from runtime.media import read_pose_frames
 
-# Official ``--size`` choices for s2v-14B and the area each one stands for (MAX_AREA_CONFIGS). Only the area
-# is used: the aspect ratio of the output follows the reference image.
-SIZE_AREAS: dict[str, int] = {
-    "720*1280": 720 * 1280,
-    "1280*720": 1280 * 720,
-    "480*832": 480 * 832,
-    "832*480": 832 * 480,
-    "1024*704": 1024 * 704,
-    "704*1024": 704 * 1024,
-    "704*1280": 704 * 1280,
-    "1280*704": 1280 * 704,
-}
-DIVISOR = 64
-MIN_AREA = DIVISOR * DIVISOR  # below this no H x W with both sides multiples of 64 exists
-# Largest accepted area: 1920*1080, 2.25x the largest official choice (1280*720). The DiT's attention grows with
-# the square of the area, so a typo like 10240*7040 would otherwise ask for days of work and terabytes.
-MAX_AREA = 1920 * 1080
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*[*xX]\s*(\d+)\s*$")
+DIVISOR = 64  # output sides are multiples of this (config.MIN_AREA is one such tile)
 # A decoded image above this many pixels is refused rather than risking host memory (PIL's own
 # decompression-bomb limit at open time is ~179 MP, so this only catches images built or opened without it).
 MAX_REFERENCE_PIXELS = 1 << 28
@@ -51,29 +36,8 @@ POSE_CHUNK_FRAMES = 16  # frames converted to float at a time (full-resolution f
 
 
 def parse_size(size: str) -> int:
-    """Area for a ``--size`` value.
-
-    Accepts the official s2v strings (``SIZE_AREAS``) and, beyond the official, any well-formed ``H*W``
-    (or ``HxW``) of positive integers with ``64*64 <= H*W <= 1920*1080``; sides need not be multiples of anything since
-    only the product is used as a pixel budget.
-    """
-    if not isinstance(size, str):
-        raise InputError(f"--size must be a string like '480*832', got {size!r}")
-    key = size.strip()
-    if key in SIZE_AREAS:
-        return SIZE_AREAS[key]
-    match = _SIZE_RE.match(key)
-    if not match:
-        raise InputError(
-            f"--size {size!r} is not of the form H*W; use one of {', '.join(SIZE_AREAS)} (or any H*W, e.g. 480*832)"
-        )
-    h, w = int(match[1]), int(match[2])
-    if h <= 0 or w <= 0 or h * w < MIN_AREA:
-        raise InputError(f"--size {size!r} gives an area of {h * w} px, below the minimum {MIN_AREA} (64*64); use e.g. 480*832")
-    if h * w > MAX_AREA:
-        raise InputError(f"--size {size!r} gives an area of {h * w:,} px, above the maximum {MAX_AREA:,} (1920*1080; "
-                         "the model was trained up to 1280*720); use e.g. 1280*720")
-    return h * w
+    """Area for a ``--size`` value (:func:`runtime.checks.check_size`, named as the CLI flag)."""
+    return check_size(size, "size", flag=True)
 
 
 def target_size(h: int, w: int, area: int, divisor: int = DIVISOR) -> tuple[int, int]:
@@ -238,8 +202,6 @@ def load_pose_video(path, clips: int, infer_frames: int, height: int, width: int
 
     Warns when the video is a single frame (a still image) or covers fewer than ``needed`` frames (the
     frames the audio drives): the official pads those with "no pose" frames, which is rarely what was meant."""
-    from runtime.media import read_pose_frames
-
     total = clips * infer_frames
     frames = read_pose_frames(path, total, fps=fps)
     name = "pose video" + (" bytes" if isinstance(path, (bytes, bytearray, memoryview)) else f" {path}")

@@ -25,7 +25,9 @@ from dataclasses import dataclass
 
 import torch
 
-from runtime.config import MAX_SEED, RUN
+from runtime.checks import (check_guide_scale, check_infer_frames, check_sample_shift, check_sample_steps, check_seed,
+                            check_solver)
+from runtime.config import RUN
 from runtime.errors import InputError, NumericalError
 from runtime.models.dit import ClipConditions, WanS2VDiT, timestep_frequencies
 from runtime.models.vae import WanVAE
@@ -40,20 +42,11 @@ ClipFn = Callable[[torch.Tensor], None]  # one decoded clip [3, n, H, W] float32
 # per-channel normalisation and pixels lie in [−1, 1] (slightly beyond before clamping); a value 10⁴ times
 # larger only comes from damaged weights, config or engines, and would turn into a black or white video.
 MAX_MAGNITUDE = 1e4
-MAX_STEPS = 1000  # the schedule has 1000 training timesteps; more steps cannot add anything
 
 
 def latent_frames(infer_frames: int, motion_frames: int = 73) -> int:
     """Noisy latent frames per clip: the official (infer + 3 + motion) // 4 − motion latents (80 → 20, 48 → 12)."""
     return (infer_frames + 3 + motion_frames) // 4 - (motion_frames + 3) // 4
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_real(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def check_finite(x: torch.Tensor, stage: str, limit: float = MAX_MAGNITUDE) -> None:
@@ -80,17 +73,14 @@ class SampleOptions:
     denoising_steps: tuple[int, ...] | None = None  # the euler solver's timesteps (default: evenly spaced)
 
     def __post_init__(self):
-        if not _is_int(self.infer_frames) or self.infer_frames <= 0 or self.infer_frames % 4:
-            raise InputError(f"infer_frames={self.infer_frames}: must be a positive multiple of 4 (e.g. 48 or 80)")
-        if not _is_int(self.sample_steps) or not 0 < self.sample_steps <= MAX_STEPS:
-            raise InputError(f"sample_steps={self.sample_steps}: must be an integer in [1, {MAX_STEPS}] (official default {RUN.sample_steps})")
-        if not _is_real(self.sample_shift) or not math.isfinite(self.sample_shift) or self.sample_shift <= 0:
-            raise InputError(f"sample_shift={self.sample_shift}: must be a positive finite number (official default {RUN.sample_shift:g})")
-        if not _is_real(self.guide_scale) or not math.isfinite(self.guide_scale):
-            raise InputError(f"guide_scale={self.guide_scale}: must be a finite number (official default {RUN.guide_scale:g}; <= 1 turns CFG off)")
-        if not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED:
-            raise InputError(f"seed={self.seed}: must be an integer in [0, 2**63 - 1] (or -1 for a random one)")
-        # names the solver choices; checks the euler timesteps
+        # Named as S2VPipeline.generate's keyword arguments (the library's way in).
+        check_infer_frames(self.infer_frames)
+        check_sample_steps(self.sample_steps)
+        check_sample_shift(self.sample_shift)
+        check_guide_scale(self.guide_scale)
+        check_seed(self.seed)
+        check_solver(self.solver)
+        # checks the euler timesteps against the steps
         SolverConfig(self.solver, self.sample_steps, self.sample_shift, denoising_steps=self.denoising_steps)
 
     @property

@@ -18,7 +18,8 @@ from typing import Any
 
 from starlette.formparsers import MultiPartParser
 
-from runtime.config import MAX_SEED, RUN, SOLVERS
+from runtime import checks
+from runtime.config import RUN
 from runtime.errors import InputError
 
 FILE_FIELDS = ("image", "audio", "pose_video")
@@ -48,8 +49,6 @@ class RequestError(Exception):
 
 def parse_fields(form: dict[str, str], limits: Limits, default_size: str) -> dict[str, Any]:
     """Form text fields → generate() keyword arguments (unknown fields are refused, not ignored)."""
-    from runtime.preprocess import parse_size
-
     known = {"prompt", "negative_prompt", "seed", "sample_steps", "infer_frames", "size", "num_clip", "guide_scale",
              "sample_shift", "sample_solver", "start_from_ref", "model"}
     for name in form:
@@ -61,28 +60,28 @@ def parse_fields(form: dict[str, str], limits: Limits, default_size: str) -> dic
         if n > limits.max_prompt_bytes:
             raise RequestError(name, f"{name} is {n} bytes, over this server's limit of {limits.max_prompt_bytes}; "
                                      "send a shorter text", 413)
+    # Text → number here (ASCII digits only); what a value may be is checked by the functions the CLI and the
+    # library use (runtime.checks), with this server's limits as the bounds.
     out: dict[str, Any] = {
         "prompt": form.get("prompt", ""),
         "negative_prompt": form.get("negative_prompt", ""),
-        "seed": _int(form, "seed", random.randint(0, 2**31 - 1), 0, MAX_SEED),
-        "sample_steps": _int(form, "sample_steps", RUN.sample_steps, 1, limits.max_steps),
-        "infer_frames": _int(form, "infer_frames", RUN.infer_frames, 4, limits.max_infer_frames),
-        "guide_scale": _float(form, "guide_scale", RUN.guide_scale, 0.0, 100.0),
-        "sample_shift": _float(form, "sample_shift", RUN.sample_shift, 0.01, 100.0),
-        "sample_solver": form.get("sample_solver", RUN.solver),
+        "seed": _checked("seed", checks.check_seed, _int(form, "seed", random.randint(0, 2**31 - 1)),
+                         random_hint=False),
+        "sample_steps": _checked("sample_steps", checks.check_sample_steps, _int(form, "sample_steps", RUN.sample_steps),
+                                 hi=limits.max_steps),
+        "infer_frames": _checked("infer_frames", checks.check_infer_frames, _int(form, "infer_frames", RUN.infer_frames),
+                                 hi=limits.max_infer_frames),
+        "guide_scale": _checked("guide_scale", checks.check_guide_scale, _float(form, "guide_scale", RUN.guide_scale),
+                                lo=0.0, hi=100.0),
+        "sample_shift": _checked("sample_shift", checks.check_sample_shift, _float(form, "sample_shift", RUN.sample_shift),
+                                 lo=0.01, hi=100.0),
+        "sample_solver": _checked("sample_solver", checks.check_solver, form.get("sample_solver", RUN.solver)),
         "start_from_ref": _bool(form, "start_from_ref"),
         "size": form.get("size", default_size).strip(),
     }
-    if out["infer_frames"] % 4:
-        raise RequestError("infer_frames", f"infer_frames={out['infer_frames']} must be a multiple of 4 (e.g. 48 or 80)")
     if "num_clip" in form and form["num_clip"].strip():
-        out["num_clip"] = _int(form, "num_clip", None, 1, 10_000)
-    if out["sample_solver"] not in SOLVERS:
-        raise RequestError("sample_solver", f"sample_solver={out['sample_solver']!r}; use one of {', '.join(SOLVERS)}")
-    try:
-        area = parse_size(out["size"])
-    except InputError as exc:
-        raise RequestError("size", str(exc).replace("--size", "size")) from None
+        out["num_clip"] = _checked("num_clip", checks.check_num_clip, _int(form, "num_clip", None), hi=10_000)
+    area = _checked("size", checks.check_size, out["size"])
     if area > limits.max_area:
         raise RequestError("size", f"size {out['size']} is {area} px, over this server's limit of {limits.max_area} px; "
                                    "ask for a smaller size", 413)
@@ -207,7 +206,15 @@ def _mib(n: int) -> str:
     return f"{n / (1 << 20):g} MiB"
 
 
-def _number(form, name, default, lo, hi, cast, what):
+def _checked(name: str, check, value, **bounds):
+    """``check(value, name, **bounds)`` (a runtime.checks function), its refusal as this field's 400."""
+    try:
+        return check(value, name, **bounds)
+    except InputError as exc:
+        raise RequestError(name, str(exc)) from None
+
+
+def _number(form, name, default, cast, what):
     raw = form.get(name)
     if raw is None or not raw.strip():
         return default
@@ -215,21 +222,17 @@ def _number(form, name, default, lo, hi, cast, what):
     if not (_INT if cast is int else _FLOAT).match(raw.strip()):
         raise RequestError(name, f"{name}={raw!r} is not {what} (ASCII digits)")
     try:
-        v = cast(raw.strip())
+        return cast(raw.strip())
     except ValueError:
         raise RequestError(name, f"{name}={raw!r} is not {what}") from None
-    if (cast is float and not math.isfinite(v)) or not lo <= v <= hi:
-        fmt = "{:g}" if cast is float else "{}"
-        raise RequestError(name, f"{name}={v} is out of range; use {fmt.format(lo)}..{fmt.format(hi)}")
-    return v
 
 
-def _int(form, name, default, lo, hi):
-    return _number(form, name, default, lo, hi, int, "an integer")
+def _int(form, name, default):
+    return _number(form, name, default, int, "an integer")
 
 
-def _float(form, name, default, lo, hi):
-    return _number(form, name, default, lo, hi, float, "a number")
+def _float(form, name, default):
+    return _number(form, name, default, float, "a number")
 
 
 def _bool(form, name) -> bool:
