@@ -22,6 +22,7 @@ from runtime.options import add_pipeline_args, check_pipeline_args, pipeline_kwa
 
 log = logging.getLogger("runtime.serve")
 STOP_GRACE_S = 30.0  # how long a stopping server waits for the worker's current step
+STORE_ENV = "S2V_STORE"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,7 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface: needs "
                                                        "an API key, or --no_auth)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--data_dir", required=True, help="where the job table, uploads and videos live (kept across restarts)")
+    p.add_argument("--data_dir", required=True, help="where the uploads and videos live, and the SQLite job table "
+                                                     "(kept across restarts); with --store postgresql://..., a "
+                                                     "folder that every node mounts")
+    p.add_argument("--store", default=None, metavar="URL",
+                   help=f"the job store: postgresql://USER@HOST/DB for one queue shared by service nodes on several "
+                        f"machines (password from ~/.pgpass or PGPASSWORD); default ${STORE_ENV}, else SQLite under "
+                        "--data_dir")
     g = p.add_argument_group("access")
     g.add_argument("--api_key", action="append", default=[], metavar="KEY",
                    help="an accepted API key (repeatable; clients send Authorization: Bearer KEY); also S2V_API_KEYS")
@@ -108,12 +115,11 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _open_data_dir(data_dir: str):
+def _open_data_dir(data_dir: str, store_url: str | None = None):
     """The job folders and the store, after checking that the folder is a writable directory."""
     from runtime.errors import InputError
 
-    from .store import JobFiles, StoreError
-    from .store_sqlite import SQLiteStore
+    from .store import JobFiles, SchemaError, StoreError, open_store, redact
 
     root = Path(data_dir)
     where = f"--data_dir {str(root)!r}"
@@ -129,11 +135,24 @@ def _open_data_dir(data_dir: str):
                errno.ENOTDIR: "is under a file, not a folder", errno.ENOSPC: "is on a full disk"}.get(
             exc.errno, f"cannot be written ({exc.strerror})")
         raise InputError(f"{where} {why}; pass a writable folder") from None
+    if store_url in (None, "sqlite"):
+        try:
+            return JobFiles(root), open_store(None, root)
+        except StoreError as exc:
+            raise InputError(f"{where}: its job database cannot be opened ({exc}); move it aside or pass another "
+                             "--data_dir") from None
     try:
-        store = SQLiteStore(root)
+        store = open_store(store_url, root)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+    except ImportError as exc:
+        raise InputError(f"--store {redact(store_url)}: the PostgreSQL store needs psycopg ({exc.name} is missing); "
+                         "pip install -e '.[serve]'") from None
+    except SchemaError as exc:
+        raise InputError(f"--store: {exc}") from None
     except StoreError as exc:
-        raise InputError(f"{where}: its job database cannot be opened ({exc}); move it aside or pass another "
-                         "--data_dir") from None
+        raise InputError(f"--store: {exc}; check that PostgreSQL runs and this user may connect and create "
+                         "tables") from None
     return JobFiles(root), store
 
 
@@ -190,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
             raise InputError(f"--host {args.host} is reachable from other machines and no API key is configured; "
                              "pass --api_key / --api_keys_file (or --no_auth to serve it open)")
         sock = _bind(args.host, args.port)
-        files, store = _open_data_dir(args.data_dir)
+        files, store = _open_data_dir(args.data_dir, args.store or os.environ.get(STORE_ENV) or None)
     except S2VError as exc:
         if sock is not None:
             sock.close()

@@ -4,8 +4,8 @@ Every error is JSON ``{"error": {"message", "type", "param"}}``: 400 for an unus
 names it), 401 for a missing or wrong API key (``code`` "invalid_api_key", OpenAI's shape), 404 for an unknown
 job (or another key's) or route, 405 for a wrong method, 408 for a body that stopped arriving, 409 for content
 that is not there yet, 411 for an upload without Content-Length, 413 for anything over the server's limits,
-429 when the queue (or the caller's share of it) is full, 503 when no worker can run jobs or the store is
-unavailable, 507 when the disk is full, 500 for anything else (details only in the server log).
+429 when the queue (or the caller's share of it) is full, 503 when no worker can run jobs, the store is
+unavailable or a completed video cannot be read from the (shared) data folder, 507 when the disk is full, 500 for anything else (details only in the server log).
 """
 from __future__ import annotations
 
@@ -262,7 +262,13 @@ def create_app(store: JobStore, files: JobFiles, workers: list, limits: Limits, 
         if job is None:
             raise _not_found(job_id)
         path: Path = files.video_path(job_id)
-        if job.status != COMPLETED or not path.is_file():
+        if job.status == COMPLETED and not path.is_file():
+            # Written by a node whose --data_dir this one does not share (or a shared folder that is down).
+            log.error("job %s: completed on node %s, but %s is not there on this node; every node must mount the "
+                      "same shared --data_dir", job_id, job.node, path)
+            raise ApiError(503, f"the video of job {job_id} cannot be read on this server now; try again later",
+                           headers={"Retry-After": "10"})
+        if job.status != COMPLETED:
             raise ApiError(409, f"video job {job_id} is {job.status}, not completed; poll GET /v1/videos/{job_id}")
         return FileResponse(path, media_type="video/mp4", filename=f"{job_id}.mp4", content_disposition_type="inline")
 

@@ -48,6 +48,10 @@ class StoreError(Exception):
         self.full = full
 
 
+class SchemaError(StoreError):
+    """The store was written by a newer server, or holds tables that are not this server's: not usable as is."""
+
+
 class QueueFull(Exception):
     """``add`` refused: the server's queue limit (``per_owner`` False) or the caller's is reached."""
 

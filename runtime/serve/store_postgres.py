@@ -7,9 +7,10 @@ by one worker. Times come from the database's clock, so leases do not depend on 
 Tables go in the first schema of the connection's ``search_path`` (``?options=-csearch_path%3Ds2v`` puts them
 in schema ``s2v``); their version is recorded in ``s2v_schema`` and a database of a newer version is refused.
 
-One connection per process behind one lock (every statement is short). A lost connection is a
-:class:`StoreError` for that call; the next call reconnects, at most once a second, so a database that is down
-costs callers one quick error each instead of a connect timeout each.
+One connection per process behind one lock (every statement is short), in explicit transactions. A connection
+found dead at the start of a transaction is replaced at once (nothing was sent); one lost mid-transaction is a
+:class:`StoreError` for that call. A failed connect is retried at most once a second, so a database that is
+down costs callers one quick error each instead of a connect timeout each.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
 
 from .store import (ANYONE, CANCELLED, COMPLETED, FAILED, FINISHED, IN_PROGRESS, QUEUED, Job, JobStore, QueueFull,
-                    StoreError, expired_reason, job_from_row, node_of, redact, this_node, worker_is_dead)
+                    SchemaError, StoreError, expired_reason, job_from_row, node_of, redact, this_node, worker_is_dead)
 
 SCHEMA_VERSION = 3  # the SQLite store's version number for the same columns
 RECONNECT_S = 1.0   # after a failed connect, calls fail at once for this long
@@ -83,18 +84,33 @@ class PostgresStore(JobStore):
             raise
 
     # ------------------------------------------------------------------ connection
-    def _connection(self) -> psycopg.Connection:
+    def _connection(self) -> tuple[psycopg.Connection, bool]:
+        """The open connection, or a new one; and whether it is new."""
         if self._conn is not None and not self._conn.closed and not self._conn.broken:
-            return self._conn
+            return self._conn, False
         self._drop()
         if time.monotonic() < self._retry_at:
-            raise StoreError(f"job store {self.where}: unreachable (retrying)")
+            raise StoreError(f"job store {self.where}: not reachable (a connect failed under {RECONNECT_S:g} s ago)")
         try:
             self._conn = psycopg.connect(autocommit=True, row_factory=dict_row, **self._conninfo)
         except psycopg.Error as exc:
             self._retry_at = time.monotonic() + RECONNECT_S
             raise StoreError(f"job store {self.where}: cannot connect ({_one_line(exc)})") from None
-        return self._conn
+        return self._conn, True
+
+    def _begin(self) -> psycopg.Connection:
+        """A connection in a new transaction. A connection that died while idle (the database restarted) is
+        only found out by using it: its BEGIN fails, nothing was done, and a new connection takes over."""
+        while True:
+            conn, new = self._connection()
+            try:
+                conn.execute("BEGIN")
+                return conn
+            except psycopg.Error as exc:
+                self._drop()
+                if new:
+                    self._retry_at = time.monotonic() + RECONNECT_S
+                    raise StoreError(f"job store {self.where}: {_one_line(exc)}") from None
 
     def _drop(self) -> None:
         if self._conn is not None:
@@ -106,17 +122,25 @@ class PostgresStore(JobStore):
 
     @contextmanager
     def _tx(self):
-        """A cursor in one transaction under the lock; psycopg errors become StoreError (and a connection
-        they broke is dropped)."""
+        """A cursor in one transaction under the lock (committed at the end, rolled back on any exception);
+        psycopg errors become StoreError, and a connection they broke is dropped."""
         with self._lock:
-            conn = self._connection()
+            conn = self._begin()
             try:
-                with conn.transaction(), conn.cursor() as cur:
+                with conn.cursor() as cur:
                     yield cur
-            except psycopg.Error as exc:
+                conn.execute("COMMIT")
+            except BaseException as exc:
+                if not (conn.closed or conn.broken):
+                    try:
+                        conn.execute("ROLLBACK")
+                    except psycopg.Error:
+                        pass
                 if conn.closed or conn.broken:
                     self._drop()
-                raise StoreError(f"job store {self.where}: {_one_line(exc)}") from None
+                if isinstance(exc, psycopg.Error):
+                    raise StoreError(f"job store {self.where}: {_one_line(exc)}") from None
+                raise
 
     def _read(self, sql: str, args: tuple = ()) -> list[dict]:
         with self._tx() as cur:
@@ -131,11 +155,11 @@ class PostgresStore(JobStore):
         cur.execute("CREATE TABLE IF NOT EXISTS s2v_schema (version INTEGER NOT NULL)")
         version = cur.execute("SELECT max(version) AS v FROM s2v_schema").fetchone()["v"] or 0
         if version > SCHEMA_VERSION:
-            raise StoreError(f"the job database {self.where} has schema version {version}, newer than this "
+            raise SchemaError(f"the job database {self.where} has schema version {version}, newer than this "
                              f"server's {SCHEMA_VERSION}; run the newer server or another database")
         if not version and cur.execute("SELECT 1 FROM pg_tables WHERE schemaname = current_schema() AND "
                                        "tablename = 'jobs'").fetchone():
-            raise StoreError(f"the database {self.where} has a table 'jobs' that is not this server's; use another "
+            raise SchemaError(f"the database {self.where} has a table 'jobs' that is not this server's; use another "
                              "database, or a schema of its own (?options=-csearch_path%3Ds2v)")
         if version:
             for v in range(version + 1, SCHEMA_VERSION + 1):

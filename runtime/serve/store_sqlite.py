@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .store import (ANYONE, CANCELLED, COMPLETED, FAILED, FINISHED, IN_PROGRESS, QUEUED, Job, JobStore, QueueFull,
-                    StoreError, expired_reason, job_from_row, node_of, this_node, worker_is_dead)
+                    SchemaError, StoreError, expired_reason, job_from_row, node_of, this_node, worker_is_dead)
 
 DB_NAME = "jobs.sqlite3"
 SCHEMA_VERSION = 3
@@ -73,7 +73,7 @@ class SQLiteStore(JobStore):
     def _migrate(self) -> None:
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
-            raise StoreError(f"{self.path.name} has schema version {version}, newer than this server's "
+            raise SchemaError(f"{self.path.name} has schema version {version}, newer than this server's "
                              f"{SCHEMA_VERSION}; run the newer server or another --data_dir")
         exists = self._db.execute("SELECT 1 FROM sqlite_master WHERE name = 'jobs'").fetchone()
         if exists and version < SCHEMA_VERSION:

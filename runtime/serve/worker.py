@@ -6,13 +6,19 @@ renews its lease (a heartbeat thread, so a long step or VAE decode does not lose
 steps; a heartbeat that finds the job no longer its own (cancelled, or re-queued after the lease ran out) stops
 the job before the next step.
 
-The store may fail at any moment (a full disk, a locked or lost database): every store call is guarded, the
-loop keeps going with backoff, a job is failed when the store allows it and otherwise left to lease expiry
-(it then runs again or, past the attempts limit, fails). ``alive`` is what ``/health`` reports.
+The store may fail at any moment (a full disk, a locked database, a database server that is restarting or
+unreachable): every store call is guarded and the loop keeps going with backoff. A running job goes on while
+its lease is live as far as the worker knows (its last renewal is less than a lease ago); past that it stops
+after its current step and retries the renewal with backoff, since another node may by then have taken the
+job. A finished job's result (completed or failed) is retried with backoff until the store records it (or
+says the job is no longer this worker's); only a recorded job counts as finished, and a server stopping
+meanwhile leaves it to lease expiry (it then runs again or, past the attempts limit, fails). ``alive`` is what
+``/health`` reports.
 """
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import threading
 import time
@@ -57,6 +63,7 @@ class Worker(threading.Thread):
         self._stop_event = threading.Event()
         self._cancel: set[str] = set()
         self._cancel_lock = threading.Lock()
+        self._lease_seen = 0.0             # monotonic time of the running job's last confirmed lease renewal
 
     # ------------------------------------------------------------------ called from the API
     @property
@@ -123,6 +130,7 @@ class Worker(threading.Thread):
 
     def _run(self, job: Job) -> None:
         self.current = job.id
+        self._lease_seen = time.monotonic()
         log.info("job %s: started (attempt %d) on %s", job.id, job.attempts, self.worker_id)
         t0 = time.perf_counter()
         lost = threading.Event()   # the store says the job is no longer ours
@@ -165,7 +173,7 @@ class Worker(threading.Thread):
             self._fail(job.id, f"internal error ({type(exc).__name__}); see the server log", caught, files)
         else:
             ok = self._guard("finish", self.store.finish, job.id, self.worker_id, COMPLETED, None,
-                             _messages(caught, folder, files, self.files.root))
+                             _messages(caught, folder, files, self.files.root), persist=True)
             if ok:
                 self.files.remove_inputs(job.id)
                 log.info("job %s: completed in %.1fs", job.id, time.perf_counter() - t0)
@@ -182,24 +190,30 @@ class Worker(threading.Thread):
                 self._cancel.discard(job.id)
             _release_gpu_cache()
 
-    def _guard(self, what: str, fn, *args, tries: int = 3):
-        """A store write retried with backoff; its result, or None when the store kept failing."""
-        for i in range(tries):
+    def _guard(self, what: str, fn, *args, tries: int = 3, persist: bool = False):
+        """A store write retried with backoff; its result, or None when the store kept failing (``tries`` times,
+        or with ``persist`` until the server stops and at least ``tries`` times)."""
+        backoff = BACKOFF_S[0]
+        for i in itertools.count(1):
             try:
                 out = fn(*args)
                 self.store_error = None
                 return out
             except StoreError as exc:
                 self._store_failed(what, exc)
-                if i + 1 < tries:
-                    time.sleep(BACKOFF_S[0] * 2 ** i)
-        return None
+                if i >= tries and (not persist or self._stop_event.is_set()):
+                    return None
+                if not self._stop_event.wait(backoff):  # a stopping server still makes its few tries
+                    backoff = min(backoff * 2, BACKOFF_S[1])
+                else:
+                    time.sleep(backoff)
+        raise AssertionError("unreachable")
 
     def _fail(self, job_id: str, message: str, caught, files: dict) -> None:
         log.warning("job %s: failed: %s", job_id, message)
         folder = self.files.job_dir(job_id)
         if self._guard("finish", self.store.finish, job_id, self.worker_id, FAILED, message,
-                       _messages(caught, folder, files, self.files.root)):
+                       _messages(caught, folder, files, self.files.root), persist=True):
             self.files.remove_inputs(job_id)
         else:
             log.error("job %s: could not be marked failed; left to lease expiry", job_id)
@@ -219,13 +233,39 @@ class Worker(threading.Thread):
 
     def _heartbeat(self, job_id: str, lost: threading.Event, done: threading.Event) -> None:
         while not done.wait(self.lease_s / 4):
-            try:
-                if not self.store.heartbeat(job_id, self.worker_id, self.lease_s):
-                    lost.set()
-                    return
-                self.store_error = None
-            except StoreError as exc:
-                self._store_failed("heartbeat", exc)
+            self._beat(job_id, lost)
+            if lost.is_set():
+                return
+
+    def _beat(self, job_id: str, lost: threading.Event, progress: float | None = None) -> bool:
+        """Renew the lease (and record progress); False when the store could not be reached."""
+        t = time.monotonic()
+        try:
+            if not self.store.heartbeat(job_id, self.worker_id, self.lease_s, progress):
+                lost.set()
+            else:
+                self._lease_seen = max(self._lease_seen, t)
+            self.store_error = None
+            return True
+        except StoreError as exc:
+            self._store_failed("heartbeat", exc)
+            return False
+
+    def _hold_lease(self, job_id: str, lost: threading.Event) -> None:
+        """Between steps, once the lease may have run out unseen (the store unreachable for a lease): renew it
+        with backoff before the next step; Cancelled when the job is no longer ours, Interrupted on stop."""
+        backoff, paused = BACKOFF_S[0], False
+        while time.monotonic() - self._lease_seen >= self.lease_s and not lost.is_set():
+            if self._beat(job_id, lost):
+                break
+            if not paused:
+                log.warning("job %s: the store has been unreachable for a lease; paused until it answers", job_id)
+                paused = True
+            if self._stop_event.wait(backoff):
+                raise Interrupted()
+            backoff = min(backoff * 2, BACKOFF_S[1], max(self.lease_s / 4, BACKOFF_S[0]))
+        if lost.is_set():
+            raise Cancelled()
 
     def _progress(self, job_id: str, lost: threading.Event):
         last = [0.0]
@@ -238,18 +278,16 @@ class Worker(threading.Thread):
                     raise Cancelled()
             if lost.is_set():
                 raise Cancelled()
+            self._hold_lease(job_id, lost)
             now = time.monotonic()
             done = (clip * steps + step) / (clips * steps) if stage == "denoise" else None
             if now - last[0] >= PROGRESS_INTERVAL_S or (done is not None and done >= 1):
                 last[0] = now
                 # The last step of the last clip still has a VAE decode and the mux ahead: stay below 1.
-                try:
-                    if not self.store.heartbeat(job_id, self.worker_id, self.lease_s,
-                                                None if done is None else min(done, 0.99)):
-                        raise Cancelled()
-                    self.store_error = None
-                except StoreError as exc:  # the job goes on; the heartbeat thread keeps trying
-                    self._store_failed("progress", exc)
+                # A failed write: the job goes on while its lease is live (the heartbeat thread keeps trying).
+                self._beat(job_id, lost, None if done is None else min(done, 0.99))
+                if lost.is_set():
+                    raise Cancelled()
 
         return cb
 
