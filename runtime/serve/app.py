@@ -5,7 +5,8 @@ names it), 401 for a missing or wrong API key (``code`` "invalid_api_key", OpenA
 job (or another key's) or route, 405 for a wrong method, 408 for a body that stopped arriving, 409 for content
 that is not there yet, 411 for an upload without Content-Length, 413 for anything over the server's limits,
 429 when the queue (or the caller's share of it) is full, 503 when no worker can run jobs, the store is
-unavailable or a completed video cannot be read from the (shared) data folder, 507 when the disk is full, 500 for anything else (details only in the server log).
+unavailable or a completed video cannot be read from the (shared) data folder, 507 when the disk is full, 500
+for anything else (details only in the server log).
 """
 from __future__ import annotations
 

@@ -272,7 +272,8 @@ class PostgresStore(JobStore):
                     continue
                 if r["attempts"] >= max_attempts:
                     cur.execute("UPDATE jobs SET status = %s, error = %s, completed_at = %s, worker = NULL, "
-                                "lease_until = NULL WHERE id = %s", (FAILED, expired_reason(r["attempts"]), now, r["id"]))
+                                "lease_until = NULL WHERE id = %s",
+                                (FAILED, expired_reason(r["attempts"]), now, r["id"]))
                     out.append((r["id"], FAILED))
                 else:
                     cur.execute("UPDATE jobs SET status = %s, progress = 0, worker = NULL, lease_until = NULL "

@@ -41,8 +41,8 @@ CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, seq);
 CREATE INDEX IF NOT EXISTS jobs_owner ON jobs (owner, seq);
 """
 # Version 1 (before leases and owners) had the first ten columns, version 2 all but ``node``.
-_ADDED_COLUMNS = ("ALTER TABLE jobs ADD COLUMN owner TEXT NOT NULL DEFAULT ''", "ALTER TABLE jobs ADD COLUMN worker TEXT",
-                  "ALTER TABLE jobs ADD COLUMN lease_until REAL",
+_ADDED_COLUMNS = ("ALTER TABLE jobs ADD COLUMN owner TEXT NOT NULL DEFAULT ''",
+                  "ALTER TABLE jobs ADD COLUMN worker TEXT", "ALTER TABLE jobs ADD COLUMN lease_until REAL",
                   "ALTER TABLE jobs ADD COLUMN warnings TEXT NOT NULL DEFAULT '[]'",
                   "ALTER TABLE jobs ADD COLUMN node TEXT")
 
