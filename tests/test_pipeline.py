@@ -165,6 +165,7 @@ def test_offload_with_torch_graph_is_refused_before_loading(monkeypatch):
         S2VPipeline.from_pretrained("tiny", device="cpu", backend="torch-graph", offload_model=True)
 
 
+@pytest.mark.slow
 def test_seed_minus_one_picks_reports_and_repeats(pipe, caplog):
     with caplog.at_level("INFO", logger="runtime.pipeline"):
         r = pipe.generate(demo_image(), speech(0.5), seed=-1, **QUICK)
@@ -192,6 +193,7 @@ def test_pose_video_as_bytes_and_short_or_still_pose_warns(pipe, tmp_path):
         pipe.generate(demo_image(), aud, pose_video=b"", **QUICK)
 
 
+@pytest.mark.slow
 def test_batch_cfg_off_makes_two_dit_calls_with_the_same_video(pipe, monkeypatch):
     kw = dict(seed=5, sample_steps=2, infer_frames=16, progress=False)
     batched = pipe.generate(demo_image(), speech(0.5), **kw)

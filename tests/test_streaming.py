@@ -82,6 +82,7 @@ def test_generate_mp4_equals_generate_then_save(pipe, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["saved.mp4", "streamed.mp4"]
 
 
+@pytest.mark.slow
 def test_generate_mp4_refuses_early_and_cleans_up(pipe, tmp_path, monkeypatch):
     out = tmp_path / "out.mp4"
     out.write_bytes(b"keep")
