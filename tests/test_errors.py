@@ -119,6 +119,7 @@ def test_debug_shows_the_traceback(tmp_path):
         cli(["--infer_frames", "6", "--debug", "--save_file", str(tmp_path / "o.mp4")])
 
 
+@pytest.mark.slow
 def test_long_prompt_warns_and_truncates(pipe):
     with pytest.warns(UserWarning, match="only the first 512"):
         r = pipe.generate(demo_image(), demo_speech(0.5), prompt="talking " * 200, **FAST)
@@ -327,6 +328,7 @@ def _corrupt(pipe, part: str, value: float):
     return lambda: tensor.copy_(saved)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("part,value,stage", [
     ("dit", float("nan"), "DiT denoising of clip 1/2 produced NaN/Inf values"),
     ("dit", float("inf"), "DiT denoising of clip 1/2 produced NaN/Inf"),
@@ -346,6 +348,7 @@ def test_non_finite_stage_is_named(pipe, part, value, stage):
     assert pipe.generate(demo_image(), demo_speech(0.5), seed=1, **FAST).frames.shape[0] > 0  # restored
 
 
+@pytest.mark.slow
 def test_cli_nan_weights_write_no_video(tmp_path, capsys, monkeypatch):
     from runtime import tiny
 

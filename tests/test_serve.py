@@ -411,6 +411,7 @@ def chromium(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_web_page_shows_progress_and_player(server, finished_job, tmp_path):
     job_id = finished_job[1]["id"]
     url = f"{server.base}/?job={job_id}"
@@ -504,6 +505,7 @@ class DevTools:
         self.proc.wait()
 
 
+@pytest.mark.slow
 def test_web_page_upload_form_end_to_end(server, tmp_path):
     """Choose the files, type a prompt, click Generate: the page posts the job, the bar follows it to 100 % and the
     player shows the video."""

@@ -96,6 +96,7 @@ def test_keys_file_is_reread_on_sighup(server):
     assert server.request("GET", "/v1/videos", headers=h)[0] == 200 and server.proc.poll() is None
 
 
+@pytest.mark.slow
 def test_web_page_with_a_key_runs_lists_and_cancels(server, tmp_path):
     """The page asks for the key once (kept in sessionStorage), then: seed field, the caller's job list, Cancel,
     and the finished video played from a blob fetched with the key."""
