@@ -1,4 +1,5 @@
-"""The checks on a run's settings (steps, shift, guide scale, seed, solver, frames, clips, size), written once.
+"""The checks on a run's settings (steps, shift, guide scale, seed, solver, frames, clips, size, output name), written
+once.
 
 The CLI (``runtime.generate``), the library (``SampleOptions`` and ``S2VPipeline.generate``) and the service's form
 fields (``runtime.serve.uploads``) call these, so a value means the same and is refused the same way everywhere.
@@ -13,9 +14,10 @@ from __future__ import annotations
 
 import math
 import re
+from pathlib import Path
 
 from runtime.config import MAX_AREA, MAX_SEED, MAX_STEPS, MIN_AREA, RUN, SIZE_AREAS, SOLVERS
-from runtime.errors import InputError
+from runtime.errors import InputError, OutputError
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*[*xX]\s*(\d+)\s*$")
 _CFG_NOTE = f"official default {RUN.guide_scale:g}; 1 or less turns CFG off"
@@ -98,6 +100,12 @@ def check_num_clip(value, name: str = "num_clip", flag: bool = False, hi: int | 
     if hi is not None and value > hi:
         raise _out_of_range(subject, 1, hi)
     return value
+
+
+def check_mp4_name(path, flag: str = "path") -> None:
+    """The output is always H.264/AAC in MP4; another extension would mislabel it."""
+    if Path(path).suffix.lower() != ".mp4":
+        raise OutputError(f"{flag} {path}: the output is an MP4 video; give a file name ending in .mp4")
 
 
 def check_size(value, name: str = "size", flag: bool = False) -> int:

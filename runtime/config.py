@@ -62,6 +62,8 @@ MIN_AREA = 64 * 64  # one tile of the 64-px output grid (runtime.preprocess.DIVI
 # the square of the area, so a typo like 10240*7040 would otherwise ask for days of work and terabytes.
 MAX_AREA = 1920 * 1080
 
+TINY_SEED = 20250901  # the built-in tiny model's random weights (runtime.tiny): part of its identity in manifests
+
 MAX_PARAMETERS = 50e9  # 3.5x the 14B model; a bigger config.json is damaged or for another model
 
 

@@ -2,12 +2,16 @@
 
 Flag names and defaults follow the official script; ``--ckpt_dir tiny`` (the default) runs a built-in toy
 model with inputs the project makes itself, so the whole pipeline can be tried anywhere.
+
+The module imports only light, torch-free modules at its top: ``main`` installs the signal handlers first, and
+the imports that load torch, PyAV or the models (the pipeline, media, parallel, scheduler, cache, TTS; ctypes for
+the host-memory policy) are made inside the functions that need them, so a SIGTERM while they load still ends in
+"terminated" and exit code 143.
 """
 from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import random
 import secrets
@@ -18,10 +22,10 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from runtime.checks import (check_guide_scale, check_infer_frames, check_num_clip, check_sample_shift, check_sample_steps,
-                            check_seed, check_size)
+from runtime.checks import (check_guide_scale, check_infer_frames, check_mp4_name, check_num_clip, check_sample_shift,
+                            check_sample_steps, check_seed, check_size)
 from runtime.config import RUN, SOLVERS
-from runtime.errors import InputError
+from runtime.errors import InputError, OutputError, S2VError
 from runtime.options import (add_cache_args, add_pipeline_args, check_cache_args, check_pipeline_args,  # noqa: F401
                              pipeline_kwargs, str2bool)
 
@@ -152,9 +156,6 @@ def validate(args) -> None:
 
 def check_output(save: Path, overwrite: bool) -> None:
     """Refuse an output that could not be written, before any work; a probe file proves the folder writable."""
-    from runtime.errors import OutputError
-    from runtime.pipeline import check_mp4_name
-
     if save.is_dir():
         raise OutputError(f"--save_file {save}: is a directory; give a file name ending in .mp4")
     if save.is_symlink() and not save.exists():
@@ -234,10 +235,10 @@ def _sample_options(args, seed: int = 0):
 
 def _check_calibration(args, image, size: str) -> None:
     from runtime.cache import calibrate_command, model_identity, recipe_of
-    from runtime.preprocess import parse_size, target_size
+    from runtime.preprocess import target_size
 
     opts = _sample_options(args)
-    hw = target_size(image.height, image.width, parse_size(size))
+    hw = target_size(image.height, image.width, check_size(size, "size", flag=True))
     args.calibration.check(model_identity(args.ckpt_dir, args.loras), recipe_of(opts, hw), args.calibration.path,
                            calibrate_command(args.ckpt_dir, opts, hw, args.loras))
 
@@ -245,8 +246,6 @@ def _check_calibration(args, image, size: str) -> None:
 def _out_of_memory(exc: BaseException, where: str, hint: str):
     """One line for an allocation failure (GPU or host), or None for any other error."""
     import torch
-
-    from runtime.errors import S2VError
 
     if isinstance(exc, torch.cuda.OutOfMemoryError):
         return S2VError(f"GPU out of memory {where}; try {hint}, --offload_model true or --t5_cpu")
@@ -257,7 +256,6 @@ def _out_of_memory(exc: BaseException, where: str, hint: str):
 
 
 def _generate(args, image, audio, seed: int, size: str, save: Path) -> Path:
-    from runtime.errors import OutputError
     from runtime.pipeline import S2VPipeline
 
     from runtime import parallel
@@ -414,8 +412,6 @@ def _main(args) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(levelname)s: %(message)s", stream=sys.stderr)
     if not args.debug:
         logging.getLogger("transformers").setLevel(logging.ERROR)
-
-    from runtime.errors import S2VError
 
     from runtime import parallel
 

@@ -21,6 +21,7 @@ import os
 import stat
 from pathlib import Path
 
+from runtime.config import TINY_SEED
 from runtime.errors import BackendUnavailable, EngineMismatch
 from runtime.quoting import shown
 
@@ -111,9 +112,7 @@ def checkpoint_identity(ckpt: str | Path) -> str:
     (Hashing 33 GB of shards at every load would cost a minute; name+size+index catches a different or
     partially downloaded checkpoint, which is the failure that matters.)"""
     if str(ckpt) == "tiny":
-        from runtime.tiny import SEED
-
-        return f"tiny-builtin-{SEED}"
+        return f"tiny-builtin-{TINY_SEED}"
     if str(ckpt) == "random-14b":
         return "random-14b-seed0"
     ckpt = Path(ckpt)

@@ -6,12 +6,17 @@ definition, one meaning, and one check of each before anything loads.
     args = p.parse_args()
     check_pipeline_args(args)                       # refusals that would otherwise come after a model load
     pipe = S2VPipeline.from_pretrained(args.ckpt_dir, **pipeline_kwargs(args))
+
+Torch-free at import: ``runtime.generate`` imports this module before its signal handlers are installed, so the
+imports that load torch (the attention choices, the pipeline's checks, LoRA headers, the cache specs) are made
+inside the functions that need them, which run after the handlers are in place.
 """
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from runtime.errors import InputError
+from runtime.errors import ConfigError, InputError
 
 BACKEND_HELP = ("DiT backend: auto (torch-graph on CUDA: compiled blocks replayed as a CUDA graph; torch on the CPU or "
                 "with --offload_model), torch, torch-compile, torch-graph, onnxruntime, tensorrt")
@@ -91,10 +96,7 @@ def check_cache_args(args, prefix: str = "") -> None:
     """Before anything loads: the spec parses, the backend can skip blocks, and magcache's calibration file is
     there and readable (its model and recipe are compared once the request's size is known). Sets
     ``args.<prefix>cache_spec`` and ``args.<prefix>calibration`` (a ``runtime.cache.Calibration`` or None)."""
-    from pathlib import Path
-
     from runtime.cache import CALIBRATION_NAME, Calibration, CacheSpec
-    from runtime.errors import ConfigError
 
     spec = CacheSpec.parse(getattr(args, f"{prefix}cache"))
     cal = None

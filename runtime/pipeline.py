@@ -20,12 +20,23 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from runtime import lora
+from runtime import checkpoint as ck
+from runtime import lora, media, tiny
+from runtime.backends import CHOICES, make_backend, make_vae, resolve_backend
 from runtime.cache import (CALIBRATION_NAME, CacheSpec, Calibration, StepCache, calibrate_command, model_identity,
                            recipe_of)
-from runtime.checks import check_num_clip, check_size
-from runtime.config import RUN
-from runtime.errors import CheckpointError, ConfigError, InputError, OutputError
+from runtime.checks import check_mp4_name, check_num_clip, check_size
+from runtime.config import RUN, DiTConfig
+from runtime.errors import BackendUnavailable, CheckpointError, ConfigError, InputError, OutputError
+from runtime.kernels import fp8
+from runtime.models.attention import unavailable_reason
+from runtime.models.audio import Wav2Vec2Features, bucket_audio, interpolate_50_to_30
+from runtime.models.dit import WanS2VDiT, load_dit
+from runtime.models.text import TextEncoder, resolve_negative_prompt
+from runtime.models.vae import load_vae
+from runtime.parallel import CFGParallelDiT, shard_model
+from runtime.preprocess import load_pose_video, prepare_reference, target_size
+from runtime.sampler import S2VSampler, SampleOptions, check_finite
 
 log = logging.getLogger(__name__)
 
@@ -53,19 +64,11 @@ class S2VResult:
         return (self.info["frames"] if self.frames is None else self.frames.shape[0]) / self.fps
 
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
-        from runtime.media import write_mp4
-
         if self.frames is None:
             raise OutputError("this result's frames were streamed to on_clip and not kept; write them as they come "
                               "(S2VPipeline.generate_mp4 or runtime.media.Mp4Writer)")
         check_mp4_name(path)
-        return write_mp4(path, self.frames, fps=self.fps, audio=self.audio, overwrite=overwrite)
-
-
-def check_mp4_name(path: str | Path, flag: str = "path") -> None:
-    """The output is always H.264/AAC in MP4; another extension would mislabel it."""
-    if Path(path).suffix.lower() != ".mp4":
-        raise OutputError(f"{flag} {path}: the output is an MP4 video; give a file name ending in .mp4")
+        return media.write_mp4(path, self.frames, fps=self.fps, audio=self.audio, overwrite=overwrite)
 
 
 def _arg(name: str, value, cli: bool) -> str:
@@ -75,9 +78,6 @@ def _arg(name: str, value, cli: bool) -> str:
 
 def check_backend(backend: str, offload_model: bool = False, device: torch.device | None = None,
                   cli: bool = False) -> None:
-    from runtime.backends import CHOICES
-    from runtime.errors import BackendUnavailable
-
     if backend not in CHOICES:
         raise BackendUnavailable(f"unknown backend {backend!r}; choose one of: {', '.join(CHOICES)}")
     if offload_model and backend == "torch-graph":
@@ -90,17 +90,11 @@ def check_backend(backend: str, offload_model: bool = False, device: torch.devic
 
 def check_runnable(device: torch.device, precision: str | None, attention: str, cli: bool = False) -> None:
     """FP8 and a named attention kernel on ``device``: refused before any loading, with the reason."""
-    from runtime.errors import BackendUnavailable
-
     if precision == "fp8":
-        from runtime.kernels.fp8 import unsupported_reason
-
-        why = unsupported_reason(device)
+        why = fp8.unsupported_reason(device)
         if why:
             raise ConfigError(why)
     if attention != "auto":
-        from runtime.models.attention import unavailable_reason
-
         why = unavailable_reason(attention, device)
         if why:
             raise BackendUnavailable(f"{_arg('attention', attention, cli)} cannot run here: {why}; use "
@@ -109,8 +103,6 @@ def check_runnable(device: torch.device, precision: str | None, attention: str, 
 
 def check_loras(loras, config) -> None:
     """Match the LoRA files' keys and shapes to a DiT of ``config`` (a meta-device model: no memory, no weights)."""
-    from runtime.models.dit import WanS2VDiT
-
     if not loras:
         return
     with torch.device("meta"):
@@ -153,10 +145,6 @@ class S2VPipeline:
     def __init__(self, dit, vae, text_encoder, audio_encoder, device: torch.device, backend: str = "auto",
                  t5_cpu: bool = False, offload_model: bool = False, name: str = "", engines_dir: str = "engines",
                  attention: str = "auto", precision: str | None = None, parallel=None, loras=None):
-        from runtime import parallel as par
-        from runtime.backends import make_backend, make_vae, resolve_backend
-        from runtime.sampler import S2VSampler
-
         self.dit, self.vae, self.text_encoder, self.audio_encoder = dit, vae, text_encoder, audio_encoder
         self.device = device
         self.t5_cpu, self.offload_model = t5_cpu, offload_model
@@ -174,10 +162,10 @@ class S2VPipeline:
         if device.type == "cuda" and backend in ("torch-graph", "torch-compile"):
             vae.optimize()  # compiled chunk steps over channels-last weights, 2 latents per step
         if parallel is not None:
-            par.shard_model(dit, parallel)
+            shard_model(dit, parallel)
         self.backend = make_backend(backend, dit, engines_dir=engines_dir, checkpoint=name or None, loras=self.loras)
         if parallel is not None and parallel.cfg_parallel:
-            self.backend = par.CFGParallelDiT(self.backend, parallel)
+            self.backend = CFGParallelDiT(self.backend, parallel)
         # The official offload_model moves the DiT to the GPU for each clip's denoising only.
         # The engine backends run the VAE through its exported graphs too (the PyTorch VAE otherwise).
         sampler_vae = make_vae(backend, vae, engines_dir=engines_dir, checkpoint=name or None)
@@ -208,7 +196,6 @@ class S2VPipeline:
         """
         if precision in ("bf16", "fp16", "fp8") and dtype is None:
             dtype = torch.float16 if precision == "fp16" else torch.bfloat16
-        from runtime.config import DiTConfig
 
         loras = lora.as_specs(loras)
         extra = dict(attention=attention, precision=precision, parallel=parallel, loras=loras)
@@ -218,8 +205,6 @@ class S2VPipeline:
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         if str(path) == TINY:
-            from runtime import tiny
-
             check_loras(loras, DiTConfig.tiny())
             t5_dev = "cpu" if (t5_cpu or offload_model) else device
             return cls(tiny.tiny_dit(dtype, device), tiny.tiny_vae(device), tiny.tiny_text_encoder(t5_dev),
@@ -230,13 +215,6 @@ class S2VPipeline:
     @classmethod
     def _from_folder(cls, folder: Path, device, dtype, backend, t5_cpu, offload_model, engines_dir,
                      extra: dict) -> "S2VPipeline":
-        from runtime import checkpoint as ck
-        from runtime.config import DiTConfig
-        from runtime.models.audio import Wav2Vec2Features
-        from runtime.models.dit import load_dit
-        from runtime.models.text import TextEncoder
-        from runtime.models.vae import load_vae
-
         if not folder.is_dir():
             raise CheckpointError(f"{folder}: checkpoint folder not found; pass the Wan2.2-S2V-14B folder (CLI: --ckpt_dir) "
                                   "(or 'tiny' for the built-in test model)")
@@ -295,8 +273,6 @@ class S2VPipeline:
 
     # ----------------------------------------------------------------- encoders
     def encode_prompts(self, prompt: str, negative_prompt: str = "") -> tuple[torch.Tensor, torch.Tensor]:
-        from runtime.models.text import resolve_negative_prompt
-
         enc = self.text_encoder
         moved = self.offload_model and not self.t5_cpu and self.device.type == "cuda"
         if moved:
@@ -312,8 +288,6 @@ class S2VPipeline:
 
     def encode_audio(self, clip, infer_frames: int) -> tuple[torch.Tensor, int]:
         """AudioClip → ([1, layers, C, clips·infer_frames] features, official clip count)."""
-        from runtime.models.audio import bucket_audio, interpolate_50_to_30
-
         feats = self.audio_encoder(clip.samples)                       # [layers, T50, C]
         buckets, clips = bucket_audio(interpolate_50_to_30(feats.float()), fps=FPS, batch_frames=infer_frames)
         return buckets.permute(1, 2, 0).unsqueeze(0), clips            # [1, layers, C, frames]
@@ -350,10 +324,6 @@ class S2VPipeline:
         ``result.info["cache"]``. magcache reads ``cache_calibration`` (default: the file ``runtime.calibrate``
         writes beside the checkpoint) and refuses one made for another checkpoint or recipe.
         """
-        from runtime.media import load_image
-        from runtime.preprocess import prepare_reference, target_size
-        from runtime.sampler import SampleOptions, check_finite
-
         if isinstance(seed, int) and not isinstance(seed, bool) and seed == -1:
             seed = random.randint(0, 2**31 - 1)
             log.info("seed %d (picked at random; pass seed=%d to repeat this video)", seed, seed)
@@ -371,7 +341,7 @@ class S2VPipeline:
             check_num_clip(num_clip)
         step_cache = self.step_cache(cache, cache_calibration)
         area = check_size(size or (TINY_SIZE if self.name == TINY else DEFAULT_SIZE))
-        img = load_image(image)
+        img = media.load_image(image)
         clip = _load_audio(audio, max_audio_s)
 
         with self._lock, torch.no_grad():
@@ -410,21 +380,17 @@ class S2VPipeline:
         """``generate`` straight into an MP4: each clip is encoded as soon as it is decoded (audio muxed and trimmed
         as :meth:`S2VResult.save`), written to a temp file renamed to ``path`` at the end; on any error or interrupt
         nothing is left behind. ``path`` is checked before any work. Returns the result with ``frames`` None."""
-        from runtime.media import Mp4Writer
-
         check_mp4_name(path)
         clip = _load_audio(audio, kwargs.get("max_audio_s", 600.0))
-        with Mp4Writer(path, fps=FPS, audio=clip, overwrite=overwrite) as writer:
+        with media.Mp4Writer(path, fps=FPS, audio=clip, overwrite=overwrite) as writer:
             result = self.generate(image, clip, on_clip=writer.write, **kwargs)
         return result
 
 
 def _load_audio(audio, max_audio_s: float | None):
-    from runtime.media import load_audio
-
     if isinstance(audio, tuple):
-        return load_audio(audio[0], src_rate=audio[1], max_seconds=max_audio_s)
-    return load_audio(audio, max_seconds=max_audio_s)
+        return media.load_audio(audio[0], src_rate=audio[1], max_seconds=max_audio_s)
+    return media.load_audio(audio, max_seconds=max_audio_s)
 
 
 class _FrameSink:
@@ -441,8 +407,6 @@ class _FrameSink:
 
 
 def _load_pose(src, clips: int, infer_frames: int, height: int, width: int, audio_frames: int) -> torch.Tensor:
-    from runtime.preprocess import load_pose_video
-
     if not isinstance(src, (str, os.PathLike, bytes, bytearray, memoryview)):
         raise InputError(f"pose_video of type {type(src).__name__}; pass a path or the bytes of a video file")
     return load_pose_video(src, clips, infer_frames, height, width, FPS, needed=audio_frames)

@@ -21,7 +21,14 @@ import torch
 import torch.nn.functional as F
 
 from runtime.config import RUN
+from runtime.demo import demo_image, demo_speech
+from runtime.errors import S2VError
+from runtime.media import load_image
 from runtime.options import add_cache_args, add_pipeline_args, check_cache_args, check_pipeline_args
+from runtime.pipeline import S2VPipeline
+from runtime.preprocess import prepare_reference
+from runtime.sampler import SampleOptions, latent_frames
+from runtime.scheduler import parse_denoising_steps
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -49,8 +56,6 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
 def lower_face_box(image, height: int, width: int) -> tuple[tuple[int, int, int, int], str]:
     """(y0, y1, x0, x1) of the lower face in the video frame, and how it was found ("haar" or "central-lower
     third"). ``image``: the reference (a PIL image), framed as the pipeline frames it (``prepare_reference``)."""
-    from runtime.preprocess import prepare_reference
-
     ref = prepare_reference(image, height, width)[0, :, 0]           # [3, H, W] in [-1, 1]
     grey = ((ref.mean(0) + 1) * 127.5).clamp(0, 255).to(torch.uint8).numpy()
     try:
@@ -70,15 +75,11 @@ def lower_face_box(image, height: int, width: int) -> tuple[tuple[int, int, int,
 def _run(args, precision: str, attention: str = "auto", loras=(), recipe: dict | None = None, cache=None,
          cache_calibration=None):
     """One generation; returns (frames uint8, per-clip latents, frames per clip)."""
-    from runtime.pipeline import S2VPipeline
-
     pipe = S2VPipeline.from_pretrained(args.ckpt_dir, device=args.device, backend=args.backend, precision=precision,
                                        attention=attention, loras=list(loras), t5_cpu=args.t5_cpu,
                                        offload_model=bool(args.offload_model), engines_dir=args.engines_dir)
     latents: list[torch.Tensor] = []
     decode = pipe.sampler._decode
-
-    from runtime.sampler import latent_frames
 
     n = latent_frames(args.infer_frames)
 
@@ -107,8 +108,6 @@ def test_recipe(args) -> dict:
     out = {k: getattr(args, f"test_{k.replace('sample_', '')}") for k in ref}
     out = {k: (ref[k] if v is None else v) for k, v in out.items()}
     if args.test_denoising_steps is not None:
-        from runtime.scheduler import parse_denoising_steps
-
         out["denoising_steps"] = parse_denoising_steps(args.test_denoising_steps)
         if args.test_steps is None:
             out["sample_steps"] = len(out["denoising_steps"])
@@ -116,9 +115,6 @@ def test_recipe(args) -> dict:
 
 
 def main(argv=None) -> int:
-    from runtime.demo import demo_image, demo_speech
-    from runtime.errors import S2VError
-
     ap = argparse.ArgumentParser(prog="python -m runtime.quality", description=__doc__.splitlines()[0])
     add_pipeline_args(ap, precision_help="the tested run's precision (default: fp8 when nothing else is tested, else "
                       "the reference's)", lora_help="merge this LoRA in the tested run only (repeatable)",
@@ -154,7 +150,6 @@ def main(argv=None) -> int:
         check_pipeline_args(args)  # the tested run's device, backend, precision, attention kernel, LoRA files
         check_cache_args(args, prefix="test_")
         loras = args.loras
-        from runtime.sampler import SampleOptions
 
         for r in (reference_recipe(args), recipe):  # the recipes' values, checked as generate would
             SampleOptions(sample_steps=r["sample_steps"], sample_shift=r["sample_shift"], guide_scale=r["guide_scale"],
@@ -167,7 +162,6 @@ def main(argv=None) -> int:
         ref_frames, ref_lat, info = _run(args, args.reference)
         test_frames, test_lat, test_info = _run(args, args.precision, args.attention, loras, recipe,
                                                 args.test_cache_spec, args.test_cache_calibration)
-        from runtime.media import load_image
 
         (y0, y1, x0, x1), box_source = lower_face_box(load_image(args.image), *info["size"])
     except S2VError as err:

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import torch
 
-from runtime.config import DiTConfig
+from runtime.config import TINY_SEED, DiTConfig
+from runtime.models.audio import Wav2Vec2Features
 from runtime.models.dit import build_dit
+from runtime.models.text import TextEncoder, WanT5Config, umt5_config_from_wan
 from runtime.models.vae import VAEConfig, WanVAE
 
-SEED = 20250901
+SEED = TINY_SEED
 TEXT_DIM = DiTConfig.tiny().text_dim
 AUDIO_DIM = DiTConfig.tiny().audio_dim
 
@@ -58,8 +60,6 @@ def tiny_vae(device="cpu") -> WanVAE:
 def tiny_text_encoder(device="cpu", dtype: torch.dtype = torch.float32):
     from transformers import UMT5EncoderModel
 
-    from runtime.models.text import TextEncoder, WanT5Config, umt5_config_from_wan
-
     cfg = umt5_config_from_wan(WanT5Config(vocab=ByteTokenizer.vocab_size, dim=TEXT_DIM, dim_attn=TEXT_DIM, dim_ffn=2 * TEXT_DIM,
                                            num_heads=4, num_layers=2))
     with torch.random.fork_rng(devices=[]):
@@ -70,8 +70,6 @@ def tiny_text_encoder(device="cpu", dtype: torch.dtype = torch.float32):
 
 def tiny_audio_encoder(device="cpu"):
     from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
-
-    from runtime.models.audio import Wav2Vec2Features
 
     cfg = Wav2Vec2Config(hidden_size=AUDIO_DIM, num_hidden_layers=DiTConfig.tiny().audio_layers - 1, num_attention_heads=2,
                          intermediate_size=2 * AUDIO_DIM, conv_dim=(32,) * 7, num_conv_pos_embeddings=16,

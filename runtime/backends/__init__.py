@@ -14,6 +14,11 @@ The two engine backends also run the VAE through its exported FP32 graphs (``mak
 """
 from __future__ import annotations
 
+import torch
+
+from runtime.backends.ort_backend import OrtDiT, ort_vae
+from runtime.backends.torch_backend import CompiledDiT, GraphDiT, TorchDiT
+from runtime.backends.trt_backend import TrtDiT, trt_vae
 from runtime.errors import BackendUnavailable
 
 BACKENDS = ("torch", "torch-compile", "torch-graph", "onnxruntime", "tensorrt")
@@ -26,8 +31,6 @@ def resolve_backend(name: str, device, offload_model: bool = False) -> str:
     between clips (CUDA graphs pin its weights on the GPU). A named backend is returned as is."""
     if name != "auto":
         return name
-    import torch
-
     return "torch-graph" if torch.device(device).type == "cuda" and not offload_model else "torch"
 
 
@@ -35,24 +38,14 @@ def make_backend(name: str, model, engines_dir: str = "engines", checkpoint: str
     """``loras``: the ``runtime.lora.LoraSpec`` list merged into ``model``; engine backends refuse engines built
     from another merge."""
     if name == "torch":
-        from runtime.backends.torch_backend import TorchDiT
-
         return TorchDiT(model)
     if name == "torch-compile":
-        from runtime.backends.torch_backend import CompiledDiT
-
         return CompiledDiT(model)
     if name == "torch-graph":
-        from runtime.backends.torch_backend import GraphDiT
-
         return GraphDiT(model)
     if name == "onnxruntime":
-        from runtime.backends.ort_backend import OrtDiT
-
         return OrtDiT.from_engines(model, engines_dir, checkpoint, loras)
     if name == "tensorrt":
-        from runtime.backends.trt_backend import TrtDiT
-
         return TrtDiT.from_engines(model, engines_dir, checkpoint, loras)
     raise BackendUnavailable(f"unknown backend {name!r}; choose one of: {', '.join(BACKENDS)}")
 
@@ -63,11 +56,7 @@ def make_vae(name: str, vae, engines_dir: str = "engines", checkpoint: str | Non
     same chunk loop (``runtime.backends.vae_graphs.GraphVAE``). Missing or mismatching graphs are refused like the
     DiT's, never replaced by the PyTorch VAE."""
     if name == "onnxruntime":
-        from runtime.backends.ort_backend import ort_vae
-
         return ort_vae(vae, engines_dir, checkpoint)
     if name == "tensorrt":
-        from runtime.backends.trt_backend import trt_vae
-
         return trt_vae(vae, engines_dir, checkpoint)
     return vae

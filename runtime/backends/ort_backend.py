@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from runtime import lora
 from runtime.backends.static_inputs import StaticInputs, shape_key
 from runtime.backends.vae_graphs import VAE_GRAPHS, GraphVAE
 from runtime.errors import BackendUnavailable, EngineMismatch
@@ -88,8 +89,6 @@ class OrtDiT:
     @classmethod
     def from_engines(cls, model: WanS2VDiT, engines_dir: str | Path, checkpoint: str | None = None,
                      loras=()) -> "OrtDiT":
-        from runtime import lora
-
         path = onnx_path_in(engines_dir)
         rebuild = (f"python -m export.build --precision fp16 --ckpt_dir {shown(checkpoint or 'CKPT')} "
                    f"--out {shown(engines_dir)} "

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from runtime import lora
 from runtime.backends.static_inputs import StaticInputs, shape_key
 from runtime.backends.vae_graphs import VAE_GRAPHS, GraphVAE
 from runtime.errors import BackendUnavailable, EngineMismatch
@@ -236,8 +237,6 @@ class TrtDiT:
     @classmethod
     def from_engines(cls, model: WanS2VDiT, engines_dir: str | Path, checkpoint: str | None = None,
                      loras=()) -> "TrtDiT":
-        from runtime import lora
-
         device = model.patch_embedding.weight.device
         request = engine_request("dit", "fp16", device, checkpoint)
         request["loras"] = lora.identity(loras)

@@ -22,6 +22,8 @@ import torch.nn.functional as F
 
 from runtime.distributed import heads_to_seq, seq_to_heads
 from runtime.errors import BackendUnavailable
+from runtime.kernels import cudnn_sdpa, fa3, fa4
+from runtime.kernels.fp8 import quantize_heads, quantize_tensor
 
 IMPLEMENTATIONS = ("sdpa", "cudnn", "fa4", "fa3", "fp8", "fa3-fp8", "onnx")
 # what users may name (--attention): "onnx" is the exporter's
@@ -41,16 +43,10 @@ def unavailable_reason(impl: str, device: torch.device, head_dim: int | None = N
     if impl in ("sdpa", "onnx"):
         return None
     if impl == "cudnn":
-        from runtime.kernels import cudnn_sdpa
-
         return cudnn_sdpa.available(device)
     if impl == "fa4":
-        from runtime.kernels import fa4
-
         return fa4.available(device)
     if impl in ("fa3", "fa3-fp8"):
-        from runtime.kernels import fa3
-
         why = fa3.available(device)  # the device first: on a CPU the reason is the missing GPU, not the head size
         if why:
             return why
@@ -61,8 +57,6 @@ def unavailable_reason(impl: str, device: torch.device, head_dim: int | None = N
             return f"the FlashAttention-3 build has bf16 kernels only; this model is {dtype}"
         return None
     if impl == "fp8":
-        from runtime.kernels import cudnn_sdpa
-
         return cudnn_sdpa.available(device, fp8=True)
     return f"unknown attention kernel {impl!r}; choose one of: auto, {', '.join(IMPLEMENTATIONS[:-1])}"
 
@@ -90,27 +84,15 @@ def resolve_attention(impl: str, device: torch.device, dtype: torch.dtype, head_
 def _kernel(q4: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor, impl: str) -> torch.Tensor:
     """[B, Sq, H, D] × [B, Sk, H, D] → [B, Sq, H, D]."""
     if impl == "cudnn":
-        from runtime.kernels import cudnn_sdpa
-
         return cudnn_sdpa.sdpa(q4, k4, v4)
     if impl == "fa4":
-        from runtime.kernels import fa4
-
         return fa4.attention(q4, k4, v4)
     if impl == "fa3":
-        from runtime.kernels import fa3
-
         return fa3.attention(q4, k4, v4)
     if impl == "fa3-fp8":
-        from runtime.kernels import fa3
-        from runtime.kernels.fp8 import quantize_heads
-
         (q8, dq), (k8, dk), (v8, dv) = quantize_heads(q4), quantize_heads(k4), quantize_heads(v4)
         return fa3.attention_fp8(q8, k8, v8, dq, dk, dv).to(q4.dtype)
     if impl == "fp8":
-        from runtime.kernels import cudnn_sdpa
-        from runtime.kernels.fp8 import quantize_tensor
-
         (q8, dq), (k8, dk), (v8, dv) = quantize_tensor(q4), quantize_tensor(k4), quantize_tensor(v4)
         return (cudnn_sdpa.sdpa_fp8(q8, k8, v8, dq, dk, dv).float() * dv).to(q4.dtype)
     out = F.scaled_dot_product_attention(q4.transpose(1, 2), k4.transpose(1, 2), v4.transpose(1, 2))

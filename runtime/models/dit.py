@@ -25,7 +25,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from runtime import checkpoint as ckpt
 from runtime.config import DiTConfig
+from runtime.errors import CheckpointError, ConfigError
+from runtime.kernels import fp8
 from runtime.models.attention import FP8_ATTENTION, attention, resolve_attention
 from runtime.models.rope import expand_rope, rope_inputs, s2v_token_groups
 
@@ -509,8 +512,6 @@ class WanS2VDiT(nn.Module):
             return
         if precision != "fp8":
             raise ValueError(f"cannot switch a {self.precision} model to {precision}; load it again")
-        from runtime.errors import ConfigError
-        from runtime.kernels import fp8
 
         why = fp8.unsupported_reason(self.patch_embedding.weight.device)
         if why:
@@ -733,9 +734,6 @@ def load_dit(path: str | Path, dtype: torch.dtype | None = None, device: torch.d
     dtype None keeps the checkpoint's dtype (bf16 for the official shards); the fp32 islands
     (``keeps_fp32``) are held in float32 either way.
     """
-    from runtime import checkpoint as ckpt
-    from runtime.errors import CheckpointError
-
     path = Path(path)
     if path.is_dir():
         cfg = config or DiTConfig.from_json(path / ckpt.DIT_CONFIG)

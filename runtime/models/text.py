@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from runtime.checkpoint import load_torch_state_dict, read_safetensors_header
 from runtime.errors import CheckpointError, ConfigError
 
 if TYPE_CHECKING:  # heavy imports stay lazy
@@ -148,8 +149,6 @@ def _one_line(err: BaseException) -> str:
 def _read_state_dict(path: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """All tensors of a .pth (CPU, memory-mapped when the format allows) or .safetensors (read straight onto
     ``device``) file. Never runs code from the file; messages never quote its bytes."""
-    from runtime.checkpoint import load_torch_state_dict, read_safetensors_header
-
     if not path.is_file():
         raise CheckpointError(f"{path}: file not found; pass the checkpoint folder that holds {T5_CHECKPOINT}")
     if path.suffix != ".safetensors":

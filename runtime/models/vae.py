@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from runtime.checkpoint import load_torch_state_dict, read_safetensors_header
 from runtime.errors import CheckpointError, ConfigError
 
 # Official latent statistics (per channel); encode returns (mu - mean) / std.
@@ -518,8 +519,6 @@ def state_dict_mismatch(expected: Mapping[str, tuple[int, ...]], sd: Mapping[str
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Weights only (never runs code from the file), memory-mapped when the format allows; messages never
     quote the file's bytes (see runtime.checkpoint)."""
-    from runtime.checkpoint import load_torch_state_dict, read_safetensors_header
-
     if not path.is_file():
         raise CheckpointError(f"{path}: VAE checkpoint not found; pass the path of Wan2.1_VAE.pth")
     if path.suffix != ".safetensors":
