@@ -274,6 +274,7 @@ def test_cli_bad_flags_one_line_no_traceback(tmp_path, capsys, flags, msg):
     assert not (tmp_path / "o.mp4").exists()
 
 
+@pytest.mark.slow
 def test_cli_passes_no_batch_cfg_and_names_the_flag_when_the_output_appears(tmp_path, capsys, monkeypatch):
     """--no_batch_cfg reaches the library; a file created during the run is kept, and the message names --overwrite."""
     out = tmp_path / "o.mp4"
