@@ -239,6 +239,7 @@ def _calibrate(pipe, path, steps: int = 8):
     return path
 
 
+@pytest.mark.slow
 def test_calibration_round_trips_and_records_each_branch(tmp_path):
     pipe = _pipe()
     path = _calibrate(pipe, tmp_path / "c.json")
@@ -263,6 +264,7 @@ def test_calibration_round_trips_and_records_each_branch(tmp_path):
         cal.save(path)
 
 
+@pytest.mark.slow
 def test_foreign_stale_or_damaged_calibrations_are_refused(tmp_path):
     pipe = _pipe()
     path = _calibrate(pipe, tmp_path / "c.json")

@@ -386,6 +386,7 @@ def test_host_and_origin_checks(server):
         assert server.json("GET", "/v1/videos", headers=headers)[0] == 200, headers
 
 
+@pytest.mark.slow
 def test_pose_warnings_reach_the_job(server):
     """A still image as pose (one frame for 12 driven frames): the job completes and says so in ``warnings``."""
     status, job = server.submit(files={"image": ("face.png", IMAGE), "audio": ("a.wav", AUDIO),
