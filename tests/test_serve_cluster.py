@@ -113,14 +113,28 @@ def test_kill_9_of_a_node_mid_job_its_job_completes_on_the_other(postgres, tmp_p
     ("password_hidden", "cannot connect"),
     ("newer", "newer than this server's"),
     ("foreign_table", "has a table 'jobs' that is not this server's"),
+    ("sqlite_folder", "holds the jobs of its SQLite job file"),
+    ("other_database", "holds the jobs of another PostgreSQL database"),
+    ("no_store_on_a_shared_folder", "holds the jobs of a PostgreSQL job store"),
 ])
 def test_startup_refusals_with_a_store_url(tmp_path, capsys, case, want):
+    """One error line and exit 2, the password never shown; a data folder is tied to one store (a node started
+    without --store on the shared folder would otherwise sweep the database's job folders as orphans)."""
     from runtime.serve.__main__ import main
 
+    data = tmp_path / "d"
+    if case == "sqlite_folder":
+        data.mkdir()
+        SQLiteStore(data).close()                       # a folder a SQLite server used
+    elif case in ("other_database", "no_store_on_a_shared_folder"):
+        JobFiles(data).create()
+        JobFiles(data).bind("postgresql:0123456789abcdef")  # a folder the nodes of some database share
     if case == "bad_scheme":
         url = "mysql://s2v@db/jobs"
     elif case in ("unreachable", "password_hidden"):   # a socket folder with no server in it
         url = f"postgresql://s2v{':hunter2' if case == 'password_hidden' else ''}@{str(tmp_path).replace('/', '%2F')}/x"
+    elif case == "no_store_on_a_shared_folder":
+        url = None
     else:
         import psycopg
 
@@ -129,14 +143,24 @@ def test_startup_refusals_with_a_store_url(tmp_path, capsys, case, want):
             if case == "newer":
                 conn.execute("CREATE TABLE s2v_schema (version INTEGER NOT NULL)")
                 conn.execute("INSERT INTO s2v_schema VALUES (99)")
-            else:
+            elif case == "foreign_table":
                 conn.execute("CREATE TABLE jobs (id TEXT)")
-    argv = ["--ckpt_dir", "tiny", "--device", "cpu", "--port", str(free_port()), "--data_dir", str(tmp_path / "d"),
-            "--store", url]
+    argv = ["--ckpt_dir", "tiny", "--device", "cpu", "--port", str(free_port()), "--data_dir", str(data),
+            *(() if url is None else ("--store", url))]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and want in err[0], err
     assert "hunter2" not in err[0]
+
+
+def test_a_data_folder_is_tied_to_one_store(tmp_path):
+    files = JobFiles(tmp_path)
+    assert files.bind("postgresql:aa") is None and files.bind("postgresql:aa") is None   # its nodes, again
+    assert files.bind("sqlite") == "postgresql:aa" and files.bind("postgresql:bb") == "postgresql:aa"
+    old = JobFiles(tmp_path / "old")
+    old.create()
+    SQLiteStore(old.root).close()                                                        # before markers existed
+    assert old.bind("postgresql:aa") == "sqlite" and old.bind("sqlite") is None
 
 
 def test_the_store_url_may_come_from_the_environment(tmp_path, capsys, monkeypatch):

@@ -135,9 +135,29 @@ def _open_data_dir(data_dir: str, store_url: str | None = None):
                errno.ENOTDIR: "is under a file, not a folder", errno.ENOSPC: "is on a full disk"}.get(
             exc.errno, f"cannot be written ({exc.strerror})")
         raise InputError(f"{where} {why}; pass a writable folder") from None
+    files = JobFiles(root)
+
+    def bind(identity: str) -> None:
+        # A node without --store on a shared folder must not sweep the PostgreSQL store's jobs as orphans.
+        try:
+            owner = files.bind(identity)
+        except OSError as exc:
+            raise InputError(f"{where} cannot be written ({exc.strerror}); pass a writable folder") from None
+        if owner is None:
+            return
+        if owner == "sqlite":
+            raise InputError(f"{where} holds the jobs of its SQLite job file, not of --store; start without --store, "
+                             "or pass an empty folder (or the one the other nodes of that database share)")
+        if identity == "sqlite":
+            raise InputError(f"{where} holds the jobs of a PostgreSQL job store; start with the --store its nodes "
+                             "use, or pass another --data_dir")
+        raise InputError(f"{where} holds the jobs of another PostgreSQL database; pass the --store its nodes use, "
+                         "or another --data_dir")
+
     if store_url in (None, "sqlite"):
         try:
-            return JobFiles(root), open_store(None, root)
+            bind("sqlite")
+            return files, open_store(None, root)
         except StoreError as exc:
             raise InputError(f"{where}: its job database cannot be opened ({exc}); move it aside or pass another "
                              "--data_dir") from None
@@ -153,7 +173,12 @@ def _open_data_dir(data_dir: str, store_url: str | None = None):
     except StoreError as exc:
         raise InputError(f"--store: {exc}; check that PostgreSQL runs and this user may connect and create "
                          "tables") from None
-    return JobFiles(root), store
+    try:
+        bind(store.identity)
+    except BaseException:
+        store.close()
+        raise
+    return files, store
 
 
 def _allowed_hosts(args) -> set[str] | None:

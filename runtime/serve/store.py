@@ -34,6 +34,8 @@ from typing import Any, Iterable
 QUEUED, IN_PROGRESS, COMPLETED, FAILED, CANCELLED = "queued", "in_progress", "completed", "failed", "cancelled"
 FINISHED = (COMPLETED, FAILED, CANCELLED)
 VIDEO_NAME = "video.mp4"
+STORE_MARKER = "job-store"   # in --data_dir: which store the job folders belong to
+SQLITE_NAME = "jobs.sqlite3"
 ANYONE = None  # the owner argument that matches every job (the server's own maintenance)
 # Parameters a list view leaves out: a prompt can be kilobytes, and a listing shows many jobs.
 _DETAIL_ONLY = ("prompt", "negative_prompt")
@@ -98,7 +100,10 @@ class Job:
 
 class JobStore(ABC):
     """The job table. Every method is one short transaction; every failure to read or write it is a
-    :class:`StoreError`. ``owner`` None (``ANYONE``) matches every job."""
+    :class:`StoreError`. ``owner`` None (``ANYONE``) matches every job. ``identity`` names the store in the
+    data folder's marker (:meth:`JobFiles.bind`)."""
+
+    identity = "sqlite"
 
     # ------------------------------------------------------------------ the API's side
     @abstractmethod
@@ -255,6 +260,24 @@ class JobFiles:
 
     def create(self) -> None:
         self.jobs_dir.mkdir(parents=True, exist_ok=True)
+
+    def bind(self, identity: str) -> str | None:
+        """Tie this folder to one job store, so that a server started with another store (a node without
+        ``--store`` on the shared folder) cannot sweep the other store's job folders as rows it lacks. Writes the
+        marker when the folder has none; returns the identity of the store the folder belongs to when that is
+        another one, else None. A folder without a marker but with a SQLite job file belongs to SQLite."""
+        marker = self.root / STORE_MARKER
+        try:
+            owner = marker.read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            owner = "sqlite" if (self.root / SQLITE_NAME).exists() else None
+        if owner not in (None, identity):
+            return owner
+        if not marker.exists():
+            tmp = marker.with_name(f".{STORE_MARKER}.{os.getpid()}.tmp")
+            tmp.write_text(identity + "\n", encoding="utf-8")
+            os.replace(tmp, marker)
+        return None
 
     def new_upload_dir(self, job_id: str) -> Path:
         tmp = self.jobs_dir / f".{job_id}.{_HOST}.{os.getpid()}.upload"

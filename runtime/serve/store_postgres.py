@@ -15,6 +15,7 @@ down costs callers one quick error each instead of a connect timeout each.
 from __future__ import annotations
 
 import json
+import secrets
 import threading
 import time
 from contextlib import contextmanager
@@ -56,7 +57,8 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, seq);
 CREATE INDEX IF NOT EXISTS jobs_owner ON jobs (owner, seq)
 """
-# Each later version appends here the statements that bring version-1 tables to it: {version: (statements)}.
+# A later version adds here the statements that bring the tables of the version before it up to it:
+# {version: (statements)}. Version 3 is the first of this store.
 _MIGRATIONS: dict[int, tuple[str, ...]] = {}
 
 
@@ -152,7 +154,8 @@ class PostgresStore(JobStore):
 
     def _migrate(self, cur) -> None:
         cur.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_MIGRATE,))  # two nodes starting at once
-        cur.execute("CREATE TABLE IF NOT EXISTS s2v_schema (version INTEGER NOT NULL)")
+        # store_id: names this database in the marker of the shared --data_dir (JobFiles.bind).
+        cur.execute("CREATE TABLE IF NOT EXISTS s2v_schema (version INTEGER NOT NULL, store_id TEXT)")
         version = cur.execute("SELECT max(version) AS v FROM s2v_schema").fetchone()["v"] or 0
         if version > SCHEMA_VERSION:
             raise SchemaError(f"the job database {self.where} has schema version {version}, newer than this "
@@ -168,9 +171,12 @@ class PostgresStore(JobStore):
         for stmt in _SCHEMA.split(";"):
             if stmt.strip():
                 cur.execute(stmt)
-        if version != SCHEMA_VERSION:
-            cur.execute("DELETE FROM s2v_schema")
-            cur.execute("INSERT INTO s2v_schema (version) VALUES (%s)", (SCHEMA_VERSION,))
+        if not version:
+            cur.execute("INSERT INTO s2v_schema (version, store_id) VALUES (%s, %s)",
+                        (SCHEMA_VERSION, secrets.token_hex(8)))
+        elif version != SCHEMA_VERSION:
+            cur.execute("UPDATE s2v_schema SET version = %s", (SCHEMA_VERSION,))
+        self.identity = "postgresql:" + cur.execute("SELECT store_id FROM s2v_schema").fetchone()["store_id"]
 
     @staticmethod
     def _owned(owner: str | None) -> tuple[str, tuple]:
