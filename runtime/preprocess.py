@@ -26,13 +26,12 @@ from PIL import Image
 from runtime.checks import check_size
 from runtime.config import MAX_AREA, MIN_AREA, SIZE_AREAS  # noqa: F401 (the size rule's names, read here by others)
 from runtime.errors import InputError
-from runtime.media import read_pose_frames
+from runtime.media import iter_pose_frames
 
 DIVISOR = 64  # output sides are multiples of this (config.MIN_AREA is one such tile)
 # A decoded image above this many pixels is refused rather than risking host memory (PIL's own
 # decompression-bomb limit at open time is ~179 MP, so this only catches images built or opened without it).
 MAX_REFERENCE_PIXELS = 1 << 28
-POSE_CHUNK_FRAMES = 16  # frames converted to float at a time (full-resolution float frames are 12 B/px)
 
 
 def parse_size(size: str) -> int:
@@ -170,8 +169,8 @@ def prepare_pose_frames(frames: np.ndarray, height: int, width: int) -> torch.Te
 
     Official order: scale to [-1, 1] first, then torchvision tensor ``Resize(min(height, width))`` (bilinear,
     antialiased) and ``CenterCrop`` -- so padding, where the frame is too small, is 0 (mid grey), not -1.
-    Frames are processed ``POSE_CHUNK_FRAMES`` at a time so a long, large video never exists as one
-    full-resolution float tensor; the per-frame result is unchanged by chunking.
+    Each frame is converted on its own (:func:`put_pose_frame`), so no float tensor of more than one source-size
+    channel ever exists.
     """
     if not isinstance(frames, np.ndarray) or frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
         got = f"{frames.dtype} {frames.shape}" if isinstance(frames, np.ndarray) else type(frames).__name__
@@ -180,19 +179,29 @@ def prepare_pose_frames(frames: np.ndarray, height: int, width: int) -> torch.Te
     t, h0, w0, _ = frames.shape
     if t == 0 or h0 == 0 or w0 == 0:
         raise InputError(f"pose video has no pixels (shape {frames.shape}); check the file")
-    nh, nw = resized_size(h0, w0, min(height, width))
     out = torch.empty(3, t, height, width, dtype=torch.float32)
-    for start in range(0, t, POSE_CHUNK_FRAMES):
-        part = frames[start : start + POSE_CHUNK_FRAMES]
-        if not (part.flags.writeable and part.flags.c_contiguous):
-            part = part.copy()  # from_numpy needs a writable array; the copy is one chunk
-        chunk = torch.from_numpy(part)
-        # Same expression as the official (permute first), so the float values and memory layout match.
-        x = chunk.permute(0, 3, 1, 2) / 255.0 * 2 - 1.0
+    for i, frame in enumerate(frames):
+        put_pose_frame(out[:, i], frame)
+    return out
+
+
+def put_pose_frame(out: torch.Tensor, frame: np.ndarray) -> None:
+    """One pose frame ``uint8 [H0, W0, 3]`` into ``out`` (float32 ``[3, height, width]``), as
+    :func:`prepare_pose_frames`: ``x / 255 * 2 - 1``, antialiased bilinear resize of the shorter side to
+    ``min(height, width)``, center crop (0-padded).
+
+    One channel at a time: the float copy at the source size is one plane (4 bytes a source pixel), never the
+    frame (12) or a batch of frames. The result is bit-identical to the official batched expression (the resize
+    works on each plane independently; tested against it)."""
+    height, width = out.shape[-2:]
+    h0, w0 = frame.shape[:2]
+    nh, nw = resized_size(h0, w0, min(height, width))
+    for c in range(3):
+        plane = torch.from_numpy(np.ascontiguousarray(frame[:, :, c]))[None, None]  # [1, 1, h0, w0] uint8
+        x = plane.to(torch.float32).div_(255.0).mul_(2).sub_(1.0)
         if (nh, nw) != (h0, w0):
             x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
-        out[:, start : start + x.shape[0]] = center_crop(x, height, width).permute(1, 0, 2, 3)
-    return out
+        out[c] = center_crop(x[0, 0], height, width)
 
 
 def load_pose_video(path, clips: int, infer_frames: int, height: int, width: int, fps: int = 16,
@@ -200,19 +209,24 @@ def load_pose_video(path, clips: int, infer_frames: int, height: int, width: int
     """The official pose input: the first ``clips · infer_frames`` frames (sampled at ~``fps``), resized and
     center-cropped like ``prepare_pose_frames``, padded with −1 frames → [1, 3, clips · infer_frames, H, W].
 
+    Each frame is shrunk as it is decoded (``media.iter_pose_frames`` + :func:`put_pose_frame`), straight into
+    the result: the memory is the output's plus one source-size frame, however large the video's frames are.
     Warns when the video is a single frame (a still image) or covers fewer than ``needed`` frames (the
     frames the audio drives): the official pads those with "no pose" frames, which is rarely what was meant."""
+    _check_hw(height, width)
     total = clips * infer_frames
-    frames = read_pose_frames(path, total, fps=fps)
+    out = torch.full((1, 3, total, height, width), -1.0, dtype=torch.float32)  # the official "no pose" padding
+    n = 0
+    for frame in iter_pose_frames(path, total, fps=fps):
+        put_pose_frame(out[0, :, n], frame)
+        n += 1
     name = "pose video" + (" bytes" if isinstance(path, (bytes, bytearray, memoryview)) else f" {path}")
     wanted = min(total, needed if needed is not None else total)
-    if len(frames) == 1 and wanted > 1:
+    if n == 1 and wanted > 1:
         warnings.warn(f"{name} has a single frame (a still image?); the remaining {wanted - 1} frames "
                       "get no pose guidance; pass a pose video as long as the audio", UserWarning, stacklevel=3)
-    elif len(frames) < wanted:
-        warnings.warn(f"{name} covers {len(frames)} frames ({len(frames) / fps:.1f} s) but the audio "
+    elif n < wanted:
+        warnings.warn(f"{name} covers {n} frames ({n / fps:.1f} s) but the audio "
                       f"drives {wanted} ({wanted / fps:.1f} s); the rest get no pose guidance, as in the official "
                       "code; pass a pose video as long as the audio", UserWarning, stacklevel=3)
-    pose = prepare_pose_frames(frames, height, width)[None]
-    pad = total - pose.shape[2]
-    return torch.cat([pose, -torch.ones(1, 3, pad, height, width, dtype=pose.dtype)], dim=2)
+    return out

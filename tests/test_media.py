@@ -469,6 +469,30 @@ def test_read_pose_errors(tmp_path):
         read_pose_frames(indexed_video(tmp_path / "v.mkv", 16, 3), 0)
 
 
+def test_iter_pose_frames_one_at_a_time(media, tmp_path):
+    """The frames read_pose_frames stacks, handed out one by one; a caller may stop
+    early, and the errors come at the first frame asked for."""
+    import gc
+
+    from runtime.media import iter_pose_frames
+
+    path = media["pose_50fps.mp4"]
+    stacked = read_pose_frames(path, 1000)
+    it = iter_pose_frames(path, 1000)
+    first = next(it)
+    assert first.shape == (96, 160, 3) and first.dtype == np.uint8 and np.array_equal(first, stacked[0])
+    rest = list(it)
+    assert len(rest) == len(stacked) - 1 and all(np.array_equal(a, b) for a, b in zip(rest, stacked[1:]))
+    early = iter_pose_frames(path, 1000)
+    next(early)
+    early.close()  # the container is closed by the generator's cleanup
+    gc.collect()
+    with pytest.raises(InputError, match="does not exist"):
+        next(iter_pose_frames(tmp_path / "missing.mp4", 10))
+    with pytest.raises(InputError, match="at least one"):
+        next(iter_pose_frames(path, 0))
+
+
 # ------------------------------------------------------------------------------------------
 # MP4 writer
 

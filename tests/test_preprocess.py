@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -291,3 +292,119 @@ def test_pose_frames_errors():
         prepare_pose_frames(np.zeros((2, 8, 8), np.uint8), 64, 64)
     with pytest.raises(InputError):
         prepare_pose_frames(np.zeros((0, 8, 8, 3), np.uint8), 64, 64)
+
+
+@pytest.mark.parametrize("h0,w0,H,W", [(90, 160, 64, 128), (37, 53, 64, 64), (300, 200, 128, 64), (64, 100, 64, 128),
+                                       (121, 121, 64, 192)])
+def test_pose_frames_one_plane_at_a_time_equal_the_whole_clip(h0, w0, H, W):
+    """Downscale, upscale with padding, no resize: each frame and channel on its own gives the official whole-clip
+    expression bit for bit."""
+    frames = np.random.default_rng(h0 * w0).integers(0, 256, (5, h0, w0, 3), dtype=np.uint8)
+    assert torch.equal(prepare_pose_frames(frames, H, W), _official_pose(frames, H, W))
+
+
+def _pose_video(path, frames: np.ndarray, fps: int = 16):
+    import av
+
+    with av.open(str(path), "w", format="mp4") as out:
+        s = out.add_stream("mpeg4", rate=fps)
+        s.height, s.width, s.pix_fmt = frames.shape[1], frames.shape[2], "yuv420p"
+        for fr in frames:
+            out.mux(s.encode(av.VideoFrame.from_ndarray(fr, format="rgb24")))
+        out.mux(s.encode(None))
+    return path
+
+
+@pytest.mark.parametrize("clips,frames_per_clip", [(2, 8), (1, 4)])  # padded with "no pose" frames; cut short
+def test_load_pose_video_equals_the_whole_video_path(tmp_path, clips, frames_per_clip):
+    """Frames shrunk as they are decoded == the previous path (all frames decoded at source size, then the official
+    whole-clip expression, then the -1 padding), bit for bit, from a path and from bytes."""
+    from runtime.media import read_pose_frames
+    from runtime.preprocess import load_pose_video
+
+    rng = np.random.default_rng(3)
+    pixels = np.kron(rng.integers(0, 256, (10, 15, 25, 3), dtype=np.uint8), np.ones((1, 8, 8, 1), np.uint8))
+    path = _pose_video(tmp_path / "pose.mp4", pixels)                # 10 frames of 120x200, 16 fps
+    H, W, total = 64, 128, clips * frames_per_clip
+    decoded = read_pose_frames(path, total)
+    old = _official_pose(decoded, H, W)[None]
+    old = torch.cat([old, -torch.ones(1, 3, total - old.shape[2], H, W)], dim=2)
+    for src in (path, path.read_bytes()):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            new = load_pose_video(src, clips, frames_per_clip, H, W)
+        warned = [str(w.message) for w in seen]
+        assert len(warned) == (total > 10) and all("covers 10 frames" in m for m in warned), warned  # padded: said
+        assert new.shape == (1, 3, total, H, W) and new.dtype == torch.float32
+        assert torch.equal(new, old)
+
+
+def test_load_pose_video_holds_one_source_frame_at_a_time():
+    """12 frames of 2048² shrunk to 64²: the numpy arrays made from the decoded frames (what tracemalloc sees) stay
+    below one source frame, where decoding them all first (the previous path) stacks every one."""
+    import tracemalloc
+
+    from runtime.media import read_pose_frames
+    from runtime.preprocess import load_pose_video
+    from tests.conftest import pose_mp4
+
+    video, n, side = pose_mp4(12, 2048), 12, 2048
+    frame_bytes = side * side * 3
+    tracemalloc.start()
+    try:
+        out = load_pose_video(video, 1, n, 64, 64)
+        _, new_peak = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        before, _ = tracemalloc.get_traced_memory()
+        read_pose_frames(video, n)                                    # what the previous path held first
+        _, old_peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert out.shape == (1, 3, n, 64, 64) and out.dtype == torch.float32
+    assert -1 <= float(out.min()) and -0.9 < float(out.max()) <= 1  # the 8-px bar, averaged over 32 px, is there
+    # PyAV's RGB frames live in FFmpeg's memory (not traced); the numpy copies made from them are: one channel
+    # plane at a time here (1/3 frame, two while one replaces the other), the stacked video on the previous path.
+    assert new_peak < frame_bytes, new_peak / frame_bytes
+    assert old_peak - before >= n * frame_bytes, (old_peak - before) / frame_bytes  # the check can fail
+
+
+_RSS_PROBE = """
+import sys, torch
+from runtime.preprocess import load_pose_video
+from runtime.media import read_pose_frames
+def status(key):  # bytes, from /proc/self/status (kB there)
+    return next(int(line.split()[1]) * 1024 for line in open('/proc/self/status') if line.startswith(key + ':'))
+def growth(fn):  # how far the peak resident memory rises above the current one while fn runs
+    open('/proc/self/clear_refs', 'w').write('5')   # resets the peak (VmHWM) to the current RSS
+    base = status('VmRSS')
+    fn()
+    return status('VmHWM') - base
+path = sys.argv[1]
+short = growth(lambda: load_pose_video(path, 1, 4, 64, 64))     # the first 4 frames
+long = growth(lambda: load_pose_video(path, 1, 16, 64, 64))     # all 16
+old = growth(lambda: read_pose_frames(path, 16))                 # the previous path's first step
+print(short, long, old)
+"""
+
+
+@pytest.mark.slow
+def test_load_pose_video_peak_memory_of_4096_frames(tmp_path):
+    """The issue's case: a small file of 4096² frames (50 MB each as RGB) shrunk to 64². The peak resident memory
+    rises by a bounded number of frames (one RGB frame, one float plane, the decoder's pictures in flight) that
+    does not grow with the video: 16 frames cost what 4 do. Decoding them all first (the previous path) rises by
+    at least the 16 frames. Measured as the rise of VmHWM (reset through /proc/self/clear_refs) in a fresh
+    process."""
+    import subprocess
+    import sys
+
+    from tests.conftest import pose_mp4
+
+    path = tmp_path / "big.mp4"
+    path.write_bytes(pose_mp4(16, 4096))
+    assert path.stat().st_size < 1 << 20
+    res = subprocess.run([sys.executable, "-c", _RSS_PROBE, str(path)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    frame = 4096 * 4096 * 3
+    short, long, old = (int(v) / frame for v in res.stdout.split())
+    assert long < short + 2 and long < 10, (short, long)              # flat in the number of frames
+    assert old >= 16, old                                             # the measurement sees held frames

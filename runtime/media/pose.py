@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import logging
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Union
 
 import av
@@ -20,8 +21,10 @@ from .image import MAX_IMAGE_PIXELS
 log = logging.getLogger(__name__)
 
 
-def read_pose_frames(src: Union[PathLike, bytes], num_frames: int, fps: int = VIDEO_FPS) -> np.ndarray:
-    """Frames of a pose video (a path, or the bytes of a video file) as uint8 ``[N, H, W, 3]``, N <= num_frames.
+def iter_pose_frames(src: Union[PathLike, bytes], num_frames: int, fps: int = VIDEO_FPS) -> Iterator[np.ndarray]:
+    """The frames of a pose video (a path, or the bytes of a video file), one uint8 ``[H, W, 3]`` array at a time,
+    at most ``num_frames``; nothing is kept between frames, so a caller that shrinks each frame as it comes holds
+    one source-size frame at a time, whatever the video's length.
 
     As official ``read_last_n_frames(..., reverse=True)``: interval = max(1, round(src_fps / fps))
     (Python round, half to even; src_fps is the stream's average frame rate), indices
@@ -38,7 +41,7 @@ def read_pose_frames(src: Union[PathLike, bytes], num_frames: int, fps: int = VI
         source = str(path)
     if num_frames <= 0:
         raise InputError(f"num_frames is {num_frames}; ask for at least one pose frame")
-    frames: list[np.ndarray] = []
+    sent = 0
     try:
         with av.open(source, mode="r") as container:
             if not container.streams.video:
@@ -56,8 +59,11 @@ def read_pose_frames(src: Union[PathLike, bytes], num_frames: int, fps: int = VI
                 if index % interval:
                     continue
                 _check_frame_size(frame.width, frame.height, path)
-                frames.append(frame.to_ndarray(format="rgb24"))
-                if len(frames) == num_frames:
+                rgb = frame.to_ndarray(format="rgb24")
+                del frame  # the decoded picture is released before the caller works on its RGB copy
+                yield rgb
+                sent += 1
+                if sent == num_frames:
                     break
     except InputError:
         raise
@@ -66,8 +72,17 @@ def read_pose_frames(src: Union[PathLike, bytes], num_frames: int, fps: int = VI
     except Exception as exc:
         raise InputError(f"{path} is not a readable video ({type(exc).__name__}: {exc}); "
                          "re-encode it as H.264 mp4") from None
-    if not frames:
+    if not sent:
         raise InputError(f"{path} contains no decodable frames; pass a non-empty pose video")
+
+
+def read_pose_frames(src: Union[PathLike, bytes], num_frames: int, fps: int = VIDEO_FPS) -> np.ndarray:
+    """:func:`iter_pose_frames` as one uint8 ``[N, H, W, 3]`` array, N <= num_frames (all frames at source size:
+    for a check of a few frames; the pipeline shrinks them one by one instead, ``preprocess.load_pose_video``)."""
+    frames = list(iter_pose_frames(src, num_frames, fps))
+    if len({f.shape for f in frames}) > 1:
+        raise InputError(f"{src if not isinstance(src, (bytes, bytearray, memoryview)) else 'pose video bytes'} changes "
+                         "frame size mid-stream; re-encode it at one size")
     return np.stack(frames)
 
 
