@@ -49,10 +49,17 @@ def _postgres_newer_schema(tmp: Path) -> None:
 
 # name → (open a store on a folder, mark that folder's store as a newer schema)
 IMPLEMENTATIONS = {"sqlite": (_sqlite, _sqlite_newer_schema), "postgres": (_postgres, _postgres_newer_schema)}
+SERVERS = {"postgres": "postgres"}  # name → the session fixture of the server it needs (skips without one)
+
+
+def _server_for(request, name: str) -> None:
+    if name in SERVERS:
+        request.getfixturevalue(SERVERS[name])
 
 
 @pytest.fixture(params=sorted(IMPLEMENTATIONS))
 def impl(request):
+    _server_for(request, request.param)
     return IMPLEMENTATIONS[request.param]
 
 
@@ -201,7 +208,8 @@ def _claimer(args):
 
 
 @pytest.mark.parametrize("name", sorted(IMPLEMENTATIONS))
-def test_concurrent_claims_from_four_processes_take_each_job_once(name, tmp_path):
+def test_concurrent_claims_from_four_processes_take_each_job_once(name, tmp_path, request):
+    _server_for(request, name)
     s = IMPLEMENTATIONS[name][0](tmp_path)
     ids = add(s, 60)
     with mp.get_context("spawn").Pool(4) as pool:
