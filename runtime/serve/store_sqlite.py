@@ -14,7 +14,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .store import (ANYONE, CANCELLED, COMPLETED, FAILED, FINISHED, IN_PROGRESS, QUEUED, SQLITE_NAME, Job, JobStore,
-                    QueueFull, SchemaError, StoreError, expired_reason, job_from_row, node_of, this_node, worker_is_dead)
+                    QueueFull, SchemaError, StoreError, expired_reason, job_from_row, node_of, this_node,
+                    worker_is_dead)
 
 DB_NAME = SQLITE_NAME
 SCHEMA_VERSION = 3
