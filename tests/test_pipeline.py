@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import io
 
-import av
 import numpy as np
 import pytest
 import torch
@@ -13,7 +12,7 @@ from runtime.demo import demo_image, demo_speech
 from runtime.errors import InputError, OutputError
 from runtime.generate import main as cli
 from runtime.media import probe_mp4
-from tests.conftest import golden_dir, golden_manifest, write_inputs
+from tests.conftest import golden_dir, golden_manifest, pose_mp4, write_inputs
 
 FAST = dict(sample_steps=3, infer_frames=16, progress=False)
 QUICK = dict(sample_steps=1, infer_frames=16, progress=False)  # where the number of steps does not matter
@@ -47,17 +46,7 @@ def test_two_clips_and_trim_to_audio(pipe):
 
 
 def write_pose_video(path, frames: int = 40, size: int = 64):
-    with av.open(str(path), "w") as out:
-        s = out.add_stream("mpeg4", rate=16)
-        s.width = s.height = size
-        s.pix_fmt = "yuv420p"
-        for i in range(frames):
-            fr = np.zeros((size, size, 3), np.uint8)
-            fr[:, (i * 3) % size:(i * 3) % size + 8] = 255
-            for p in s.encode(av.VideoFrame.from_ndarray(fr, format="rgb24")):
-                out.mux(p)
-        for p in s.encode():
-            out.mux(p)
+    path.write_bytes(pose_mp4(frames, size))
     return path
 
 

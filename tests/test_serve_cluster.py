@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
 import socket
 import threading
 import time
@@ -26,6 +25,7 @@ from tests import postgres_cluster  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
 from tests.postgres_cluster import postgres  # noqa: E402,F401 -- the session's cluster
 from tests.test_serve import FAST, Server  # noqa: E402
+from tests.test_serve_ops import kill_the_runner_and_see_the_other_finish  # noqa: E402
 
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}   # two nodes on one small machine: no oversubscribed cores
@@ -93,14 +93,7 @@ def test_kill_9_of_a_node_mid_job_its_job_completes_on_the_other(postgres, tmp_p
     a = _node(shared, db, tmp_path / "a.log", lease_s="3").start()
     b = _node(shared, db, tmp_path / "b.log", lease_s="3").start()
     try:
-        _, long = a.submit({"sample_steps": "100", "infer_frames": "16"})
-        a.wait(long["id"], until=("in_progress",))
-        runner, other = (a, b) if f"job {long['id']}: started" in a.log.read_text() else (b, a)
-        runner.proc.send_signal(signal.SIGKILL)
-        runner.proc.wait()
-        redone = other.wait(long["id"], timeout=300)
-        assert redone["status"] == "completed" and redone["attempts"] == 2, redone
-        assert f"job {long['id']}: started (attempt 2)" in other.log.read_text()
+        kill_the_runner_and_see_the_other_finish(a, b)
     finally:
         a.stop()
         b.stop()

@@ -205,18 +205,22 @@ def test_two_servers_on_one_data_dir_run_each_job_once(tmp_path):
         assert all(j["status"] == "completed" and j["attempts"] == 1 for j in done), done
         logs = a.log.read_text() + b.log.read_text()
         assert all(logs.count(f"job {i}: started") == 1 for i in ids)
-        # kill -9 of the server that runs a long job
-        _, long = a.submit({"sample_steps": "100", "infer_frames": "16"})
-        job = a.wait(long["id"], until=("in_progress",))
-        runner, other = (a, b) if job["id"] and f"job {long['id']}: started" in a.log.read_text() else (b, a)
-        runner.proc.send_signal(signal.SIGKILL)
-        runner.proc.wait()
-        redone = other.wait(long["id"], timeout=300)
-        assert redone["status"] == "completed" and redone["attempts"] == 2, redone
-        assert f"job {long['id']}: started (attempt 2)" in other.log.read_text()
+        kill_the_runner_and_see_the_other_finish(a, b)
     finally:
         a.stop()
         b.stop()
+
+
+def kill_the_runner_and_see_the_other_finish(a, b) -> None:
+    """Two servers on one store: kill -9 the one that runs a long job; the other re-runs it as attempt 2."""
+    _, long = a.submit({"sample_steps": "100", "infer_frames": "16"})
+    a.wait(long["id"], until=("in_progress",))
+    runner, other = (a, b) if f"job {long['id']}: started" in a.log.read_text() else (b, a)
+    runner.proc.send_signal(signal.SIGKILL)
+    runner.proc.wait()
+    redone = other.wait(long["id"], timeout=300)
+    assert redone["status"] == "completed" and redone["attempts"] == 2, redone
+    assert f"job {long['id']}: started (attempt 2)" in other.log.read_text()
 
 
 # ------------------------------------------------------------------------------------------ limits
