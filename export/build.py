@@ -315,7 +315,9 @@ def main(argv=None) -> int:
 
     import signal
 
-    signal.signal(signal.SIGTERM, on_term)  # unwind through the cleanup of partial ONNX/engine files
+    # Unwind through the cleanup of partial ONNX/engine files; the caller's handler is restored on the way out
+    # (main may run inside another program, e.g. a test process).
+    previous = signal.signal(signal.SIGTERM, on_term)
     try:
         from runtime import lora
 
@@ -366,6 +368,8 @@ def main(argv=None) -> int:
     except Terminated:
         print("terminated: partial files removed", file=sys.stderr)
         return 143
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -46,7 +46,8 @@ class Recording:
     def __init__(self, inner):
         self.inner, self.model, self.name, self.caches = inner, inner.model, inner.name, True
         self.calls: list[tuple] = []
-        self.made: list[int] = []  # ids of residuals produced
+        # The residuals produced, held (an id() of a freed tensor can be reused by a later one) and found by identity.
+        self.made: list[torch.Tensor] = []
 
     def forward(self, x, t, c):
         self.calls.append(("forward", x.shape[0]))
@@ -55,11 +56,11 @@ class Recording:
     def forward_residual(self, x, t, c):
         v, r = self.inner.forward_residual(x, t, c)
         self.calls.append(("residual", x.shape[0]))
-        self.made.append(id(r))
+        self.made.append(r)
         return v, r
 
     def forward_skip(self, x, t, c, r):
-        self.calls.append(("skip", x.shape[0], self.made.index(id(r))))
+        self.calls.append(("skip", x.shape[0], next(i for i, m in enumerate(self.made) if m is r)))
         return self.inner.forward_skip(x, t, c, r)
 
 

@@ -466,3 +466,14 @@ def test_bad_compute_capability_fails_before_the_export(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "--compute-capability 9.0" in err[0] and "--trt tensorrt" in err[0]
     assert not (tmp_path / "o").exists()
+
+
+def test_build_restores_the_callers_sigterm_handler(tmp_path):
+    """export.build.main may run inside another program (a test process): its SIGTERM handler must not outlive it."""
+    import signal
+
+    from export.build import main as build_main
+
+    before = signal.getsignal(signal.SIGTERM)
+    assert build_main(["--ckpt_dir", str(tmp_path / "missing"), "--out", str(tmp_path / "out"), "--onnx-only"]) == 2
+    assert signal.getsignal(signal.SIGTERM) is before
