@@ -77,6 +77,11 @@ def test_two_nodes_share_one_queue_and_survive_a_database_restart(postgres, tmp_
             time.sleep(2)
         finally:
             postgres.start()
+        for node in nodes:  # each node reconnects on its own (at most once a second): 503 until it has
+            deadline = time.monotonic() + 120
+            while node.json("GET", "/health")[0] != 200:
+                assert time.monotonic() < deadline, "a node did not come back after the database restart"
+                time.sleep(0.5)
         finished = [b.wait(i, timeout=300) for i in more]
         assert all(j["status"] == "completed" for j in finished), finished
         assert all(s.proc.poll() is None for s in nodes)
