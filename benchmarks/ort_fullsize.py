@@ -14,7 +14,6 @@ revision, date, dtype, shapes and steps, as ``benchmarks.run`` writes them.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 

@@ -24,7 +24,6 @@ import torch.nn.functional as F
 from PIL import Image
 
 from runtime.checks import check_size
-from runtime.config import MAX_AREA, MIN_AREA, SIZE_AREAS  # noqa: F401 (the size rule's names, read here by others)
 from runtime.errors import InputError
 from runtime.media import iter_pose_frames
 
