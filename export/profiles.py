@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from runtime.config import DiTConfig
+from runtime.config import SIZE_AREAS, DiTConfig
 from runtime.models.rope import s2v_token_groups
-from runtime.preprocess import SIZE_AREAS, target_size
+from runtime.preprocess import target_size
 from runtime.sampler import latent_frames
 
 AREAS = sorted(set(SIZE_AREAS.values()))

@@ -308,7 +308,8 @@ def test_config_values_are_bounded_before_building(change, match):
 
 
 def test_size_has_an_upper_bound():
-    from runtime.preprocess import MAX_AREA, parse_size
+    from runtime.config import MAX_AREA
+    from runtime.preprocess import parse_size
 
     assert parse_size("1920*1080") == MAX_AREA
     with pytest.raises(InputError, match="above the maximum"):

@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from runtime.errors import InputError
+from runtime.config import SIZE_AREAS
 from runtime.preprocess import (
     _fallback,
-    SIZE_AREAS,
     center_crop,
     parse_size,
     prepare_pose_frames,
