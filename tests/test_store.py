@@ -120,6 +120,25 @@ def test_attempts_limit_fails_the_job(make_store):
     assert s.claim("w", 1).id == nxt                                          # the queue behind it moves on
 
 
+def test_claims_by_model_and_queue_positions(make_store):
+    """A worker claims only its model's jobs, in FIFO order; a queued job's position counts its model's queue."""
+    s = make_store()
+    jobs = [s.add(f"video_{i}", "", {"seed": i}, model="ab"[i % 3 == 2]) for i in range(6)]  # a a b a a b
+    assert [j.queue_position for j in jobs] == [1, 2, 1, 3, 4, 2] and [j.model for j in jobs] == list("aabaab")
+    assert [j.queue_position for j in s.list()] == [2, 4, 3, 1, 2, 1]          # newest first
+    assert s.claim("wb", 30, model="b").id == "video_2"
+    assert s.claim("wb", 30, model="c") is None
+    assert [s.get(f"video_{i}").queue_position for i in (0, 1, 5)] == [1, 2, 1]
+    assert s.claim("wa", 30, model="a").id == "video_0"
+    running = s.get("video_0")
+    assert running.queue_position is None and running.public()["worker"] == {"name": "wa", "device": None}
+    assert [s.get(f"video_{i}").queue_position for i in (1, 3, 4)] == [1, 2, 3]
+    assert "queue_position" not in running.public() and s.get("video_1").public()["queue_position"] == 1
+    assert s.claim("any", 30).id == "video_1"                                   # no model: the oldest of all
+    s.claim("host/1/w3@cuda:3", 30, model="a")
+    assert s.get("video_3").public()["worker"] == {"name": "w3", "device": "cuda:3"}
+
+
 def test_release_does_not_count_an_attempt(make_store):
     s = make_store()
     (job_id,) = add(s, 1)
@@ -232,6 +251,47 @@ def test_sqlite_v1_table_is_migrated(tmp_path):
     job = s.claim("w", 30)
     assert job.id == "video_old" and job.owner == "" and job.warnings == () and job.worker == "w"
     s.close()
+
+
+V3_COLUMNS = """seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE, status TEXT NOT NULL,
+    params TEXT NOT NULL, progress REAL NOT NULL DEFAULT 0, error TEXT, attempts INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL, started_at REAL, completed_at REAL, owner TEXT NOT NULL DEFAULT '', worker TEXT,
+    lease_until REAL, warnings TEXT NOT NULL DEFAULT '[]', node TEXT"""
+
+
+def test_sqlite_v3_table_gets_the_default_model(tmp_path):
+    """A version-3 job table (before named models): its jobs are the default model's and run on its workers."""
+    with sqlite3.connect(tmp_path / DB_NAME) as db:
+        db.executescript(f"""CREATE TABLE jobs ({V3_COLUMNS}); PRAGMA user_version = 3;
+            INSERT INTO jobs (id, status, params, created_at) VALUES ('video_old', 'queued', '{{}}', 1.0);""")
+    s = SQLiteStore(tmp_path, default_model="wan-a")
+    assert s.get("video_old").model == "wan-a" and s.claim("w", 30, model="wan-b") is None
+    assert s.claim("w", 30, model="wan-a").id == "video_old"
+    s.close()
+    with sqlite3.connect(tmp_path / DB_NAME) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+
+
+def test_postgres_v3_table_gets_the_default_model(postgres, tmp_path):  # noqa: F811
+    import psycopg
+
+    from runtime.serve.store_postgres import PostgresStore
+
+    url = postgres_cluster.schema_url(tmp_path)
+    PostgresStore(url).close()                      # the schema exists; make its jobs table a version-3 one
+    columns = V3_COLUMNS.replace("INTEGER PRIMARY KEY AUTOINCREMENT", "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY")
+    with psycopg.connect(url, autocommit=True) as db:
+        db.execute("DROP TABLE jobs")
+        db.execute(f"CREATE TABLE jobs ({columns.replace('REAL', 'DOUBLE PRECISION')})")
+        db.execute("UPDATE s2v_schema SET version = 3")
+        db.execute("INSERT INTO jobs (id, status, params, created_at) VALUES ('video_old', 'queued', '{}', 1.0)")
+    s = PostgresStore(url, default_model="wan-a")
+    try:
+        assert s.get("video_old").model == "wan-a" and s.claim("w", 30, model="wan-a").id == "video_old"
+    finally:
+        s.close()
+    with psycopg.connect(url, autocommit=True) as db:
+        assert db.execute("SELECT version FROM s2v_schema").fetchone()[0] == 4
 
 
 def test_job_files_sweep_keeps_live_uploads(tmp_path):

@@ -13,6 +13,9 @@ failed with that reason (a job that kills its worker is not retried forever). A 
 ``release``\\ s its job (back to the queue, the attempt not counted). Cancellation is a status change in the
 store: the worker sees it at its next heartbeat and stops between steps.
 
+Each job names the *model* (a ``--model`` of the server) that runs it: a worker claims only jobs of its model,
+and a queued job's ``queue_position`` counts the queued jobs of its model up to it (1: next).
+
 Each job belongs to an *owner* (a hash of the API key that made it, "" without authentication); the API passes
 the caller's owner to every read and write, and another owner's job does not exist for it. A row also names
 the *node* (host) that wrote the job's files: the one that took the upload, then the one whose worker wrote
@@ -78,6 +81,8 @@ class Job:
     lease_until: float | None = None
     warnings: tuple[str, ...] = field(default_factory=tuple)
     node: str | None = None     # the host that wrote the job's files (not shown by the API)
+    model: str = ""
+    queue_position: int | None = None   # queued jobs only: 1 = the next one its model's workers take
 
     def public(self, detail: bool = True) -> dict[str, Any]:
         """The API's view of the job (OpenAI ``video`` object plus this engine's parameters); ``detail`` False
@@ -87,10 +92,15 @@ class Job:
             "created_at": int(self.created_at),
             "started_at": None if self.started_at is None else int(self.started_at),
             "completed_at": None if self.completed_at is None else int(self.completed_at),
-            "attempts": self.attempts,
+            "attempts": self.attempts, "model": self.model,
             **{k: v for k, v in self.params.items() if k != "files" and (detail or k not in _DETAIL_ONLY)},
             "warnings": list(self.warnings),
         }
+        if self.status == QUEUED and self.queue_position is not None:
+            out["queue_position"] = self.queue_position
+        if self.status == IN_PROGRESS and self.worker:
+            name, _, device = self.worker.split("/", 2)[-1].partition("@")
+            out["worker"] = {"name": name, "device": device or None}
         if self.error is not None:
             out["error"] = {"message": self.error}
         if self.status == COMPLETED:
@@ -107,9 +117,9 @@ class JobStore(ABC):
 
     # ------------------------------------------------------------------ the API's side
     @abstractmethod
-    def add(self, job_id: str, owner: str, params: dict, *, max_queued: int | None = None,
+    def add(self, job_id: str, owner: str, params: dict, *, model: str = "", max_queued: int | None = None,
             max_queued_per_owner: int | None = None) -> Job:
-        """Queue a job (its folder is already published). Raises :class:`QueueFull` when ``max_queued`` jobs are
+        """Queue a job of ``model`` (its folder is already published). Raises :class:`QueueFull` when ``max_queued`` jobs are
         queued, or ``max_queued_per_owner`` of this owner's; the check and the insert are one transaction."""
 
     @abstractmethod
@@ -132,8 +142,9 @@ class JobStore(ABC):
 
     # ------------------------------------------------------------------ the workers' side
     @abstractmethod
-    def claim(self, worker: str, lease_s: float) -> Job | None:
-        """The oldest queued job, now in progress under ``worker``'s lease (one attempt more), or None."""
+    def claim(self, worker: str, lease_s: float, model: str | None = None) -> Job | None:
+        """The oldest queued job (of ``model``; of any model when None), now in progress under ``worker``'s lease
+        (one attempt more), or None."""
 
     @abstractmethod
     def heartbeat(self, job_id: str, worker: str, lease_s: float, progress: float | None = None) -> bool:
@@ -167,13 +178,19 @@ class JobStore(ABC):
         pass
 
 
+# A queued job's place in its model's queue, as a column of the row (the same SQL in both dialects).
+POSITION = (f"CASE WHEN status = '{QUEUED}' THEN (SELECT COUNT(*) FROM jobs q WHERE q.status = '{QUEUED}' "
+            f"AND q.model = jobs.model AND q.seq <= jobs.seq) END AS queue_position")
+
+
 def job_from_row(row) -> Job:
     """A row of either implementation (the same columns) as a :class:`Job`."""
+    position = row["queue_position"] if "queue_position" in row.keys() else None
     return Job(id=row["id"], status=row["status"], params=json.loads(row["params"]), progress=row["progress"],
                error=row["error"], attempts=row["attempts"], created_at=row["created_at"],
                started_at=row["started_at"], completed_at=row["completed_at"], owner=row["owner"],
                worker=row["worker"], lease_until=row["lease_until"], warnings=tuple(json.loads(row["warnings"])),
-               node=row["node"])
+               node=row["node"], model=row["model"], queue_position=None if position is None else int(position))
 
 
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
@@ -185,18 +202,19 @@ def redact(url: str) -> str:
     return re.sub(r"([?&]password=)[^&]*", r"\1***", url)
 
 
-def open_store(url: str | None, data_dir: str | Path) -> JobStore:
+def open_store(url: str | None, data_dir: str | Path, default_model: str = "") -> JobStore:
     """The store ``--store`` names: None or "sqlite" for the SQLite file under ``data_dir``, a
     ``postgresql://USER@HOST/DB`` URL for PostgreSQL. Raises ValueError for anything else, ImportError when
-    psycopg is not installed, :class:`StoreError` when the store cannot be opened or is of a newer schema."""
+    psycopg is not installed, :class:`StoreError` when the store cannot be opened or is of a newer schema.
+    ``default_model``: the model that the rows of a store written before jobs named one are given."""
     if url is None or url == "sqlite":
         from .store_sqlite import SQLiteStore
 
-        return SQLiteStore(data_dir)
+        return SQLiteStore(data_dir, default_model)
     if url.startswith(POSTGRES_SCHEMES):
         from .store_postgres import PostgresStore
 
-        return PostgresStore(url)
+        return PostgresStore(url, default_model)
     raise ValueError(f"--store {redact(url)!r} is not a job store; use postgresql://USER@HOST/DB, or leave it out "
                      "for SQLite under --data_dir")
 

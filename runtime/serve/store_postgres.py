@@ -24,10 +24,11 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
 
-from .store import (ANYONE, CANCELLED, COMPLETED, FAILED, FINISHED, IN_PROGRESS, QUEUED, Job, JobStore, QueueFull,
-                    SchemaError, StoreError, expired_reason, job_from_row, node_of, redact, this_node, worker_is_dead)
+from .store import (ANYONE, CANCELLED, COMPLETED, FAILED, FINISHED, IN_PROGRESS, POSITION, QUEUED, Job, JobStore,
+                    QueueFull, SchemaError, StoreError, expired_reason, job_from_row, node_of, redact, this_node,
+                    worker_is_dead)
 
-SCHEMA_VERSION = 3  # the SQLite store's version number for the same columns
+SCHEMA_VERSION = 4  # the SQLite store's version number for the same columns
 RECONNECT_S = 1.0   # after a failed connect, calls fail at once for this long
 # Defaults for settings the URL leaves out: a dead network fails a call in seconds, not at the kernel's TCP timeout.
 _CONNECT_DEFAULTS = {"connect_timeout": "5", "keepalives": "1", "keepalives_idle": "10", "keepalives_interval": "5",
@@ -52,14 +53,19 @@ CREATE TABLE IF NOT EXISTS jobs (
     worker       TEXT,                             -- the lease holder while in progress
     lease_until  DOUBLE PRECISION,
     warnings     TEXT NOT NULL DEFAULT '[]',       -- JSON list of input warnings
-    node         TEXT                              -- the host that wrote the job's files (upload, then video)
+    node         TEXT,                             -- the host that wrote the job's files (upload, then video)
+    model        TEXT NOT NULL DEFAULT ''          -- the --model that runs it
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, seq);
-CREATE INDEX IF NOT EXISTS jobs_owner ON jobs (owner, seq)
+CREATE INDEX IF NOT EXISTS jobs_owner ON jobs (owner, seq);
+CREATE INDEX IF NOT EXISTS jobs_model ON jobs (model, status, seq)
 """
-# A later version adds here the statements that bring the tables of the version before it up to it:
-# {version: (statements)}. Version 3 is the first of this store.
-_MIGRATIONS: dict[int, tuple[str, ...]] = {}
+# The statements that bring the tables of the version before each version up to it: {version: (statements)}
+# (``%(default_model)s``: the server's default model). Version 3 is the first of this store.
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    4: ("ALTER TABLE jobs ADD COLUMN model TEXT NOT NULL DEFAULT ''",
+        "UPDATE jobs SET model = %(default_model)s"),   # jobs from before named models: the default model's
+}
 
 
 def _one_line(exc: BaseException) -> str:
@@ -67,8 +73,9 @@ def _one_line(exc: BaseException) -> str:
 
 
 class PostgresStore(JobStore):
-    def __init__(self, url: str):
+    def __init__(self, url: str, default_model: str = ""):
         self.where = redact(url)
+        self._default_model = default_model
         try:
             params = conninfo_to_dict(url)  # a malformed URL fails here, before any connect
         except psycopg.Error as exc:
@@ -167,7 +174,7 @@ class PostgresStore(JobStore):
         if version:
             for v in range(version + 1, SCHEMA_VERSION + 1):
                 for stmt in _MIGRATIONS.get(v, ()):
-                    cur.execute(stmt)
+                    cur.execute(stmt, {"default_model": self._default_model} if "%(" in stmt else None)
         for stmt in _SCHEMA.split(";"):
             if stmt.strip():
                 cur.execute(stmt)
@@ -183,7 +190,7 @@ class PostgresStore(JobStore):
         return ("", ()) if owner is ANYONE else (" AND owner = %s", (owner,))
 
     # ------------------------------------------------------------------ the API's side
-    def add(self, job_id, owner, params, *, max_queued=None, max_queued_per_owner=None) -> Job:
+    def add(self, job_id, owner, params, *, model="", max_queued=None, max_queued_per_owner=None) -> Job:
         with self._tx() as cur:
             if max_queued is not None or max_queued_per_owner is not None:
                 # Two nodes adding at once must not both see room for one more job.
@@ -197,19 +204,21 @@ class PostgresStore(JobStore):
                                 (QUEUED, owner)).fetchone()["n"]
                 if n >= max_queued_per_owner:
                     raise QueueFull(max_queued_per_owner, per_owner=True)
-            row = cur.execute(f"INSERT INTO jobs (id, status, params, created_at, owner, node) "
-                              f"VALUES (%s, %s, %s, {_NOW}, %s, %s) RETURNING *",
-                              (job_id, QUEUED, json.dumps(params), owner, this_node())).fetchone()
+            cur.execute(f"INSERT INTO jobs (id, status, params, created_at, owner, node, model) "
+                        f"VALUES (%s, %s, %s, {_NOW}, %s, %s, %s)",
+                        (job_id, QUEUED, json.dumps(params), owner, this_node(), model))
+            row = cur.execute(f"SELECT *, {POSITION} FROM jobs WHERE id = %s", (job_id,)).fetchone()
         return job_from_row(row)
 
     def get(self, job_id, owner=ANYONE):
         where, args = self._owned(owner)
-        rows = self._read(f"SELECT * FROM jobs WHERE id = %s{where}", (job_id, *args))
+        rows = self._read(f"SELECT *, {POSITION} FROM jobs WHERE id = %s{where}", (job_id, *args))
         return job_from_row(rows[0]) if rows else None
 
     def list(self, owner=ANYONE, limit=100):
         where, args = self._owned(owner)
-        rows = self._read(f"SELECT * FROM jobs WHERE TRUE{where} ORDER BY seq DESC LIMIT %s", (*args, limit))
+        rows = self._read(f"SELECT *, {POSITION} FROM jobs WHERE TRUE{where} ORDER BY seq DESC LIMIT %s",
+                          (*args, limit))
         return [job_from_row(r) for r in rows]
 
     def cancel(self, job_id, owner=ANYONE) -> bool:
@@ -231,13 +240,14 @@ class PostgresStore(JobStore):
         return self._read(f"SELECT count(*) AS n FROM jobs WHERE status = %s{where}", (status, *args))[0]["n"]
 
     # ------------------------------------------------------------------ the workers' side
-    def claim(self, worker, lease_s):
+    def claim(self, worker, lease_s, model=None):
+        of_model, args = ("", ()) if model is None else (" AND model = %s", (model,))
         with self._tx() as cur:
             row = cur.execute(
                 f"UPDATE jobs SET status = %s, progress = 0, started_at = {_NOW}, attempts = attempts + 1, "
                 f"worker = %s, lease_until = {_NOW} + %s, error = NULL "
-                f"WHERE seq = (SELECT seq FROM jobs WHERE status = %s ORDER BY seq LIMIT 1 FOR UPDATE SKIP LOCKED) "
-                f"RETURNING *", (IN_PROGRESS, worker, float(lease_s), QUEUED)).fetchone()
+                f"WHERE seq = (SELECT seq FROM jobs WHERE status = %s{of_model} ORDER BY seq LIMIT 1 "
+                f"FOR UPDATE SKIP LOCKED) RETURNING *", (IN_PROGRESS, worker, float(lease_s), QUEUED, *args)).fetchone()
         return None if row is None else job_from_row(row)
 
     def heartbeat(self, job_id, worker, lease_s, progress=None) -> bool:

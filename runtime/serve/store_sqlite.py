@@ -13,12 +13,12 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from .store import (ANYONE, CANCELLED, COMPLETED, FAILED, FINISHED, IN_PROGRESS, QUEUED, SQLITE_NAME, Job, JobStore,
-                    QueueFull, SchemaError, StoreError, expired_reason, job_from_row, node_of, this_node,
+from .store import (ANYONE, CANCELLED, COMPLETED, FAILED, FINISHED, IN_PROGRESS, POSITION, QUEUED, SQLITE_NAME, Job,
+                    JobStore, QueueFull, SchemaError, StoreError, expired_reason, job_from_row, node_of, this_node,
                     worker_is_dead)
 
 DB_NAME = SQLITE_NAME
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -36,16 +36,19 @@ CREATE TABLE IF NOT EXISTS jobs (
     worker       TEXT,                                -- the lease holder while in progress
     lease_until  REAL,
     warnings     TEXT NOT NULL DEFAULT '[]',          -- JSON list of input warnings
-    node         TEXT                                 -- the host that wrote the job's files (upload, then video)
+    node         TEXT,                                -- the host that wrote the job's files (upload, then video)
+    model        TEXT NOT NULL DEFAULT ''             -- the --model that runs it
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, seq);
 CREATE INDEX IF NOT EXISTS jobs_owner ON jobs (owner, seq);
+CREATE INDEX IF NOT EXISTS jobs_model ON jobs (model, status, seq);
 """
-# Version 1 (before leases and owners) had the first ten columns, version 2 all but ``node``.
+# Version 1 (before leases and owners) had the first ten columns, version 2 all but ``node`` and ``model``,
+# version 3 all but ``model``.
 _ADDED_COLUMNS = ("ALTER TABLE jobs ADD COLUMN owner TEXT NOT NULL DEFAULT ''",
                   "ALTER TABLE jobs ADD COLUMN worker TEXT", "ALTER TABLE jobs ADD COLUMN lease_until REAL",
                   "ALTER TABLE jobs ADD COLUMN warnings TEXT NOT NULL DEFAULT '[]'",
-                  "ALTER TABLE jobs ADD COLUMN node TEXT")
+                  "ALTER TABLE jobs ADD COLUMN node TEXT", "ALTER TABLE jobs ADD COLUMN model TEXT NOT NULL DEFAULT ''")
 
 
 def _store_error(exc: BaseException) -> StoreError:
@@ -58,8 +61,9 @@ class SQLiteStore(JobStore):
     """One connection per process, one lock: every statement is short. ``busy_timeout`` covers the other
     processes' transactions."""
 
-    def __init__(self, data_dir: str | Path):
+    def __init__(self, data_dir: str | Path, default_model: str = ""):
         self.path = Path(data_dir) / DB_NAME
+        self._default_model = default_model
         self._lock = threading.Lock()
         try:
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=10.0)
@@ -82,6 +86,8 @@ class SQLiteStore(JobStore):
             for stmt in _ADDED_COLUMNS:
                 if stmt.split()[5] not in cols:
                     self._db.execute(stmt)
+            if "model" not in cols:  # jobs from before named models: the server's default model runs them
+                self._db.execute("UPDATE jobs SET model = ?", (self._default_model,))
         for stmt in _SCHEMA.split(";"):
             if stmt.strip():
                 self._db.execute(stmt)
@@ -120,7 +126,7 @@ class SQLiteStore(JobStore):
         return ("", ()) if owner is ANYONE else (" AND owner = ?", (owner,))
 
     # ------------------------------------------------------------------ the API's side
-    def add(self, job_id, owner, params, *, max_queued=None, max_queued_per_owner=None) -> Job:
+    def add(self, job_id, owner, params, *, model="", max_queued=None, max_queued_per_owner=None) -> Job:
         with self._tx() as db:
             if max_queued is not None:
                 n = db.execute("SELECT COUNT(*) FROM jobs WHERE status = ?", (QUEUED,)).fetchone()[0]
@@ -130,19 +136,20 @@ class SQLiteStore(JobStore):
                 n = db.execute("SELECT COUNT(*) FROM jobs WHERE status = ? AND owner = ?", (QUEUED, owner)).fetchone()[0]
                 if n >= max_queued_per_owner:
                     raise QueueFull(max_queued_per_owner, per_owner=True)
-            db.execute("INSERT INTO jobs (id, status, params, created_at, owner, node) VALUES (?, ?, ?, ?, ?, ?)",
-                       (job_id, QUEUED, json.dumps(params), time.time(), owner, this_node()))
-            row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            db.execute("INSERT INTO jobs (id, status, params, created_at, owner, node, model) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                       (job_id, QUEUED, json.dumps(params), time.time(), owner, this_node(), model))
+            row = db.execute(f"SELECT *, {POSITION} FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return job_from_row(row)
 
     def get(self, job_id, owner=ANYONE):
         where, args = self._owned(owner)
-        rows = self._read(f"SELECT * FROM jobs WHERE id = ?{where}", (job_id, *args))
+        rows = self._read(f"SELECT *, {POSITION} FROM jobs WHERE id = ?{where}", (job_id, *args))
         return job_from_row(rows[0]) if rows else None
 
     def list(self, owner=ANYONE, limit=100):
         where, args = self._owned(owner)
-        rows = self._read(f"SELECT * FROM jobs WHERE 1{where} ORDER BY seq DESC LIMIT ?", (*args, limit))
+        rows = self._read(f"SELECT *, {POSITION} FROM jobs WHERE 1{where} ORDER BY seq DESC LIMIT ?", (*args, limit))
         return [job_from_row(r) for r in rows]
 
     def cancel(self, job_id, owner=ANYONE) -> bool:
@@ -164,10 +171,12 @@ class SQLiteStore(JobStore):
         return self._read(f"SELECT COUNT(*) FROM jobs WHERE status = ?{where}", (status, *args))[0][0]
 
     # ------------------------------------------------------------------ the workers' side
-    def claim(self, worker, lease_s):
+    def claim(self, worker, lease_s, model=None):
         now = time.time()
+        of_model, args = ("", ()) if model is None else (" AND model = ?", (model,))
         with self._tx() as db:
-            row = db.execute("SELECT id FROM jobs WHERE status = ? ORDER BY seq LIMIT 1", (QUEUED,)).fetchone()
+            row = db.execute(f"SELECT id FROM jobs WHERE status = ?{of_model} ORDER BY seq LIMIT 1",
+                             (QUEUED, *args)).fetchone()
             if row is None:
                 return None
             db.execute("UPDATE jobs SET status = ?, progress = 0, started_at = ?, attempts = attempts + 1, "
