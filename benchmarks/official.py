@@ -1,8 +1,11 @@
 """The official ``WanModel_S2V`` (a checkout of Wan-Video/Wan2.2) as a benchmark peer, on the same weights.
 
 Only the model files are imported (the ``wan`` package's ``__init__`` pulls in every pipeline and its
-dependencies). Its ``flash_attention`` is routed to the official SDPA fallback, as users without flash_attn
-run it. The model is built on the meta device and given a state dict (no 14B float32 initialisation); the
+dependencies). Its ``flash_attention`` is routed by ``use_attention``: ``"sdpa"`` (default) runs the official
+SDPA fallback, as users without flash_attn run it; ``"fa3"`` runs the official ``flash_attention`` itself (its
+packing, casts and output conversion) with FlashAttention-3's varlen call answered by the FA3 build the runtime
+uses (``runtime.kernels.fa3``: the dense kernel, which for one sequence per call is what varlen computes), so
+the official model and ours can be compared at the same attention kernel. The model is built on the meta device and given a state dict (no 14B float32 initialisation); the
 RoPE table it keeps outside its parameters is taken from a small official instance with the same head size.
 """
 from __future__ import annotations
@@ -13,6 +16,36 @@ import types
 from pathlib import Path
 
 import torch
+
+
+_ATTENTION = {"kind": "sdpa"}
+
+
+def use_attention(kind: str) -> None:
+    """Route the official model's attention: "sdpa" (its fallback) or "fa3" (its FA3 path on our FA3 build)."""
+    if kind not in ("sdpa", "fa3"):
+        raise ValueError(f"official attention {kind!r}: use sdpa or fa3")
+    if kind == "fa3":
+        from runtime.kernels import fa3
+
+        why = fa3.available()
+        if why:
+            raise RuntimeError(why)
+    _ATTENTION["kind"] = kind
+
+
+class _FA3Varlen:
+    """Stands in for the ``flash_attn_interface`` module the official code imports for FlashAttention-3."""
+
+    @staticmethod
+    def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q=None, seqused_k=None, max_seqlen_q=None,
+                               max_seqlen_k=None, softmax_scale=None, causal=False, deterministic=False):
+        from runtime.kernels import fa3
+
+        # one sequence per call (batch 1, every token valid): packed length == longest length, known from shapes
+        if q.shape[0] != max_seqlen_q or k.shape[0] != max_seqlen_k or causal or seqused_q is not None:
+            raise NotImplementedError("the FA3 stand-in runs one full-length non-causal sequence per call")
+        return (fa3.fwd(q[None], k[None], v[None], softmax_scale=softmax_scale)[0],)
 
 
 def _import_official(repo: Path):
@@ -32,10 +65,10 @@ def _import_official(repo: Path):
 
     def routed(q, k, v, q_lens=None, k_lens=None, dropout_p=0.0, softmax_scale=None, q_scale=None, causal=False,
                window_size=(-1, -1), deterministic=False, dtype=torch.bfloat16, version=None):
-        # FlashAttention-4 installs a `flash_attn` namespace without FA2's API: only a real FA2/FA3 counts
-        if attn.FLASH_ATTN_3_AVAILABLE or hasattr(getattr(attn, "flash_attn", None), "flash_attn_varlen_func"):
+        if _ATTENTION["kind"] == "fa3":
+            attn.flash_attn_interface, attn.FLASH_ATTN_3_AVAILABLE = _FA3Varlen, True
             return attn.flash_attention(q, k, v, q_lens, k_lens, dropout_p, softmax_scale, q_scale, causal,
-                                        window_size, deterministic, dtype, version)
+                                        window_size, deterministic, dtype, 3)
         if not q.is_cuda:  # CPU checks run the official model in float32 (its default casts to bf16)
             dtype = q.dtype
         attn.FLASH_ATTN_2_AVAILABLE = False

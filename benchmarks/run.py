@@ -75,18 +75,36 @@ def build(scn: Scenario, device: torch.device):
     return build_dit(DiTConfig.s2v_14b(), dtype=torch.bfloat16, device=device)
 
 
-def clip_conditions(model, scn: Scenario, device, dtype):
-    from runtime.models.dit import ClipConditions
+@dataclass(frozen=True)
+class ForwardInputs:
+    """One call's inputs, the same in every process that draws them (seeded): latents ``x``, text states, the
+    reference and motion latents (None for a first clip), the audio features and the timestep."""
 
-    cfg = model.cfg
+    x: torch.Tensor
+    text: torch.Tensor
+    ref: torch.Tensor
+    motion: torch.Tensor | None
+    audio: torch.Tensor
+    timestep: float = 500.0
+
+
+def forward_inputs(cfg, scn: Scenario, device, dtype) -> ForwardInputs:
     g = torch.Generator(device=device).manual_seed(0)
     r = lambda *s: torch.randn(*s, generator=g, device=device, dtype=dtype)  # noqa: E731
     h, w, f = scn.height // 8, scn.width // 8, scn.latent_frames
     ref, motion = r(1, 16, 1, h, w), (r(1, 16, 19, h, w) if scn.clip == "later" else None)
     audio = r(1, cfg.audio_layers, cfg.audio_dim, scn.infer_frames)
-    c = model.prepare(r(1, 40, cfg.text_dim), ref, motion, None, audio, f)
-    u = model.prepare(r(1, 60, cfg.text_dim), ref, motion, None, audio * 0, f)
-    return r(1, 16, f, h, w), c, u, ClipConditions.cat([c, u])
+    return ForwardInputs(r(1, 16, f, h, w), r(1, 40, cfg.text_dim), ref, motion, audio)
+
+
+def clip_conditions(model, scn: Scenario, device, dtype):
+    """Latents and the prepared cond / uncond / batch-2 conditions of ``forward_inputs``."""
+    from runtime.models.dit import ClipConditions
+
+    inp = forward_inputs(model.cfg, scn, device, dtype)
+    c = model.prepare(inp.text, inp.ref, inp.motion, None, inp.audio, scn.latent_frames)
+    u = model.prepare(inp.text[:, :0], inp.ref, inp.motion, None, inp.audio * 0, scn.latent_frames)
+    return inp.x, c, u, ClipConditions.cat([c, u])
 
 
 def stage_rows(scn: Scenario, device, repeat: int, stages: set[str]) -> list[dict]:
@@ -158,9 +176,16 @@ def full_size_encoders(device):
 
 @dataclass(frozen=True)
 class Variant:
-    """``backend[:attention][@precision]``, e.g. ``torch``, ``torch-graph:fa4``, ``torch-graph@fp8``; or ``official``."""
+    """``backend[:attention][@precision]``, e.g. ``torch``, ``torch-graph:fa4``, ``torch-graph@fp8``; or the official
+    model: ``official`` (its SDPA fallback) or ``official:fa3`` (its FlashAttention-3 path on our FA3 build), each
+    measured in a process of its own before ours are built, alone on the GPU, as it runs for a user; or
+    ``official-inprocess`` (SDPA, in this process beside ours, interleaved: how earlier runs measured it)."""
 
     spec: str
+
+    @property
+    def is_official(self) -> bool:
+        return self.backend in ("official", "official-inprocess")
 
     @property
     def backend(self) -> str:
@@ -222,21 +247,26 @@ def main(argv=None) -> int:
     torch.set_grad_enabled(False)
     stages = {s.strip() for s in args.stages.split(",")}
     variants = [Variant(v) for v in args.variants.split(",") if v]
-    step_set = set(args.step_variants.split(",")) if args.step_variants is not None else {v.spec for v in variants if v.spec != "official"}
+    step_set = set(args.step_variants.split(",")) if args.step_variants is not None else {v.spec for v in variants if not v.is_official}
     out_dir = results_dir(args.out, device)
     path = out_dir / f"run_{scn.name}.json"
 
     from runtime.backends import make_backend
     from runtime.models.dit import from_state_dict, timestep_frequencies
 
-    base = build(scn, device)           # random weights (bf16 at full size)
+    if any(v.is_official for v in variants) and not args.official_repo:
+        raise SystemExit("the official variants need --official-repo PATH (a checkout of Wan-Video/Wan2.2)")
+    isolated = [v for v in variants if v.backend == "official"]
+    official_rows, official_out = (run_official_process(scn, args.official_repo,
+                                                        ["sdpa" if v.attention == "auto" else v.attention for v in isolated],
+                                                        args.repeat, device) if isolated else ([], {}))
+    base = build(scn, device)           # random weights (bf16 at full size), the same in the official process
     cfg = base.cfg
     official = None
-    if any(v.spec == "official" for v in variants):
-        from benchmarks.official import build_official
+    if any(v.backend == "official-inprocess" for v in variants):
+        from benchmarks.official import build_official, use_attention
 
-        if not args.official_repo:
-            raise SystemExit("variant 'official' needs --official-repo PATH (a checkout of Wan-Video/Wan2.2)")
+        use_attention("sdpa")
         official = build_official(args.official_repo, cfg, {k: v.to(base.dtype) for k, v in base.state_dict().items()})
         state = official.state_dict()   # our models load the official model's own tensors (strict)
     else:
@@ -247,32 +277,34 @@ def main(argv=None) -> int:
     seq = cond.num_tokens
     flops1 = dit_forward_flops(cfg, scn.latent_frames, scn.height // 16, scn.width // 16, cond.extra.shape[1])
     ceilings = measure_ceilings(device, seq, cfg)
-    t_value = 500.0
+    inp = forward_inputs(cfg, scn, device, dtype)
+    t_value, text, ref, motion, audio = inp.timestep, inp.text, inp.ref, inp.motion, inp.audio
     t_freq = timestep_frequencies([t_value], cfg.freq_dim).to(device)
-    g = torch.Generator(device=device).manual_seed(0)
-    text = torch.randn(1, 40, cfg.text_dim, generator=g, device=device, dtype=dtype)
-    ref = torch.randn(1, 16, 1, scn.height // 8, scn.width // 8, generator=g, device=device, dtype=dtype)
-    motion = torch.randn(1, 16, 19, scn.height // 8, scn.width // 8, generator=g, device=device, dtype=dtype) if scn.clip == "later" else None
-    audio = torch.randn(1, cfg.audio_layers, cfg.audio_dim, scn.infer_frames, generator=g, device=device, dtype=dtype)
 
     meta = {"device": device_description(device), "scenario": asdict(scn), "tokens": seq, "dtype": str(dtype),
             "flops_per_forward": {"linear": flops1.linear, "attention": flops1.attention},
             "step_flops": flops1.total * (2 if scn.cfg else 1), "ceilings": ceilings, "repeat": args.repeat,
             "timestep": t_value, "gpus": 1, "git": code_revision(), "date": time.strftime("%Y-%m-%d %H:%M"),
             "command": "python -m benchmarks.run " + " ".join(sys.argv[1:] if argv is None else argv),
-            "notes": "random weights (bf16 at full size), shared by every variant (the official model's state dict "
-                     "loaded into ours); CUDA events; median of repeats; forward calls interleaved across variants, "
-                     "CFG steps (one batch-2 call) timed per variant after; rel_l2_vs_official / rel_l2_vs_bf16 on "
-                     "the same inputs; official step = two forward calls, as the official loop does"}
+            "notes": "random weights (bf16 at full size, seeded: the same in the official process), shared by every "
+                     "variant of this process; CUDA events; median of repeats; forward calls interleaved across the "
+                     "variants of this process, CFG steps (one batch-2 call) timed per variant after; 'official' and "
+                     "'official:fa3' ran first, in a process of their own (process: own); rel_l2_vs_official / "
+                     "rel_l2_vs_bf16 on the same inputs; official step = two forward calls, as the official loop "
+                     "does; prepare_s: ours' per-clip conditioning (once per clip and CFG branch), "
+                     "forward_with_prepare_s = dit_forward_s + prepare_s / steps; ratio_same_kernel and "
+                     "ratio_vs_official_sdpa divide the official forward by forward_with_prepare_s"}
     rows: list[dict] = []
-    outputs: dict[str, torch.Tensor] = {}
+    outputs: dict[str, torch.Tensor] = dict(official_out)
     runners: dict[str, object] = {}
     errors: dict[str, str] = {}
     extra: dict[str, dict] = {}
 
     def save():
-        table = markdown_table(rows, ["variant", "precision", "scenario", "gpus", "dit_forward_s", "step_s", "clip_s",
-                                      "peak_mem_gib", "tflops", "pct_of_floor", "rel_l2_vs_official", "rel_l2_vs_bf16"])
+        table = markdown_table(rows, ["variant", "precision", "scenario", "gpus", "attention", "dit_forward_s",
+                                      "forward_with_prepare_s", "ratio_same_kernel", "ratio_vs_official_sdpa", "step_s",
+                                      "clip_s", "peak_mem_gib", "tflops", "pct_of_floor", "rel_l2_vs_official",
+                                      "rel_l2_vs_bf16"])
         errs = [{"variant": k, "error": e} for k, e in errors.items()]
         if errs:
             table += "\n\n" + markdown_table(errs, ["variant", "error"])
@@ -290,7 +322,9 @@ def main(argv=None) -> int:
         try:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            if v.spec == "official":
+            if v.backend == "official":
+                continue  # measured in its own process above
+            if v.backend == "official-inprocess":
                 from benchmarks.official import official_forward
 
                 hook = official.blocks[0].register_forward_pre_hook(lambda m, a, kw: block0.__setitem__("official", a[0].float().clone()), with_kwargs=True)
@@ -298,6 +332,7 @@ def main(argv=None) -> int:
                 outputs[v.spec] = fn()
                 hook.remove()
                 runners[v.spec] = (fn, None)
+                extra.setdefault(v.spec, {})["attention"] = "sdpa (official fallback, in this process)"
             else:
                 model = from_state_dict(cfg, state)
                 lora.merge(model, loras, round_dtype=model.dtype)
@@ -312,7 +347,9 @@ def main(argv=None) -> int:
                 backend = make_backend(v.backend, model, engines_dir=args.engines_dir)
                 if hasattr(backend, "warmup"):
                     backend.warmup = args.graph_warmup
-                mc = model.prepare(text, ref, motion, None, audio, scn.latent_frames)
+                prep = lambda m=model: m.prepare(text, ref, motion, None, audio, scn.latent_frames)  # noqa: E731
+                extra[v.spec]["prepare_s"] = median(time_fn(prep, device, warmup=1, repeat=3))
+                mc = prep()
                 hook = model.blocks[0].register_forward_pre_hook(lambda m, a: block0.__setitem__(v.spec, a[0].float().clone()))
                 fwd = lambda b=backend, c=mc: b.forward(x, t_freq, c)  # noqa: E731
                 outputs[v.spec] = fwd().float()
@@ -347,22 +384,33 @@ def main(argv=None) -> int:
                    "dit_forward_s": fwd_s, "forward_all_s": times[spec], "tflops": flops1.total / fwd_s / 1e12}
             if ceilings:
                 row["pct_of_floor"] = 100 * flops1.floor_s(ceilings["gemm_tflops"], ceilings["attention_tflops"]) / fwd_s
-            if "official" in outputs and spec != "official":
-                row["rel_l2_vs_official"] = rel_l2(outputs[spec], outputs["official"])
-                if spec in block0 and "official" in block0:
-                    row["block0_input_rel_l2_vs_official"] = rel_l2(block0[spec], block0["official"])
-            ref_bf16 = next((o for k, o in outputs.items() if k != "official" and Variant(k).precision == "bf16"), None)
+            if "prepare_s" in extra.get(spec, {}):
+                row["prepare_s"] = extra[spec]["prepare_s"]
+                row["forward_with_prepare_s"] = fwd_s + row["prepare_s"] / scn.steps
+            same = "official:fa3" if extra.get(spec, {}).get("attention") == "fa3" else "official"
+            official_ref = next((outputs[k] for k in (same, "official", "official-inprocess") if k in outputs), None)
+            if official_ref is not None and not v.is_official:
+                row["rel_l2_vs_official"] = rel_l2(outputs[spec], official_ref)
+                if spec in block0 and "official-inprocess" in block0:
+                    row["block0_input_rel_l2_vs_official"] = rel_l2(block0[spec], block0["official-inprocess"])
+            ref_bf16 = next((o for k, o in outputs.items() if not Variant(k).is_official and Variant(k).precision == "bf16"), None)
             if v.precision == "fp8" and ref_bf16 is not None:
                 row["rel_l2_vs_bf16"] = rel_l2(outputs[spec], ref_bf16)
             rows.append(row)
+        for row in official_rows:
+            row["tflops"] = flops1.total / row["dit_forward_s"] / 1e12
+            if ceilings:
+                row["pct_of_floor"] = 100 * flops1.floor_s(ceilings["gemm_tflops"], ceilings["attention_tflops"]) / row["dit_forward_s"]
+        rows[:0] = official_rows
+        add_ratios(rows)
         save()
         for row in rows:  # CFG steps, one variant at a time (captured graphs of other variants released)
             spec = row["variant"]
-            fwd, step = runners[spec]
-            if spec == "official":
+            if Variant(spec).is_official:
                 row["step_s"] = 2 * row["dit_forward_s"]
                 row["step_note"] = "two forward calls per step, as the official loop"
                 continue
+            fwd, step = runners[spec]
             if step is None or spec not in step_set:
                 continue
             try:
@@ -379,7 +427,7 @@ def main(argv=None) -> int:
                 backend.graphs.clear()
             print(f"[{spec}] step {row.get('step_s')}", flush=True)
             save()
-    del runners, outputs, official, state, x, cond, uncond, both
+    del runners, outputs, official, official_out, state, x, cond, uncond, both
     if device.type == "cuda":
         torch.cuda.empty_cache()
     common = stage_rows(scn, device, args.repeat, stages) if stages & {"vae", "encoders"} else []
@@ -392,6 +440,40 @@ def main(argv=None) -> int:
     plot([r for r in rows if "dit_forward_s" in r], scn, path.with_suffix(".png"))
     print(table)
     return 0
+
+
+def run_official_process(scn: Scenario, repo: str, kernels: list[str], repeat: int, device) -> tuple[list[dict], dict]:
+    """Measure the official model in a fresh process (``benchmarks.official_process``) before this one allocates
+    anything on the GPU: its rows, and its outputs by variant name (for the rel-L2 columns)."""
+    import json
+    import subprocess
+    import tempfile
+
+    from safetensors.torch import load_file
+
+    with tempfile.TemporaryDirectory(prefix="s2v-official-") as tmp:
+        cmd = [sys.executable, "-m", "benchmarks.official_process", "--scenario", scn.name, "--official-repo", repo,
+               "--attention", ",".join(kernels), "--repeat", str(repeat), "--out", tmp]
+        print("official model in its own process: " + " ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True)
+        rows = json.loads((Path(tmp) / "rows.json").read_text())
+        outputs = {name: t.to(device) for name, t in load_file(Path(tmp) / "outputs.safetensors").items()}
+    return rows, outputs
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """Ours against the official forward at the same attention kernel, and against the official SDPA fallback
+    (how the official runs without flash_attn installed): official seconds / ours with prepare pro rata."""
+    official = {r["official_attention"]: r["dit_forward_s"] for r in rows if r.get("official_attention")}
+    for r in rows:
+        ours = r.get("forward_with_prepare_s")
+        if not ours:
+            continue
+        kernel = r.get("attention")
+        if kernel in official:
+            r["ratio_same_kernel"] = official[kernel] / ours
+        if "sdpa" in official:
+            r["ratio_vs_official_sdpa"] = official["sdpa"] / ours
 
 
 def plot(rows: list[dict], scn: Scenario, path: Path) -> None:

@@ -65,3 +65,33 @@ def test_step_cache_benchmark_cpu_smoke(tmp_path):
     assert (half["steps_computed"], half["steps_skipped"]) == (2, 2)
     assert half["rel_l2"] > 0 and half["clip_s"] > 0 and half["speedup"] == off["clip_s"] / half["clip_s"]
     assert data["meta"]["command"].startswith("python -m benchmarks.step_cache")
+
+
+def test_ratios_pair_each_kernel_with_the_official_one():
+    from benchmarks.run import add_ratios
+
+    rows = [{"variant": "official", "official_attention": "sdpa", "dit_forward_s": 9.0},
+            {"variant": "official:fa3", "official_attention": "fa3", "dit_forward_s": 8.0},
+            {"variant": "torch-graph:sdpa", "attention": "sdpa", "forward_with_prepare_s": 7.5},
+            {"variant": "torch-graph:fa3", "attention": "fa3", "forward_with_prepare_s": 6.4},
+            {"variant": "torch-graph:fa4", "attention": "fa4", "forward_with_prepare_s": 6.0},
+            {"variant": "torch", "attention": "sdpa"}]  # no forward measured: no ratio
+    add_ratios(rows)
+    assert rows[2]["ratio_same_kernel"] == pytest.approx(9.0 / 7.5) and rows[2]["ratio_vs_official_sdpa"] == pytest.approx(9.0 / 7.5)
+    assert rows[3]["ratio_same_kernel"] == pytest.approx(8.0 / 6.4) and rows[3]["ratio_vs_official_sdpa"] == pytest.approx(9.0 / 6.4)
+    assert "ratio_same_kernel" not in rows[4] and rows[4]["ratio_vs_official_sdpa"] == pytest.approx(1.5)
+    assert "ratio_vs_official_sdpa" not in rows[5] and "ratio_same_kernel" not in rows[0]
+
+
+@pytest.mark.skipif(not __import__("os").environ.get("WAN22_REPO"), reason="set WAN22_REPO to a Wan-Video/Wan2.2 "
+                    "checkout (and install diffusers, einops) to run the official model in its own process")
+def test_official_in_its_own_process_sees_our_weights_and_inputs(tmp_path):
+    import os
+
+    assert run_main(["--scenario", "tiny-cpu", "--variants", "official,torch", "--stages", "dit", "--repeat", "1",
+                     "--official-repo", os.environ["WAN22_REPO"], "--out", str(tmp_path)]) == 0
+    rows = {r["variant"]: r for r in json.loads((tmp_path / "run_tiny-cpu.json").read_text())["rows"]}
+    assert rows["official"]["process"] == "own" and rows["official"]["dit_forward_s"] > 0
+    assert rows["torch"]["rel_l2_vs_official"] < 1e-5  # the same seeded weights and inputs in both processes
+    assert rows["torch"]["prepare_s"] > 0 and rows["torch"]["forward_with_prepare_s"] > rows["torch"]["dit_forward_s"]
+    assert rows["torch"]["ratio_same_kernel"] == pytest.approx(rows["official"]["dit_forward_s"] / rows["torch"]["forward_with_prepare_s"])
