@@ -439,6 +439,7 @@ class WanS2VDiT(nn.Module):
         self.sp = None                # sequence-parallel shard (set_sequence_shard) or None
         self.precision = "native"     # the parameter dtype; "fp8" after set_precision("fp8")
         self.compiled = False         # blocks and audio_residual compiled (compile_blocks)
+        self.block_source = None      # runtime.offload.BlockStreamer when blocks stream from host memory, else None
         self.audio_residual = audio_residual
         d = cfg.dim
         self.patch_embedding = nn.Conv3d(cfg.in_dim, d, cfg.patch_size, stride=cfg.patch_size)
@@ -480,7 +481,7 @@ class WanS2VDiT(nn.Module):
         for knob in ("recompile_limit", "cache_size_limit"):  # renamed across torch versions
             if hasattr(cfg, knob):
                 setattr(cfg, knob, max(getattr(cfg, knob), 64))
-        for block in self.blocks:
+        for block in self._block_modules():
             if not hasattr(block.forward, "_torchdynamo_orig_callable"):
                 block.forward = torch.compile(block.forward, dynamic=False, fullgraph=True, options=options)
         if not self.compiled:
@@ -490,10 +491,14 @@ class WanS2VDiT(nn.Module):
 
     def uncompile_blocks(self) -> None:
         """Undo ``compile_blocks`` (the compiled callables are instance attributes over the class methods)."""
-        for block in self.blocks:
+        for block in self._block_modules():
             block.__dict__.pop("forward", None)
         self.audio_residual = audio_residual
         self.compiled = False
+
+    def _block_modules(self) -> list[nn.Module]:
+        """Every module that runs as a block: the blocks and, under block offload, the GPU slots they stream through."""
+        return [*self.blocks, *getattr(self.block_source, "slots", ())]
 
     def set_sequence_shard(self, shard) -> None:
         """Compute one rank's slice of the token sequence (``runtime.distributed.SeqShard``; None: all of it). The
@@ -642,7 +647,8 @@ class WanS2VDiT(nn.Module):
             cos, sin = cos[s.start:s.end], sin[s.start:s.end]
         rope = rope_operand(cos, sin, fused=not self.exporting and s.h.is_cuda and not self.compiled)
         h, inject, f = s.h, self.cfg.inject_map, s.shape[1]
-        for i, block in enumerate(self.blocks):
+        blocks = self.blocks if self.block_source is None else self.block_source.stream()
+        for i, block in enumerate(blocks):
             h = block(h, s.e_blocks, s.local_split, context, rope, self.attention_impl, ulysses, not self.exporting)
             if i in inject:
                 h = self._inject_audio(h, inject[i], audio_tokens, audio_global, s.start, s.local_split, s.split // f)
