@@ -40,7 +40,8 @@ _SYSTEM_DIRS = ("/proc", "/sys", "/dev")
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m runtime.generate",
                                 description="Wan2.2-S2V-14B speech-to-video (official flags) on this engine.")
-    add_pipeline_args(p)  # --ckpt_dir --device --backend --attention --precision --lora --offload_model --t5_cpu --engines_dir
+    add_pipeline_args(p)  # --ckpt_dir --device --backend --attention --precision --lora --offload_model --offload
+    #                       --max_gpu_memory --t5_cpu --engines_dir
     p.add_argument("--task", default="s2v-14B", help="only s2v-14B is supported")
     p.add_argument("--size", default=None, help="area as H*W, e.g. 1024*704 (default 1280*720; 64*64 for the tiny "
                    "model); only the area counts: the orientation and aspect follow the reference image")
@@ -248,7 +249,8 @@ def _out_of_memory(exc: BaseException, where: str, hint: str):
     import torch
 
     if isinstance(exc, torch.cuda.OutOfMemoryError):
-        return S2VError(f"GPU out of memory {where}; try {hint}, --offload_model true or --t5_cpu")
+        return S2VError(f"GPU out of memory {where}; try {hint}, --max_gpu_memory GIB (or --offload blocks) "
+                        "or --t5_cpu")
     if isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and "can't allocate" in str(exc)):
         return S2VError(f"CPU out of memory (host RAM) {where}; try {hint}, close other programs, or use a machine "
                         "with more memory")
@@ -275,7 +277,8 @@ def _generate(args, image, audio, seed: int, size: str, save: Path) -> Path:
         if err is None:
             raise
         raise err from None
-    logging.info("loaded %s on %s in %.1fs (backend %s)", args.ckpt_dir, pipe.device, time.perf_counter() - t0, pipe.backend_name)
+    logging.info("loaded %s on %s in %.1fs (backend %s, offload %s)", args.ckpt_dir, pipe.device, time.perf_counter() - t0,
+                 pipe.backend_name, pipe.offload)
     logging.info("seed %d", seed)
     t0 = time.perf_counter()
     try:

@@ -34,8 +34,10 @@ def str2bool(v: str) -> bool:
 
 def add_pipeline_args(p: argparse.ArgumentParser, precision_help: str | None = None,
                       lora_help: str | None = None, attention_help: str | None = None) -> None:
-    """``--ckpt_dir --device --backend --attention --precision --lora --offload_model --t5_cpu --engines_dir``."""
+    """``--ckpt_dir --device --backend --attention --precision --lora --offload_model --offload --max_gpu_memory
+    --t5_cpu --engines_dir``."""
     from runtime.models.attention import CHOICES as ATTENTION_CHOICES
+    from runtime.offload import OFFLOAD_HELP
 
     p.add_argument("--ckpt_dir", default="tiny", help="the Wan2.2-S2V-14B folder, or 'tiny' for the built-in toy model")
     p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
@@ -53,6 +55,11 @@ def add_pipeline_args(p: argparse.ArgumentParser, precision_help: str | None = N
     p.add_argument("--offload_model", type=str2bool, nargs="?", const=True, default=None,
                    help="move the DiT to the CPU between clips and keep UMT5/wav2vec2 on the CPU between uses, to save "
                         "GPU memory (default false: everything resident; the official default is true on one GPU)")
+    p.add_argument("--offload", default=None, metavar="blocks[:N]", help=OFFLOAD_HELP + " (docs/memory.md)")
+    p.add_argument("--max_gpu_memory", type=float, default=None, metavar="GIB",
+                   help="fit the run in this many GiB of GPU memory: the least offloading (blocks kept on the GPU, "
+                        "encoders on the CPU) that fits --size and --infer_frames is chosen; refused before loading "
+                        "when even full offloading cannot fit, naming the largest size that would (docs/memory.md)")
     p.add_argument("--t5_cpu", action="store_true", default=False, help="run UMT5 on the CPU")
     p.add_argument("--engines_dir", default="engines", help="where export.build wrote ONNX graphs and engines")
 
@@ -62,24 +69,51 @@ def check_pipeline_args(args) -> None:
     on it, the LoRA files (readable safetensors; their keys are matched before the weights load). Sets
     ``args.loras`` (``runtime.lora.LoraSpec`` list)."""
     from runtime import lora
-    from runtime.pipeline import check_backend, check_runnable, resolve_device
+    from runtime.offload import OffloadSpec
+    from runtime.pipeline import check_backend, check_runnable, plan_memory, resolve_device
 
     try:
         device = resolve_device(args.device)
     except InputError as err:
         raise InputError(f"--{err}") from None  # "device 'x': ..." becomes "--device 'x': ..."
-    check_backend(args.backend, bool(args.offload_model), device, cli=True)  # the library's checks, in flags' words
+    offload = getattr(args, "offload", None)
+    args.offload_spec = OffloadSpec.parse(offload, "--offload")
+    check_backend(args.backend, bool(args.offload_model), device, cli=True,  # the library's checks, in flags' words
+                  offload=args.offload_spec)
     check_runnable(device, args.precision, args.attention, cli=True)
+    if getattr(args, "max_gpu_memory", None) is not None:
+        if offload is not None or args.offload_model:
+            raise ConfigError("--max_gpu_memory chooses the offloading itself; drop --offload/--offload_model, or drop "
+                              "--max_gpu_memory to fix the offloading by hand")
+        place = plan_memory(args.ckpt_dir, device, None, args.precision, args.max_gpu_memory, *_fit(args),
+                            t5_cpu=args.t5_cpu, cli=True)
+        if place.offload.enabled:
+            check_backend(args.backend, False, device, cli=True, offload=place.offload)
     args.loras = [lora.LoraSpec.parse(s) for s in args.lora]
     for spec in args.loras:
         lora.read_header(spec.path)
 
 
+def _fit(args) -> tuple:
+    """What ``--max_gpu_memory`` must fit: (``--size``, ``--infer_frames``, DiT batch: 2 with CFG batched, else 1),
+    from the tool's own flags where it has them."""
+    from runtime.config import RUN
+
+    guide = getattr(args, "sample_guide_scale", None)
+    cfg = (RUN.guide_scale if guide is None else guide) > 1
+    batch = 2 if cfg and not getattr(args, "no_batch_cfg", False) else 1
+    return getattr(args, "size", None), getattr(args, "infer_frames", None) or RUN.infer_frames, batch
+
+
 def pipeline_kwargs(args) -> dict:
     """``S2VPipeline.from_pretrained`` keyword arguments from the shared options (after ``check_pipeline_args``)."""
-    return dict(device=args.device, backend=args.backend, attention=args.attention, precision=args.precision,
-                loras=getattr(args, "loras", None), offload_model=bool(args.offload_model), t5_cpu=args.t5_cpu,
-                engines_dir=args.engines_dir)
+    kwargs = dict(device=args.device, backend=args.backend, attention=args.attention, precision=args.precision,
+                  loras=getattr(args, "loras", None), offload_model=bool(args.offload_model), t5_cpu=args.t5_cpu,
+                  engines_dir=args.engines_dir, offload=getattr(args, "offload", None))
+    if getattr(args, "max_gpu_memory", None) is not None:
+        size, frames, batch = _fit(args)
+        kwargs.update(max_gpu_memory=args.max_gpu_memory, fit_size=size, fit_frames=frames, fit_batch=batch)
+    return kwargs
 
 
 def add_cache_args(p: argparse.ArgumentParser, prefix: str = "") -> None:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from runtime import checkpoint as ck
-from runtime import lora, media, tiny
+from runtime import lora, media, memory_plan, offload as block_offload, tiny
 from runtime.backends import CHOICES, make_backend, make_vae, resolve_backend
 from runtime.cache import (CALIBRATION_NAME, CacheSpec, Calibration, StepCache, calibrate_command, model_identity,
                            recipe_of)
@@ -34,6 +34,7 @@ from runtime.models.audio import Wav2Vec2Features, bucket_audio, interpolate_50_
 from runtime.models.dit import WanS2VDiT, load_dit
 from runtime.models.text import TextEncoder, resolve_negative_prompt
 from runtime.models.vae import load_vae
+from runtime.offload import OffloadSpec
 from runtime.parallel import CFGParallelDiT, shard_model
 from runtime.preprocess import load_pose_video, prepare_reference, target_size
 from runtime.sampler import S2VSampler, SampleOptions, check_finite
@@ -77,15 +78,60 @@ def _arg(name: str, value, cli: bool) -> str:
 
 
 def check_backend(backend: str, offload_model: bool = False, device: torch.device | None = None,
-                  cli: bool = False) -> None:
+                  cli: bool = False, offload: OffloadSpec | None = None) -> None:
     if backend not in CHOICES:
         raise BackendUnavailable(f"unknown backend {backend!r}; choose one of: {', '.join(CHOICES)}")
+    if offload is not None and offload.enabled:
+        check_offload(offload, backend, offload_model, cli)
     if offload_model and backend == "torch-graph":
         raise ConfigError("offload_model cannot be used with backend torch-graph (its CUDA graphs pin the DiT weights "
                           "on the GPU); use backend torch or torch-compile, or turn offloading off")
     if backend == "torch-graph" and device is not None and device.type != "cuda":
         raise BackendUnavailable(f"{_arg('backend', backend, cli)} replays CUDA graphs and needs a CUDA device, not "
                                  f"{device}; use {_arg('backend', 'auto', cli)} or torch")
+
+
+def check_offload(spec: OffloadSpec, backend: str, offload_model: bool = False, cli: bool = False,
+                  parallel=None) -> None:
+    """Block offload with the other options: refused in one line where they cannot work together."""
+    flag = _arg("offload", str(spec), cli)
+    if offload_model:
+        raise ConfigError(f"{flag} streams the DiT's blocks from host memory; {_arg('offload_model', True, cli)} "
+                          "moves the whole DiT between clips: choose one")
+    if backend == "torch-graph":
+        raise ConfigError(f"{flag} cannot be used with backend torch-graph: CUDA graphs capture the weights' addresses "
+                          "but not the copies that stream them; use backend torch-compile (auto picks it) or torch")
+    if backend in ("onnxruntime", "tensorrt"):
+        raise ConfigError(f"{flag} streams PyTorch blocks; backend {backend} runs an engine that holds its own "
+                          "weights: use backend torch-compile or torch")
+    if parallel is not None:
+        raise ConfigError(f"{flag} runs on one GPU; drop it under torchrun (each rank holds the whole DiT)")
+
+
+def plan_memory(path, device: torch.device, dtype: torch.dtype | None, precision: str | None, max_gpu_memory: float,
+                size: str | None = None, frames: int = RUN.infer_frames, batch: int = 2, t5_cpu: bool = False,
+                cli: bool = False) -> memory_plan.Placement:
+    """The least offloading that fits ``max_gpu_memory`` GiB at ``size`` (an ``H*W`` area; default the official
+    1280*720, 64*64 for the tiny model), or one line saying why not. Reads only config files."""
+    tiny_model = str(path) == TINY
+    area = size or (TINY_SIZE if tiny_model else DEFAULT_SIZE)
+    check_size(area, "size", flag=cli)
+    height, width = (int(v) for v in area.split("*"))
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    sizes = (memory_plan.ModelSizes.tiny(dtype) if tiny_model
+             else memory_plan.ModelSizes.for_checkpoint(path, dtype, precision))
+    shape = memory_plan.Shape(height, width, frames, batch)
+    place = memory_plan.choose(sizes, shape, max_gpu_memory, text_cpu=t5_cpu,
+                               name="--max_gpu_memory" if cli else "max_gpu_memory")
+    log.info("max_gpu_memory %g GiB at %s: %s", max_gpu_memory, area, memory_plan.describe(sizes, place, shape))
+    return place
+
+
+def _placement(offload: OffloadSpec, t5_cpu: bool, offload_model: bool) -> memory_plan.Placement:
+    """The encoders' places that --t5_cpu and --offload_model choose (as the official flags do)."""
+    text = "cpu" if t5_cpu else ("moved" if offload_model else "gpu")
+    return memory_plan.Placement(offload, text, "cpu" if offload_model else "gpu")
 
 
 def check_runnable(device: torch.device, precision: str | None, attention: str, cli: bool = False) -> None:
@@ -144,19 +190,36 @@ def video_to_uint8(video: torch.Tensor) -> np.ndarray:
 class S2VPipeline:
     def __init__(self, dit, vae, text_encoder, audio_encoder, device: torch.device, backend: str = "auto",
                  t5_cpu: bool = False, offload_model: bool = False, name: str = "", engines_dir: str = "engines",
-                 attention: str = "auto", precision: str | None = None, parallel=None, loras=None):
+                 attention: str = "auto", precision: str | None = None, parallel=None, loras=None,
+                 offload: OffloadSpec | str | None = None, move_text: bool | None = None):
+        """``offload``: ``"blocks"``/``"blocks:N"`` streams the DiT's blocks from host memory (``runtime.offload``);
+        ``move_text``: UMT5 is held on the host and moved to the device while it encodes (default: with
+        ``offload_model``, unless ``t5_cpu``)."""
         self.dit, self.vae, self.text_encoder, self.audio_encoder = dit, vae, text_encoder, audio_encoder
         self.device = device
         self.t5_cpu, self.offload_model = t5_cpu, offload_model
+        self.move_text = (offload_model and not t5_cpu) if move_text is None else move_text
         self.name = name
         self.parallel = parallel  # runtime.parallel.Layout under torchrun, else None
-        check_backend(backend, offload_model)
-        backend = resolve_backend(backend, device, offload_model)
+        self.offload = OffloadSpec.parse(offload)
+        check_backend(backend, offload_model, offload=self.offload)
+        requested, backend = backend, resolve_backend(backend, device, offload_model)
+        if self.offload.enabled:
+            self.offload.check(dit.cfg.num_layers)
+            if requested == "auto" and backend == "torch-graph":
+                backend = "torch-compile"  # compiled blocks without a graph: the streamed weights change under it
+            check_offload(self.offload, backend, parallel=parallel)
         self.backend_name = backend
-        # LoRAs are merged into the weights first: before FP8 quantisation and before any compilation or capture.
+        # LoRAs are merged into the weights first: before FP8 quantisation and before any compilation or capture
+        # (with block offload: into the host copy, before it is pinned).
         self.loras = lora.as_specs(loras)
         lora.merge(dit, self.loras, round_dtype=dit.dtype)
-        if precision == "fp8":
+        self.streamer = None
+        if self.offload.enabled:
+            if precision == "fp8":
+                block_offload.quantize_on_host(dit, device)  # the host keeps e4m3 weights: half the bytes to copy
+            self.streamer = block_offload.attach(dit, device, self.offload)
+        elif precision == "fp8":
             dit.set_precision("fp8")  # refuses (ConfigError) where FP8 does not run: never a silent fallback
         dit.set_attention(attention)
         if device.type == "cuda" and backend in ("torch-graph", "torch-compile"):
@@ -180,7 +243,9 @@ class S2VPipeline:
     def from_pretrained(cls, path: str | Path = TINY, device: str | torch.device | None = None,
                         dtype: torch.dtype | None = None, backend: str = "auto", t5_cpu: bool = False,
                         offload_model: bool = False, engines_dir: str = "engines", attention: str = "auto",
-                        precision: str | None = None, parallel=None, loras=None) -> "S2VPipeline":
+                        precision: str | None = None, parallel=None, loras=None, offload: str | None = None,
+                        max_gpu_memory: float | None = None, fit_size: str | None = None,
+                        fit_frames: int = RUN.infer_frames, fit_batch: int = 2) -> "S2VPipeline":
         """Load the official ``Wan2.2-S2V-14B/`` folder unchanged, or ``"tiny"`` (built-in random toy model).
 
         dtype: DiT parameter dtype (default bf16 on CUDA, float32 on CPU). The VAE runs in float32, wav2vec2
@@ -193,28 +258,48 @@ class S2VPipeline:
         ``runtime.parallel.init(...)`` layout when running under torchrun (CFG parallel / Ulysses).
         loras: ``[(path, strength), ...]`` (or paths, strength 1) of LoRA ``.safetensors`` files merged into the DiT
         weights at load (``runtime.lora``); their keys and shapes are checked before the weights load.
+        offload: ``"blocks"`` (every DiT block streamed from host memory, each copied one block ahead of its use) or
+        ``"blocks:N"`` (the first N blocks kept on the GPU); None/``"none"``: everything resident (docs/memory.md).
+        max_gpu_memory: GiB to fit in: the least offloading (resident blocks, encoders' places) whose every stage
+        fits ``fit_size`` (an ``H*W`` area), ``fit_frames`` per clip and DiT batch ``fit_batch`` (2: CFG batched) is
+        chosen from ``runtime.memory_plan``, and refused before loading when even full offload cannot fit.
         """
         if precision in ("bf16", "fp16", "fp8") and dtype is None:
             dtype = torch.float16 if precision == "fp16" else torch.bfloat16
 
         loras = lora.as_specs(loras)
-        extra = dict(attention=attention, precision=precision, parallel=parallel, loras=loras)
+        spec = OffloadSpec.parse(offload)
         device = resolve_device(device)
-        check_backend(backend, offload_model, device)  # before minutes of loading
+        check_backend(backend, offload_model, device, offload=spec)  # before minutes of loading
         check_runnable(device, precision, attention)
+        if max_gpu_memory is not None:
+            if spec.enabled or offload_model:
+                raise ConfigError("max_gpu_memory chooses the offloading itself; drop offload/offload_model, or "
+                                  "drop max_gpu_memory to fix the offloading by hand")
+            place = plan_memory(path, device, dtype, precision, max_gpu_memory, fit_size, fit_frames, fit_batch,
+                                t5_cpu)
+            spec = place.offload
+            if spec.enabled:
+                check_backend(backend, False, device, offload=spec)
+        else:
+            place = _placement(spec, t5_cpu, offload_model)
+        extra = dict(attention=attention, precision=precision, parallel=parallel, loras=loras, offload=spec,
+                     move_text=place.text == "moved")
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         if str(path) == TINY:
             check_loras(loras, DiTConfig.tiny())
-            t5_dev = "cpu" if (t5_cpu or offload_model) else device
-            return cls(tiny.tiny_dit(dtype, device), tiny.tiny_vae(device), tiny.tiny_text_encoder(t5_dev),
-                       tiny.tiny_audio_encoder(device), device, backend, t5_cpu, offload_model, name=TINY,
-                       engines_dir=engines_dir, **extra)
-        return cls._from_folder(Path(path), device, dtype, backend, t5_cpu, offload_model, engines_dir, extra)
+            spec.check(DiTConfig.tiny().num_layers)
+            t5_dev = device if place.text == "gpu" else "cpu"
+            dit_dev = "cpu" if spec.enabled else device  # streamed blocks stay on the host
+            return cls(tiny.tiny_dit(dtype, dit_dev), tiny.tiny_vae(device), tiny.tiny_text_encoder(t5_dev),
+                       tiny.tiny_audio_encoder(device if place.audio == "gpu" else "cpu"), device, backend, t5_cpu,
+                       offload_model, name=TINY, engines_dir=engines_dir, **extra)
+        return cls._from_folder(Path(path), device, dtype, backend, t5_cpu, offload_model, engines_dir, extra, place)
 
     @classmethod
     def _from_folder(cls, folder: Path, device, dtype, backend, t5_cpu, offload_model, engines_dir,
-                     extra: dict) -> "S2VPipeline":
+                     extra: dict, place: memory_plan.Placement) -> "S2VPipeline":
         if not folder.is_dir():
             raise CheckpointError(f"{folder}: checkpoint folder not found; pass the Wan2.2-S2V-14B folder (CLI: --ckpt_dir) "
                                   "(or 'tiny' for the built-in test model)")
@@ -226,12 +311,14 @@ class S2VPipeline:
         # config.json is validated before anything is loaded: a damaged one must not cost a UMT5/VAE load first.
         config = DiTConfig.from_json(folder / ck.DIT_CONFIG)
         check_loras(extra["loras"], config)  # key names and shapes from the headers, before any weights load
+        place.offload.check(config.num_layers)
         t5_dtype = torch.bfloat16 if device.type == "cuda" and not t5_cpu else torch.float32
-        t5_dev = "cpu" if (t5_cpu or offload_model) else device
+        t5_dev = device if place.text == "gpu" else "cpu"
         text = TextEncoder.from_checkpoint(folder, device=t5_dev, dtype=t5_dtype if t5_dev != "cpu" else torch.bfloat16)
-        audio = Wav2Vec2Features.from_checkpoint(folder, device="cpu" if offload_model else device)
+        audio = Wav2Vec2Features.from_checkpoint(folder, device=device if place.audio == "gpu" else "cpu")
         vae = load_vae(folder / ck.VAE_FILE, device=device)
-        dit = load_dit(folder, dtype=dtype, device=device, config=config)
+        # with block offload the DiT loads into host memory; its non-block parts and resident blocks move later
+        dit = load_dit(folder, dtype=dtype, device="cpu" if place.offload.enabled else device, config=config)
         return cls(dit, vae, text, audio, device, backend, t5_cpu, offload_model, name=str(folder), engines_dir=engines_dir,
                    **extra)
 
@@ -274,7 +361,7 @@ class S2VPipeline:
     # ----------------------------------------------------------------- encoders
     def encode_prompts(self, prompt: str, negative_prompt: str = "") -> tuple[torch.Tensor, torch.Tensor]:
         enc = self.text_encoder
-        moved = self.offload_model and not self.t5_cpu and self.device.type == "cuda"
+        moved = self.move_text and self.device.type == "cuda"
         if moved:
             enc.model.to(self.device)
         try:
@@ -366,7 +453,7 @@ class S2VPipeline:
                                             on_clip=sink, cache=step_cache)
         frames = video_to_uint8(video)[:max(keep, 1)] if sink is None else None
         info = {"size": (height, width), "clips": clips, "official_clips": official_clips, "steps": sample_steps,
-                "backend": self.backend.name, "dtype": str(self.dit.dtype), "seed": seed,
+                "backend": self.backend.name, "dtype": str(self.dit.dtype), "seed": seed, "offload": str(self.offload),
                 "frames": frames.shape[0] if sink is None else sink.sent}
         if step_cache is not None:
             info["cache"] = {"method": str(step_cache.spec), "clips": step_cache.log[-clips:]}

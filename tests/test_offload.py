@@ -1,0 +1,322 @@
+"""Block offload (``runtime.offload``) and the GPU memory plan (``runtime.memory_plan``): the streamed pipeline gives
+the resident video bit for bit, the copies are ordered as the design says (a recording timeline), LoRA and FP8
+reach the host copy, and ``--offload`` / ``--max_gpu_memory`` choose, refuse and reach the pipeline."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from runtime import S2VPipeline, memory_plan as mp, offload, tiny
+from runtime.config import DiTConfig
+from runtime.demo import demo_image, demo_speech
+from runtime.errors import ConfigError
+from runtime.offload import HostTimeline, OffloadSpec
+from tests.conftest import step_inputs
+
+GEN = dict(seed=1, sample_steps=1, infer_frames=16, progress=False)  # 1.5 s of audio: a first and a later clip
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    return demo_image(), demo_speech(1.5)
+
+
+@pytest.fixture(scope="module")
+def resident_frames(inputs):
+    r = S2VPipeline.from_pretrained("tiny", device="cpu").generate(*inputs, **GEN)
+    assert r.info["clips"] == 2 and r.info["offload"] == "none"
+    return r.frames
+
+
+@pytest.mark.parametrize("spec", ["blocks", pytest.param("blocks:2", marks=pytest.mark.slow)])
+def test_offload_blocks_gives_the_resident_video_bit_for_bit(inputs, resident_frames, spec):
+    pipe = S2VPipeline.from_pretrained("tiny", device="cpu", offload=spec)
+    streamer = pipe.streamer
+    resident = OffloadSpec.parse(spec).resident
+    assert streamer.streamed == list(range(resident, 4)) and pipe.dit.block_source is streamer
+    ran = []  # the streamed blocks' own modules must never run: only the slots their weights were copied into
+    for i, block in enumerate(pipe.dit.blocks):
+        block.register_forward_pre_hook(lambda m, a, i=i: ran.append(("block", i)))
+    for s, slot in enumerate(streamer.slots):
+        slot.register_forward_pre_hook(lambda m, a, s=s: ran.append(("slot", s)))
+    r = pipe.generate(*inputs, **GEN)
+    assert r.info["offload"] == spec
+    assert np.array_equal(r.frames, resident_frames)
+    assert {("block", i) for i in range(resident)} | {("slot", s) for s in range(streamer.num_slots)} == set(ran)
+
+
+class RecordingTimeline(HostTimeline):
+    """The CPU timeline (copies done at once), logging each request; events are tokens naming their block."""
+
+    def __init__(self):
+        self.log = []
+
+    def copy(self, block, slot, dst, src, after):
+        super().copy(block, slot, dst, src, after)
+        self.log.append(("copy", block, slot, after))
+        return ("ready", block)
+
+    def wait(self, block, slot, ready):
+        assert ready == ("ready", block), "the compute waits on another block's copy"
+        self.log.append(("wait", block, slot))
+
+    def done(self, block, slot):
+        self.log.append(("done", block, slot))
+        return ("done", block)
+
+
+@pytest.mark.parametrize("resident,prefetch", [(0, 1), (1, 1), (0, 2), (2, 2)])
+def test_prefetch_order_slot_reuse_and_drop(resident, prefetch):
+    model = tiny.tiny_dit()
+    ref_model = tiny.tiny_dit()
+    timeline = RecordingTimeline()
+    streamer = offload.attach(model, torch.device("cpu"), OffloadSpec("blocks", resident, prefetch), timeline)
+    assert streamer.num_slots == min(prefetch + 1, 4 - resident)
+    modules = {id(b): ("block", i) for i, b in enumerate(model.blocks)}
+    modules.update({id(s): ("slot", k) for k, s in enumerate(streamer.slots)})
+    for m in [*model.blocks, *streamer.slots]:
+        m.register_forward_pre_hook(lambda m, a: timeline.log.append(("compute",) + modules[id(m)]))
+    x, t, cond = step_inputs(model, frames=2, lat_h=8, lat_w=8)
+    forwards = 3
+    for _ in range(forwards):
+        out = model.step(x, t, *cond.as_tuple())
+        assert torch.equal(out, ref_model.step(x, t, *cond.as_tuple()))
+
+    log, streamed = timeline.log, list(range(resident, 4))
+    computes = [k for k, e in enumerate(log) if e[0] == "compute"]
+    assert len(computes) == 4 * forwards
+    # every streamed block copied exactly once per forward, in order; resident blocks never
+    assert [e[1] for e in log if e[0] == "copy"] == streamed * forwards
+    last_done = {}  # slot -> the done token of its last user
+    for k, event in enumerate(log):
+        kind = event[0]
+        if kind == "copy":
+            _, block, slot, after = event
+            assert after == last_done.get(slot), f"block {block} copied into slot {slot} before its last user finished"
+            assert after is None or log.index(("done", after[1], slot)) < k
+        elif kind == "done":
+            last_done[event[2]] = ("done", event[1])
+    block_of = []  # the block each compute ran, from the stream's order: resident blocks, then waits
+    for k in computes:
+        prev = log[k - 1]
+        block_of.append(prev[1] if prev[0] == "wait" else log[k][2])
+        if prev[0] == "wait":
+            assert log[k][1:] == ("slot", prev[2])   # the slot it waited for is the one that runs
+        else:
+            assert log[k][1] == "block" and log[k][2] < resident
+    assert block_of == list(range(4)) * forwards
+    for f in range(forwards):  # the copy of block i+1 is issued before block i computes
+        for i in streamed:
+            if i == 0:
+                continue
+            copy_at = [k for k, e in enumerate(log) if e[:2] == ("copy", i)][f]
+            assert copy_at < computes[4 * f + i - 1]
+
+
+def test_fp8_blocks_stay_fp8_on_the_host_and_copy_fewer_bytes():
+    """The host-copy logic of FP8 offload on the CPU (quantised here without the GPU check; FP8 GEMMs need Hopper)."""
+    from runtime.kernels.fp8 import QUANTISED, FP8Linear
+
+    model = tiny.tiny_dit(torch.bfloat16)
+    bf16_block = offload.tensor_bytes(model.blocks[0])
+    quantised = [m for n, m in model.blocks[0].named_modules() if n in QUANTISED]
+    # each quantised weight: 1 byte per element instead of 2, plus an fp32 scale per output channel
+    want = bf16_block - sum(m.weight.numel() - 4 * m.weight.shape[0] for m in quantised)
+    offload.quantize_on_host(model, torch.device("cpu"), check=False)
+    streamer = offload.attach(model, torch.device("cpu"), OffloadSpec("blocks", 1), RecordingTimeline())
+    host = model.blocks[1]
+    assert isinstance(host.self_attn.qkv, FP8Linear) and host.self_attn.qkv.weight.dtype == torch.float8_e4m3fn
+    assert host.ffn[0].weight_scale.dtype == torch.float32
+    assert streamer.block_bytes == want < bf16_block
+    sizes = mp.ModelSizes.from_configs(DiTConfig.tiny(), *_tiny_other_configs(), dtype=torch.bfloat16, precision="fp8")
+    assert sizes.dit_block == streamer.block_bytes  # the memory model counts what is copied
+    for _ in streamer.stream():  # one pass of copies: each slot holds a streamed block's e4m3 bytes
+        pass
+    slot = streamer.slots[(3 - 1) % streamer.num_slots]
+    assert torch.equal(slot.ffn[2].weight.view(torch.uint8), model.blocks[3].ffn[2].weight.view(torch.uint8))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                    reason="FP8 block linears run on Hopper or newer GPUs only (torch._scaled_mm)")
+def test_fp8_offload_matches_resident_fp8_on_gpu():
+    dev = torch.device("cuda")
+    resident = tiny.tiny_dit(torch.bfloat16, dev)
+    resident.set_precision("fp8")
+    streamed = tiny.tiny_dit(torch.bfloat16)
+    offload.quantize_on_host(streamed, dev)
+    offload.attach(streamed, dev, OffloadSpec("blocks", 1))
+    x, t, cond = step_inputs(resident, frames=2, lat_h=8, lat_w=8)
+    assert torch.equal(streamed.step(x, t, *cond.as_tuple()), resident.step(x, t, *cond.as_tuple()))
+
+
+def test_lora_is_merged_once_into_the_host_copy(tmp_path, monkeypatch):
+    from benchmarks.clip import random_lora
+    from runtime import lora
+
+    path = random_lora(tiny.tiny_dit(), tmp_path / "l.safetensors", rank=2, device="cpu")
+    calls = []
+    real_merge, real_attach = lora.merge, offload.attach
+
+    def merge(model, specs, **kw):
+        calls.append(("merge", next(model.blocks[-1].parameters()).device.type, model.block_source is None))
+        return real_merge(model, specs, **kw)
+
+    monkeypatch.setattr(lora, "merge", merge)
+    monkeypatch.setattr(offload, "attach", lambda *a, **k: calls.append(("attach",)) or real_attach(*a, **k))
+    pipe = S2VPipeline.from_pretrained("tiny", device="cpu", offload="blocks", loras=[(path, 0.7)])
+    assert [c[0] for c in calls if c[0] == "merge"] == ["merge"] and calls[0] == ("merge", "cpu", True)
+    assert [c[0] for c in calls] == ["merge", "attach"]  # merged before the host copy is pinned and streamed
+    monkeypatch.setattr(lora, "merge", real_merge)
+    ref = S2VPipeline.from_pretrained("tiny", device="cpu", loras=[(path, 0.7)])
+    for got, want in zip(pipe.dit.blocks, ref.dit.blocks):
+        assert all(torch.equal(a, b) for a, b in zip(got.state_dict().values(), want.state_dict().values()))
+    assert not torch.equal(ref.dit.blocks[0].ffn[0].weight, tiny.tiny_dit().blocks[0].ffn[0].weight)
+
+
+@pytest.mark.parametrize("value,want", [
+    ("blocks:x", "must be a whole number"), ("disk", "expected none, blocks or blocks:N"), ("blocks:4", "keep 0 to 3"),
+])
+def test_bad_offload_values_are_refused_before_loading(monkeypatch, value, want):
+    monkeypatch.setattr(tiny, "tiny_dit", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(ConfigError, match=want):
+        S2VPipeline.from_pretrained("tiny", device="cpu", offload=value)
+
+
+@pytest.mark.parametrize("kwargs,want", [
+    (dict(backend="torch-graph"), "CUDA graphs capture the weights' addresses"),
+    (dict(backend="onnxruntime"), "holds its own weights"),
+    (dict(offload_model=True), "choose one"),
+])
+def test_offload_conflicts_are_refused_in_one_line(monkeypatch, kwargs, want):
+    monkeypatch.setattr(tiny, "tiny_dit", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(ConfigError, match=want) as err:
+        S2VPipeline.from_pretrained("tiny", device="cpu", offload="blocks", **kwargs)
+    assert "\n" not in str(err.value)
+
+
+# ------------------------------------------------------------------------------------------- the memory plan
+def _tiny_other_configs():
+    from transformers import Wav2Vec2Config
+
+    from runtime.models.text import WanT5Config
+    from runtime.models.vae import VAEConfig
+
+    t = tiny.TEXT_DIM
+    text = WanT5Config(vocab=tiny.ByteTokenizer.vocab_size, dim=t, dim_attn=t, dim_ffn=2 * t, num_heads=4, num_layers=2)
+    audio = Wav2Vec2Config(hidden_size=tiny.AUDIO_DIM, num_hidden_layers=DiTConfig.tiny().audio_layers - 1,
+                           num_attention_heads=2, intermediate_size=2 * tiny.AUDIO_DIM, conv_dim=(32,) * 7,
+                           num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2, do_stable_layer_norm=True,
+                           feat_extract_norm="layer", conv_bias=True, vocab_size=32)
+    return VAEConfig.tiny(), text, audio
+
+
+def test_weight_bytes_from_the_configs_match_the_built_models():
+    counted = mp.ModelSizes.from_configs(DiTConfig.tiny(), *_tiny_other_configs(), dtype=torch.float32,
+                                         text_dtype=torch.float32)
+    built = mp.ModelSizes.tiny()
+    assert counted == built
+
+
+# A fixed activation model, so that fitting the placeholders to the H200 run does not move this table.
+ACT = mp.ActivationModel(dit_bytes_per_token_dim=12.0, dit_bytes_per_token_ffn=2.0)
+TABLE = [  # (GiB, DiT batch) -> (offload, UMT5, wav2vec2) at 704x1024, 80 frames, random 14B bf16
+    (80, 2, ("none", "gpu", "gpu")),
+    (48, 2, ("none", "moved", "cpu")),
+    (32, 2, ("blocks:21", "moved", "cpu")),
+    (24, 2, ("blocks:9", "cpu", "cpu")),
+    (48, 1, ("none", "moved", "cpu")),
+    (32, 1, ("blocks:29", "cpu", "cpu")),
+    (24, 1, ("blocks:17", "cpu", "cpu")),
+    (16, 1, ("blocks:4", "cpu", "cpu")),
+]
+
+
+@pytest.fixture(scope="module")
+def sizes14b():
+    return mp.ModelSizes.s2v_14b()
+
+
+@pytest.mark.parametrize("cap,batch,want", TABLE)
+def test_max_gpu_memory_picks_the_least_offloading_that_fits(sizes14b, cap, batch, want):
+    shape = mp.Shape(704, 1024, 80, batch)
+    place = mp.choose(sizes14b, shape, cap, act=ACT)
+    assert (str(place.offload), place.text, place.audio) == want
+    peaks = mp.stage_peaks(sizes14b, place, shape, ACT)
+    assert max(peaks.values()) <= cap * mp.GIB
+    options = mp.candidates(sizes14b)
+    for less in options[:options.index(place)]:  # everything less offloaded does not fit
+        assert max(mp.stage_peaks(sizes14b, less, shape, ACT).values()) > cap * mp.GIB
+
+
+def test_the_resident_weights_are_counted_by_hand(sizes14b):
+    s = sizes14b
+    place = mp.Placement(OffloadSpec("blocks", 9), "cpu", "cpu")
+    assert mp.resident_bytes(s, place) == s.dit_other + (9 + 2) * s.dit_block + s.vae
+    assert mp.resident_bytes(s, mp.Placement()) == s.dit_other + 40 * s.dit_block + s.vae + s.text + s.audio
+    assert 32.6e9 < s.dit_other + 40 * s.dit_block < 33.5e9  # 16.3B parameters, bf16 but for the fp32 islands
+    assert mp.dit_tokens(s, mp.Shape(704, 1024, 80)) == 63360      # the later clip's tokens (docs/speed.md)
+
+
+def test_refusal_names_the_largest_size_that_fits(sizes14b):
+    shape = mp.Shape(704, 1024, 80, 2)
+    with pytest.raises(ConfigError) as err:
+        mp.choose(sizes14b, shape, 16, act=ACT)
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith("max_gpu_memory 16 GiB cannot fit 704x1024")
+    h, w = (int(v) for v in msg.split("largest size that fits is ")[1].split(":")[0].split("x"))
+    most = mp.candidates(sizes14b)[-1]
+    assert mp.fits(sizes14b, most, shape.with_size(h, w), 16 * mp.GIB, ACT)
+    assert (h, w) == (576, 832)  # the next size of the search (640x960 at this aspect) does not fit
+    assert not mp.fits(sizes14b, most, shape.with_size(640, 960), 16 * mp.GIB, ACT)
+    assert "--no_batch_cfg" in msg  # one branch at a time would fit
+
+
+# ------------------------------------------------------------------------------------------- the flags
+def test_cli_flags_parse_and_reach_the_pipeline(tmp_path, monkeypatch, capsys):
+    import runtime.pipeline as pipeline
+    from runtime.generate import build_parser, main
+
+    seen = {}
+
+    def fake(cls, path, **kwargs):
+        seen.update(kwargs, path=path)
+        raise ConfigError("stop here")
+
+    monkeypatch.setattr(pipeline.S2VPipeline, "from_pretrained", classmethod(fake))
+    out = ["--device", "cpu", "--save_file", str(tmp_path / "o.mp4")]
+    assert main(["--offload", "blocks:2"] + out) == 2
+    assert seen["offload"] == "blocks:2" and "max_gpu_memory" not in seen
+    args = build_parser().parse_args(["--max_gpu_memory", "1.5", "--size", "128*128", "--sample_guide_scale", "1"])
+    assert args.max_gpu_memory == 1.5
+    seen.clear()
+    assert main(["--max_gpu_memory", "1.5", "--size", "128*128", "--sample_guide_scale", "1"] + out) == 2
+    assert seen["max_gpu_memory"] == 1.5 and seen["fit_size"] == "128*128" and seen["fit_batch"] == 1
+    assert "stop here" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,want", [
+    (["--offload", "blocks:x"], "--offload 'blocks:x': N in blocks:N must be a whole number"),
+    (["--offload", "blocks", "--offload_model"], "--offload blocks streams the DiT's blocks from host memory"),
+    (["--max_gpu_memory", "0.5"], "--max_gpu_memory 0.5 GiB cannot fit 64x64"),
+    (["--max_gpu_memory", "-1"], "--max_gpu_memory -1.0: give the GPU memory to fit in GiB"),
+    (["--max_gpu_memory", "8", "--offload", "blocks"], "--max_gpu_memory chooses the offloading itself"),
+])
+def test_cli_refusals_come_in_one_line_before_loading(tmp_path, monkeypatch, capsys, argv, want):
+    import runtime.pipeline as pipeline
+    from runtime.generate import main
+
+    monkeypatch.setattr(pipeline.S2VPipeline, "from_pretrained", lambda *a, **k: pytest.fail("a model was loaded"))
+    assert main(argv + ["--device", "cpu", "--save_file", str(tmp_path / "o.mp4")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and want in err[0], err
+
+
+def test_max_gpu_memory_places_the_tiny_pipeline():
+    """A budget that only full offload fits streams every block (the video is the resident one: tested above)."""
+    sizes = mp.ModelSizes.tiny()
+    shape = mp.Shape(64, 64, 80, 2)
+    cap = max(mp.stage_peaks(sizes, mp.Placement(OffloadSpec("blocks", 0), "cpu", "cpu"), shape).values()) / mp.GIB
+    pipe = S2VPipeline.from_pretrained("tiny", device="cpu", max_gpu_memory=cap, t5_cpu=True)
+    assert str(pipe.offload) == "blocks" and not pipe.move_text and pipe.audio_encoder.device.type == "cpu"
+    assert str(mp.choose(sizes, shape, cap * 1.5, text_cpu=True).offload) == "none"
