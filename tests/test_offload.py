@@ -320,3 +320,22 @@ def test_max_gpu_memory_places_the_tiny_pipeline():
     pipe = S2VPipeline.from_pretrained("tiny", device="cpu", max_gpu_memory=cap, t5_cpu=True)
     assert str(pipe.offload) == "blocks" and not pipe.move_text and pipe.audio_encoder.device.type == "cpu"
     assert str(mp.choose(sizes, shape, cap * 1.5, text_cpu=True).offload) == "none"
+
+
+@pytest.mark.slow  # two tiny pipelines and their clips: ~10 s alone, more on a shared machine
+def test_offload_benchmark_dry_run_on_the_tiny_model(tmp_path):
+    import json
+
+    from benchmarks.offload import main as bench
+
+    assert bench(["--tiny", "--caps", "24", "--recipes", "official", "--official-steps", "1",
+                  "--offload-specs", "blocks:1", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "offload_64x96-16f.json").read_text())
+    assert data["meta"]["complete"] and data["meta"]["command"].startswith("python -m benchmarks.offload")
+    resident, capped = data["rows"]
+    for row in (resident, capped):
+        assert {"offload", "memory_cap_gib", "peak_gib", "steps", "precision", "clip", "clip_s"} <= set(row)
+        assert row["steps"] == 1 and row["clip"] == "later" and row["clip_s"] > 0
+    assert (resident["offload"], resident["memory_cap_gib"]) == ("none", None)
+    assert (capped["offload"], capped["memory_cap_gib"]) == ("blocks:1", 24.0) and capped["slowdown"] > 0
+    assert (tmp_path / "offload_64x96-16f.md").is_file()

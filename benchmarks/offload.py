@@ -1,0 +1,269 @@
+"""``python -m benchmarks.offload``: a later clip at 704×1024×80 with the DiT's blocks streamed from host memory
+(``--offload blocks[:N]``) under a capped allocator, beside the fully resident run of the same process.
+
+Random 14B weights (the same seed in every row), the encoders on the CPU in every row (the rows compare the DiT's
+placement; the plan's encoder choice is reported, not applied). Per precision (bf16, fp8) and recipe (few-step: 4
+steps, no CFG, shift 8; official: ``--official-steps`` of the 40-step CFG recipe, projected to 40 when fewer), one
+resident row (``offload: "none"``, torch-graph, no cap) and one row per ``--caps`` entry: the allocator capped with
+``torch.cuda.set_per_process_memory_fraction``, the offload chosen by ``runtime.memory_plan`` for that cap (full
+offload, with the refusal noted, where the plan refuses), backend torch-compile.
+
+Per row: ``peak_gib`` (max allocated over the clip) and the per-stage peaks (motion encode, denoise, VAE decode),
+``clip_s`` (denoise + decode after a device sync at each progress event), ``slowdown`` against the resident row of
+the same recipe and precision, the measured pinned host→device bandwidth and the clip time projected for PCIe 4
+(25 GB/s) from the bytes streamed per step, assuming the copies overlap compute as they do here. The stage peaks
+minus the resident weights are what ``runtime.memory_plan.ActivationModel`` is to be fitted to.
+
+    python -m benchmarks.offload --out DIR                  # one H100/H200
+    python -m benchmarks.offload --tiny --out /tmp/o        # CPU dry run on the tiny model
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import hashlib
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from benchmarks.clip import StageClock, clip_stages
+from benchmarks.common import code_revision, device_description, markdown_table, results_dir, write_results
+from runtime import memory_plan, tiny
+from runtime.demo import demo_image, demo_speech
+from runtime.errors import ConfigError
+from runtime.offload import OffloadSpec
+from runtime.pipeline import S2VPipeline
+
+PCIE4_GBPS = 25.0
+COLUMNS = ["precision", "recipe", "offload", "memory_cap_gib", "peak_gib", "peak_denoise_gib", "peak_vae_decode_gib",
+           "steps", "clip", "clip_s", "slowdown", "projected_pcie4_clip_s", "projected"]
+RECIPES = {"few-step": dict(steps=4, guide_scale=1.0, shift=8.0), "official": dict(steps=40, guide_scale=4.5, shift=3.0)}
+
+
+def h2d_bandwidth_gbps(device: torch.device, gib: float = 1.0) -> float | None:
+    """Pinned host → device copy bandwidth (GB/s), best of three; None without a GPU."""
+    if device.type != "cuda":
+        return None
+    src = torch.empty(int(gib * 2**30), dtype=torch.uint8).pin_memory()
+    dst = torch.empty_like(src, device=device)
+    best = float("inf")
+    for _ in range(3):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src, non_blocking=True)
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) / 1e3)
+    del src, dst
+    return src_bytes(gib) / best / 1e9
+
+
+def src_bytes(gib: float) -> int:
+    return int(gib * 2**30)
+
+
+class StagePeaks:
+    """Peak allocated memory between progress events, by stage (after a sync: the stage's kernels are done)."""
+
+    def __init__(self, clock: StageClock, device: torch.device):
+        self.clock, self.device, self.peaks = clock, device, {}
+
+    def reset(self) -> None:
+        self.peaks = {}
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def progress(self, clip, clips, step, steps, stage):
+        self.clock.progress(clip, clips, step, steps, stage)
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device) / 2**30
+            self.peaks[stage] = max(self.peaks.get(stage, 0.0), peak)
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.offload", description=__doc__.splitlines()[0])
+    ap.add_argument("--caps", default="24,32,48", help="comma list of GiB the allocator is capped at, one row each")
+    ap.add_argument("--precisions", default="bf16,fp8")
+    ap.add_argument("--recipes", default="few-step,official")
+    ap.add_argument("--official-steps", type=int, default=40,
+                    help="steps run of the official recipe (fewer: its 40-step clip is projected from them)")
+    ap.add_argument("--offload-specs", default=None,
+                    help="comma list of --offload values used for the capped rows in --caps order instead of the plan")
+    ap.add_argument("--tiny", action="store_true", help="CPU dry run on the tiny model (no allocator cap)")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    torch.set_grad_enabled(False)
+    t_start = time.perf_counter()
+    caps = [float(c) for c in args.caps.split(",") if c]
+    specs = args.offload_specs.split(",") if args.offload_specs else (
+        ["blocks:2", "blocks:1", "blocks"][:len(caps)] if args.tiny else None)
+    device = torch.device("cpu" if args.tiny else "cuda")
+    height, width, frames = (64, 96, 16) if args.tiny else (704, 1024, 80)
+    precisions = ["float32"] if args.tiny else args.precisions.split(",")
+    bandwidth = h2d_bandwidth_gbps(device)
+    text, audio = _encoders(args.tiny)
+    image = demo_image(max(height, width)).resize((width, height), Image.BICUBIC)
+    speech = demo_speech(frames / 16 + 0.5)
+    rows: list[dict] = []
+    for precision in precisions:
+        for recipe in args.recipes.split(","):
+            base = RECIPES[recipe]
+            steps = args.official_steps if recipe == "official" else base["steps"]
+            if args.tiny:
+                steps = min(steps, 2)
+            resident = None
+            for cap, spec in [(None, "none")] + [(c, specs[i] if specs else None) for i, c in enumerate(caps)]:
+                row = _row(args, device, precision, recipe, steps, cap, spec, (height, width, frames), text, audio,
+                           image, speech, bandwidth)
+                resident = row if cap is None else resident
+                if resident is not None and row.get("clip_s") and resident.get("clip_s"):
+                    row["slowdown"] = row["clip_s"] / resident["clip_s"]
+                rows.append(row)
+                print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+                _write(args, rows, device, bandwidth, (height, width, frames), t_start, argv, done=False)
+    _write(args, rows, device, bandwidth, (height, width, frames), t_start, argv, done=True)
+    return 0
+
+
+def _encoders(is_tiny: bool):
+    if is_tiny:
+        return tiny.tiny_text_encoder(), tiny.tiny_audio_encoder()
+    from benchmarks.run import full_size_encoders
+
+    return full_size_encoders(torch.device("cpu"))
+
+
+def _dit(is_tiny: bool, precision: str, device: torch.device):
+    if is_tiny:
+        return tiny.tiny_dit(torch.float32)
+    from runtime.config import DiTConfig
+    from runtime.models.dit import build_dit
+
+    return build_dit(DiTConfig.s2v_14b(), dtype=torch.bfloat16, device=device)  # same seed: same weights every row
+
+
+def _vae(is_tiny: bool, device: torch.device):
+    if is_tiny:
+        return tiny.tiny_vae()
+    from runtime.models.vae import VAEConfig, WanVAE
+
+    with torch.device(device):
+        return WanVAE(VAEConfig.wan21()).eval().requires_grad_(False)
+
+
+def _plan(args, precision: str, cap: float, shape: tuple[int, int, int], batch: int) -> tuple[OffloadSpec, str]:
+    """The plan's offload for ``cap`` (full offload, with the refusal, where the plan refuses)."""
+    sizes = (memory_plan.ModelSizes.tiny() if args.tiny else
+             memory_plan.ModelSizes.s2v_14b(precision="fp8" if precision == "fp8" else None))
+    want = memory_plan.Shape(shape[0], shape[1], shape[2], batch)
+    try:
+        place = memory_plan.choose(sizes, want, cap, text_cpu=True)
+        return place.offload, memory_plan.describe(sizes, place, want)
+    except ConfigError as err:
+        return OffloadSpec("blocks"), f"refused, ran full offload: {err}"
+
+
+def _row(args, device, precision, recipe, steps, cap, spec, shape, text, audio, image, speech, bandwidth) -> dict:
+    height, width, frames = shape
+    base = RECIPES[recipe]
+    batch = 2 if base["guide_scale"] > 1 else 1
+    plan = None
+    if cap is not None and spec is None:
+        spec, plan = _plan(args, precision, cap, shape, batch)
+    spec = OffloadSpec.parse(spec)
+    row = {"precision": precision, "recipe": recipe, "offload": str(spec), "memory_cap_gib": cap, "steps": steps,
+           "guide_scale": base["guide_scale"], "clip": "later", "plan": plan, "bandwidth_gbps": bandwidth}
+    pipe = None
+    try:
+        dit = _dit(args.tiny, precision, device)
+        if spec.enabled:
+            dit.to("cpu")  # built on the GPU (fast, and the resident row's weights), held on the host
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            total = torch.cuda.get_device_properties(device).total_memory
+            torch.cuda.set_per_process_memory_fraction(1.0 if cap is None else min(1.0, cap * 2**30 / total), device)
+        backend = "torch" if args.tiny else ("torch-compile" if spec.enabled else "torch-graph")
+        pipe = S2VPipeline(dit, _vae(args.tiny, device), text, audio, device, backend=backend, t5_cpu=True,
+                           name="tiny" if args.tiny else "random-14b", offload=spec,
+                           precision="fp8" if precision == "fp8" else None)
+        _reuse_encodings(pipe)
+        common = dict(prompt="a person talking to the camera", seed=0, infer_frames=frames, num_clip=1,
+                      size=f"{height}*{width}", start_from_ref=True, guide_scale=base["guide_scale"],
+                      sample_shift=base["shift"])
+        pipe.generate(image, speech, sample_steps=2, progress=False, **common)  # compilation (and capture)
+        clock = StageClock(device)
+        peaks = StagePeaks(clock, device)
+        peaks.reset()
+        start = clock.now()
+        pipe.generate(image, speech, sample_steps=steps, progress=peaks.progress, **common)
+        st = clip_stages(clock, start, 1)[0]
+        full_steps = RECIPES[recipe]["steps"]
+        step_s = st["denoise_s"] / steps
+        clip_s = st["denoise_s"] + st["vae_decode_s"]
+        row.update(projected=steps < full_steps and not args.tiny, step_s=step_s, denoise_s=st["denoise_s"],
+                   vae_decode_s=st["vae_decode_s"],
+                   clip_s=clip_s if steps >= full_steps or args.tiny else step_s * full_steps + st["vae_decode_s"])
+        row.update({f"peak_{k}_gib": v for k, v in peaks.peaks.items()})
+        row["peak_gib"] = max(peaks.peaks.values()) if peaks.peaks else None
+        if pipe.streamer is not None:
+            streamed = len(pipe.streamer.streamed) * pipe.streamer.block_bytes  # one (batched) forward per step
+            row["streamed_gib_per_step"] = streamed / 2**30
+            if not args.tiny:
+                pcie4_step = max(step_s, streamed / (PCIE4_GBPS * 1e9))
+                row["projected_pcie4_clip_s"] = row["clip_s"] + full_steps * (pcie4_step - step_s)
+    except torch.cuda.OutOfMemoryError as err:
+        row["error"] = f"out of memory: {str(err).splitlines()[0]}"
+    finally:
+        del pipe
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.set_per_process_memory_fraction(1.0, device)
+    return row
+
+
+_ENCODED: dict = {}
+
+
+def _reuse_encodings(pipe) -> None:
+    """The encoders run on the CPU once per input (UMT5-XXL takes seconds a prompt there); every row reuses it."""
+    prompts, audio = pipe.encode_prompts, pipe.encode_audio
+
+    def encode_prompts(prompt, negative_prompt=""):
+        key = ("text", prompt, negative_prompt)
+        if key not in _ENCODED:
+            _ENCODED[key] = tuple(t.cpu() for t in prompts(prompt, negative_prompt))
+        return tuple(t.to(pipe.device) for t in _ENCODED[key])
+
+    def encode_audio(clip, infer_frames):
+        key = ("audio", hashlib.sha256(np.ascontiguousarray(clip.samples).tobytes()).hexdigest(), infer_frames)
+        if key not in _ENCODED:
+            _ENCODED[key] = audio(clip, infer_frames)
+        return _ENCODED[key]
+
+    pipe.encode_prompts, pipe.encode_audio = encode_prompts, encode_audio
+
+
+def _write(args, rows, device, bandwidth, shape, t_start, argv, done):
+    height, width, frames = shape
+    meta = {"device": device_description(device), "date": time.strftime("%Y-%m-%d %H:%M"), "git": code_revision(),
+            "command": "python -m benchmarks.offload " + " ".join(sys.argv[1:] if argv is None else argv),
+            "shapes": {"height": height, "width": width, "infer_frames": frames, "clip": "later (start_from_ref)"},
+            "recipes": RECIPES, "official_steps": args.official_steps, "h2d_bandwidth_gbps": bandwidth,
+            "pcie4_gbps": PCIE4_GBPS, "weights": "random at the real configuration, the same seed in every row",
+            "encoders": "UMT5 and wav2vec2 on the CPU in every row", "process_total_s": time.perf_counter() - t_start,
+            "complete": done,
+            "notes": "resident rows: torch-graph, no cap; capped rows: torch-compile with the offload the plan chose "
+                     "(runtime.memory_plan); projected_pcie4_clip_s assumes the copies overlap compute"}
+    name = f"offload_{height}x{width}-{frames}f.json"
+    write_results(results_dir(args.out, device) / name, rows, meta, markdown_table(rows, COLUMNS))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
