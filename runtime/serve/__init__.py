@@ -1,5 +1,7 @@
 """HTTP video service: ``python -m runtime.serve`` (see ``__main__``).
 
-``store`` (SQLite job table + job folders), ``uploads`` (request checks), ``worker`` (the one GPU worker),
-``app`` (FastAPI routes), ``static/index.html`` (the web page at ``/``).
+``store`` (the job store interface and job folders; ``store_sqlite``, ``store_postgres``), ``uploads`` (request
+checks), ``models`` (``--model`` specs and ``--gpus`` entries), ``supervisor`` (the worker processes),
+``worker`` (the loop each worker process runs), ``janitor`` (lease expiry, retention), ``app`` (FastAPI routes),
+``static/index.html`` (the web page at ``/``).
 """

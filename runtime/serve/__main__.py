@@ -1,10 +1,11 @@
-"""``python -m runtime.serve``: the HTTP video service (FastAPI + uvicorn, one pipeline, one worker).
+"""``python -m runtime.serve``: the HTTP video service (FastAPI + uvicorn; one worker process per ``--gpus`` entry,
+each serving one ``--model``; the API process holds no model).
 
-Everything that can be wrong with the command line is checked before the worker starts loading: the model
-options, the limits, the API keys, the port (bound here and handed to uvicorn, so "in use" cannot come later),
-the data folder (writable) and its job store (openable). Each refusal is one ``error:`` line and exit 2.
-On SIGTERM/SIGINT the server stops accepting, the worker puts its job back in the queue at the next step and
-is joined before the interpreter exits.
+Everything that can be wrong with the command line is checked before a worker starts loading: the model
+options and ``--model`` specs, the workers and their split among the models, the limits, the API keys, the port
+(bound here and handed to uvicorn, so "in use" cannot come later), the data folder (writable) and its job store
+(openable). Each refusal is one ``error:`` line and exit 2. On SIGTERM/SIGINT the server stops accepting, each
+worker puts its job back in the queue at the next step, and the workers are waited for before the server exits.
 """
 from __future__ import annotations
 
@@ -18,10 +19,13 @@ import sys
 import tempfile
 from pathlib import Path
 
+from runtime.errors import S2VError
 from runtime.options import add_pipeline_args, check_pipeline_args, pipeline_kwargs
 
+from .supervisor import LOG_FORMAT
+
 log = logging.getLogger("runtime.serve")
-STOP_GRACE_S = 30.0  # how long a stopping server waits for the worker's current step
+STOP_GRACE_S = 30.0  # how long a stopping server waits for the workers' current steps
 STORE_ENV = "S2V_STORE"
 
 
@@ -72,6 +76,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="runs a job gets when its worker dies under it (kill, crash, OOM) before it is failed")
     g.add_argument("--lease_s", type=float, default=60,
                    help="a running job's lease: a job whose worker stopped renewing it for this long runs again")
+    g = p.add_argument_group("workers and models")
+    g.add_argument("--gpus", default=None, metavar="LIST",
+                   help="one worker process per entry: CUDA GPU indices (0,1,2,3) or cpu (cpu,cpu: two CPU workers); "
+                        "default: the --device given, else every visible CUDA GPU, else cpu")
+    g.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="N worker processes on the default device(s), in turn (instead of --gpus)")
+    g.add_argument("--gpus_per_worker", type=int, default=1, help="GPUs per worker process (1; more is not built yet)")
+    g.add_argument("--model", action="append", default=[], metavar="NAME[=SPEC]",
+                   help="a model variant jobs can name (repeatable; the first is the default). SPEC: comma-separated "
+                        "lora:PATH[:STRENGTH] (repeatable), steps:N, guide:G, shift:S (its jobs' default recipe), "
+                        "precision:bf16|fp16|fp8, attention:X, cache:SPEC, gpus:I,J (its workers, by place in "
+                        "--gpus; otherwise the workers are split evenly in order). Default: one model named after "
+                        "--ckpt_dir")
     p.add_argument("--log_level", default="info")
     return p
 
@@ -115,7 +132,7 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _open_data_dir(data_dir: str, store_url: str | None = None):
+def _open_data_dir(data_dir: str, store_url: str | None = None, default_model: str = ""):
     """The job folders and the store, after checking that the folder is a writable directory."""
     from runtime.errors import InputError
 
@@ -157,12 +174,12 @@ def _open_data_dir(data_dir: str, store_url: str | None = None):
     if store_url in (None, "sqlite"):
         try:
             bind("sqlite")
-            return files, open_store(None, root)
+            return files, open_store(None, root, default_model)
         except StoreError as exc:
             raise InputError(f"{where}: its job database cannot be opened ({exc}); move it aside or pass another "
                              "--data_dir") from None
     try:
-        store = open_store(store_url, root)
+        store = open_store(store_url, root, default_model)
     except ValueError as exc:
         raise InputError(str(exc)) from None
     except ImportError as exc:
@@ -196,8 +213,7 @@ def _allowed_hosts(args) -> set[str] | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="[%(asctime)s] %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT, stream=sys.stderr)
     logging.getLogger("transformers").setLevel(logging.ERROR)
     try:
         import uvicorn
@@ -207,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: the server needs FastAPI and uvicorn ({exc.name} is missing); pip install -e '.[serve]'",
               file=sys.stderr)
         return 2
-    from runtime.errors import InputError, S2VError
+    from runtime.errors import InputError
     from runtime.pipeline import DEFAULT_SIZE, TINY, TINY_SIZE
     from runtime.preprocess import parse_size
 
@@ -215,7 +231,6 @@ def main(argv: list[str] | None = None) -> int:
     from .guards import Guard
     from .janitor import Janitor
     from .uploads import Limits
-    from .worker import Worker
 
     sock = None
     try:
@@ -228,13 +243,15 @@ def main(argv: list[str] | None = None) -> int:
                              "Wan2.2-S2V-14B (or 'tiny')")
         check_pipeline_args(args)  # device, backend, FP8, attention, LoRA files: before the worker loads anything
         _check_numbers(args)
+        models, placement = _models(args)
         pose_area = _area(args.max_pose_size, "--max_pose_size")
         keys = KeyRing(args.api_key, args.api_keys_file, os.environ.get(ENV))
         if not keys.enabled and not is_loopback(args.host) and not args.no_auth:
             raise InputError(f"--host {args.host} is reachable from other machines and no API key is configured; "
                              "pass --api_key / --api_keys_file (or --no_auth to serve it open)")
         sock = _bind(args.host, args.port)
-        files, store = _open_data_dir(args.data_dir, args.store or os.environ.get(STORE_ENV) or None)
+        store_url = args.store or os.environ.get(STORE_ENV) or None
+        files, store = _open_data_dir(args.data_dir, store_url, default_model=models[0].name)
     except S2VError as exc:
         if sock is not None:
             sock.close()
@@ -250,7 +267,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from runtime.hostmem import release_large_frees
 
-    release_large_frees()  # a long-lived process: freed clip buffers must not pile up in the heap
+    from .supervisor import Supervisor, WorkerConfig, WorkerProcess
+
+    release_large_frees()  # a long-lived process: freed request buffers must not pile up in the heap
     janitor = Janitor(store, files, lease_s=args.lease_s, max_attempts=args.max_attempts, keep_days=args.keep_days)
     janitor.round()  # jobs whose worker died with the last server (a live lease of another server is left alone)
     try:
@@ -260,14 +279,24 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 -- tidying is not worth refusing to start
         log.warning("could not sweep %s: %s", files.jobs_dir, exc)
 
-    def load():
-        from runtime.pipeline import S2VPipeline
+    base = pipeline_kwargs(args)
+    base.pop("device")
+    workers = []
+    for m in models:
+        log.info("model %s: worker(s) %s", m.name, ", ".join(f"{d.name} ({d.label})" for d in placement[m.name]))
+        load = {**base, "attention": m.attention, "precision": m.precision, "loras": m.loras}
+        workers += [WorkerProcess(WorkerConfig(d, m.name, args.ckpt_dir, load, {"cache": m.cache} if m.cache else {},
+                                               store_url, args.data_dir, limits, args.lease_s, args.log_level))
+                    for d in placement[m.name]]
+    workers.sort(key=lambda w: w.cfg.device.index)
 
-        return S2VPipeline.from_pretrained(args.ckpt_dir, **pipeline_kwargs(args))
+    def wake_all():
+        for w in workers:
+            w.notify()
 
-    worker = Worker(store, files, load, limits, lease_s=args.lease_s, label=args.device or "auto")
-    janitor.on_requeue = worker.notify
-    app = create_app(store, files, [worker], limits, default_size, model=_model_name(args.ckpt_dir), keys=keys,
+    janitor.on_requeue = wake_all
+    supervisor = Supervisor(workers, on_death=janitor.round)
+    app = create_app(store, files, workers, limits, default_size, models=models, keys=keys,
                      max_queued=args.max_queued, max_queued_per_key=args.max_queued_per_key)
     app = Guard(app, allowed_hosts=_allowed_hosts(args), allowed_origins=set(args.allowed_origin),
                 body_timeout_s=args.body_timeout_s)
@@ -276,21 +305,49 @@ def main(argv: list[str] | None = None) -> int:
     stopping: list[int] = []
     for sig in (signal.SIGTERM, signal.SIGINT):  # uvicorn re-raises the signal after its shutdown: land here
         signal.signal(sig, lambda s, _f: stopping.append(s))
-    worker.start()  # loads the pipeline while the API already accepts and queues jobs
+    supervisor.start()  # the workers load their pipelines while the API already accepts and queues jobs
     janitor.start()
     try:
         config = uvicorn.Config(app, log_level=args.log_level.lower(), lifespan="off")
         uvicorn.Server(config).run(sockets=[sock])
     finally:
         janitor.stop()
-        worker.stop()
-        worker.join(STOP_GRACE_S)
-        if worker.is_alive():  # still loading, or one step that outlasts the grace: do not wait on native code
-            log.warning("the worker did not stop within %.0fs; exiting without it", STOP_GRACE_S)
-            logging.shutdown()
-            os._exit(0)
+        supervisor.stop(STOP_GRACE_S)
         store.close()
     return 0
+
+
+def _models(args):
+    """The ``--model`` variants and the workers of each (``--gpus`` split among them); logged at start-up."""
+    import torch
+
+    from runtime.errors import InputError
+    from runtime.pipeline import check_runnable
+
+    from .models import ModelSpec, assign, parse_gpus, parse_model
+
+    if args.gpus_per_worker != 1:
+        raise InputError(f"--gpus_per_worker {args.gpus_per_worker}: a worker runs on one GPU in this version "
+                         "(a torch.distributed group per worker is not built); leave it at 1")
+    count = torch.cuda.device_count()
+    if args.device is not None and torch.device(args.device).type == "cpu":
+        default = ["cpu"]
+    elif args.device is not None and torch.device(args.device).index is not None:
+        default = [str(torch.device(args.device).index)]
+    else:
+        default = [str(i) for i in range(count)] or ["cpu"]
+    devices = parse_gpus(args.gpus, args.workers, count, default)
+    base = ModelSpec(_model_name(args.ckpt_dir), loras=list(args.loras), precision=args.precision,
+                     attention=args.attention)
+    models = [parse_model(text, base, args.max_steps) for text in args.model] or [base]
+    placement = assign(models, devices)
+    for m in models:  # FP8 and a named attention kernel on each of the model's devices
+        for d in placement[m.name]:
+            try:
+                check_runnable(torch.device(d.label), m.precision, m.attention, cli=True)
+            except S2VError as exc:
+                raise InputError(f"--model {m.name} on {d.label}: {exc}") from None
+    return models, placement
 
 
 def _area(value: str, flag: str) -> int:

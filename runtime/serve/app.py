@@ -14,6 +14,7 @@ import asyncio
 import errno
 import logging
 import secrets
+import time
 from importlib import resources
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from starlette.formparsers import MultiPartException
 
 from .auth import KeyRing
 from .guards import BodyTimeout
+from .models import ModelSpec
 from .store import COMPLETED, FINISHED, QUEUED, JobFiles, JobStore, QueueFull, StoreError
 from .uploads import (FILE_FIELDS, Limits, RequestError, StrictMultiPartParser, check_files, discard, parse_fields,
                       save_upload)
@@ -62,8 +64,13 @@ def _not_found(job_id: str) -> ApiError:
     return ApiError(404, f"no video job {job_id!r}; list yours with GET /v1/videos", "id")
 
 
-def create_app(store: JobStore, files: JobFiles, workers: list, limits: Limits, default_size: str, model: str,
-               keys: KeyRing, *, max_queued: int | None = None, max_queued_per_key: int | None = None) -> FastAPI:
+def create_app(store: JobStore, files: JobFiles, workers: list, limits: Limits, default_size: str,
+               models: list[ModelSpec], keys: KeyRing, *, max_queued: int | None = None,
+               max_queued_per_key: int | None = None) -> FastAPI:
+    """``workers``: the worker handles (``supervisor.WorkerProcess``: state, current job, ``notify``), each serving
+    the ``model`` it names; ``models``: the ``--model`` variants, the first the default."""
+    by_name = {m.name: m for m in models}
+    started = int(time.time())
     app = FastAPI(title="wan-s2v-trt", description="Wan2.2-S2V speech-to-video: OpenAI-style /v1/videos API",
                   docs_url="/docs", redoc_url=None)
 
@@ -124,19 +131,29 @@ def create_app(store: JobStore, files: JobFiles, workers: list, limits: Limits, 
     def index():
         return HTMLResponse(resources.files(__package__).joinpath("static/index.html").read_text(encoding="utf-8"))
 
-    def load_failure() -> str | None:
-        """Why no job can run: every worker failed to load (or died); None while one is loading or ready."""
-        if any(w.is_alive() and w.state in ("loading", "ready") for w in workers):
+    def load_failure(model: str | None = None) -> str | None:
+        """Why no job (of ``model``) can run: every worker of it failed to load (or stopped); None while one is
+        starting, loading, ready or being restarted."""
+        mine = [w for w in workers if model is None or w.model == model]
+        if any(w.is_alive() for w in mine):
             return None
-        failed = [w.load_error for w in workers if w.load_error]
+        failed = [w.load_error for w in mine if w.load_error]
+        what = "the model" if model is None else f"the model {model}"
         if failed:
-            return f"the model failed to load ({failed[0]}); the server's operator must fix it and restart it"
-        return "no worker is running; the server's operator must restart it"
+            return f"{what} failed to load ({failed[0]}); the server's operator must fix it and restart it"
+        return f"no worker of {what} is running; the server's operator must restart it"
+
+    def model_of(text: dict) -> ModelSpec:
+        name = text.get("model", "").strip() or models[0].name
+        if name not in by_name:
+            raise RequestError("model", f"unknown model {name!r}; this server serves {', '.join(by_name)} "
+                                        "(GET /v1/models)")
+        return by_name[name]
 
     @app.get("/health")
     def health():
         described = [w.describe() for w in workers]
-        body = {"model": model, "workers": described,
+        body = {"model": models[0].name, "models": list(by_name), "workers": described,
                 "running": next((w.current for w in workers if w.current), None)}
         try:
             body["queued"] = store.count(QUEUED)
@@ -156,6 +173,14 @@ def create_app(store: JobStore, files: JobFiles, workers: list, limits: Limits, 
         else:
             body["status"] = "loading"
         return JSONResponse(body, status_code=503)
+
+    @app.get("/v1/models")
+    def list_models(request: Request):
+        caller(request)
+        return {"object": "list", "data": [
+            {"id": m.name, "object": "model", "created": started, "owned_by": "wan-s2v-trt", **m.public(),
+             "workers": [{k: v for k, v in w.describe().items() if k in ("name", "device", "state")}
+                         for w in workers if w.model == m.name]} for m in models]}
 
     @app.post("/v1/videos", status_code=202)
     async def create(request: Request):
@@ -198,7 +223,11 @@ def create_app(store: JobStore, files: JobFiles, workers: list, limits: Limits, 
                         raise RequestError(name, f"{name} must be a file upload (curl: -F {name}=@path)")
                     else:
                         text[name] = value
-                params = parse_fields(text, limits, default_size)
+                model = model_of(text)
+                failure = load_failure(model.name)
+                if failure is not None:
+                    raise ApiError(503, failure)
+                params = parse_fields(text, limits, default_size, model.recipe())
                 # Decoding checks are CPU work: keep the event loop answering meanwhile.
                 audio_s = await asyncio.to_thread(check_files, folder, saved, limits, params)
             finally:
@@ -208,7 +237,8 @@ def create_app(store: JobStore, files: JobFiles, workers: list, limits: Limits, 
             params["files"] = {k: str(v) for k, v in saved.items()}
             files.publish(folder, job_id)
             folder = files.job_dir(job_id)
-            job = store.add(job_id, owner, params, max_queued=max_queued, max_queued_per_owner=max_queued_per_key)
+            job = store.add(job_id, owner, params, model=model.name, max_queued=max_queued,
+                            max_queued_per_owner=max_queued_per_key)
         except QueueFull as exc:
             discard(folder)
             return _queue_full(exc)
@@ -224,8 +254,9 @@ def create_app(store: JobStore, files: JobFiles, workers: list, limits: Limits, 
                 discard(folder)
             raise
         for w in workers:
-            w.notify()
-        log.info("job %s: queued by %s", job_id, getattr(request.state, "key_name", "anonymous"))
+            if w.model == model.name:
+                w.notify()
+        log.info("job %s: queued for %s by %s", job_id, model.name, getattr(request.state, "key_name", "anonymous"))
         return JSONResponse(job.public(), status_code=202)
 
     def _check_room(owner: str) -> None:

@@ -119,8 +119,9 @@ class JobStore(ABC):
     @abstractmethod
     def add(self, job_id: str, owner: str, params: dict, *, model: str = "", max_queued: int | None = None,
             max_queued_per_owner: int | None = None) -> Job:
-        """Queue a job of ``model`` (its folder is already published). Raises :class:`QueueFull` when ``max_queued`` jobs are
-        queued, or ``max_queued_per_owner`` of this owner's; the check and the insert are one transaction."""
+        """Queue a job of ``model`` (its folder is already published). Raises :class:`QueueFull` when
+        ``max_queued`` jobs are queued, or ``max_queued_per_owner`` of this owner's; the check and the insert are
+        one transaction."""
 
     @abstractmethod
     def get(self, job_id: str, owner: str | None = ANYONE) -> Job | None: ...

@@ -47,8 +47,12 @@ class RequestError(Exception):
         self.param, self.message, self.status = param, message, status
 
 
-def parse_fields(form: dict[str, str], limits: Limits, default_size: str) -> dict[str, Any]:
-    """Form text fields → generate() keyword arguments (unknown fields are refused, not ignored)."""
+def parse_fields(form: dict[str, str], limits: Limits, default_size: str, recipe: dict | None = None) -> dict[str, Any]:
+    """Form text fields → generate() keyword arguments (unknown fields are refused, not ignored; ``model`` is the
+    caller's to read). ``recipe``: the job model's sample_steps / guide_scale / sample_shift for a job that does
+    not set them (default: the official recipe)."""
+    recipe = {"sample_steps": RUN.sample_steps, "guide_scale": RUN.guide_scale, "sample_shift": RUN.sample_shift,
+              **(recipe or {})}
     known = {"prompt", "negative_prompt", "seed", "sample_steps", "infer_frames", "size", "num_clip", "guide_scale",
              "sample_shift", "sample_solver", "start_from_ref", "model"}
     for name in form:
@@ -67,14 +71,14 @@ def parse_fields(form: dict[str, str], limits: Limits, default_size: str) -> dic
         "negative_prompt": form.get("negative_prompt", ""),
         "seed": _checked("seed", checks.check_seed, _int(form, "seed", random.randint(0, 2**31 - 1)),
                          random_hint=False),
-        "sample_steps": _checked("sample_steps", checks.check_sample_steps, _int(form, "sample_steps", RUN.sample_steps),
-                                 hi=limits.max_steps),
+        "sample_steps": _checked("sample_steps", checks.check_sample_steps,
+                                 _int(form, "sample_steps", recipe["sample_steps"]), hi=limits.max_steps),
         "infer_frames": _checked("infer_frames", checks.check_infer_frames, _int(form, "infer_frames", RUN.infer_frames),
                                  hi=limits.max_infer_frames),
-        "guide_scale": _checked("guide_scale", checks.check_guide_scale, _float(form, "guide_scale", RUN.guide_scale),
-                                lo=0.0, hi=100.0),
-        "sample_shift": _checked("sample_shift", checks.check_sample_shift, _float(form, "sample_shift", RUN.sample_shift),
-                                 lo=0.01, hi=100.0),
+        "guide_scale": _checked("guide_scale", checks.check_guide_scale,
+                                _float(form, "guide_scale", recipe["guide_scale"]), lo=0.0, hi=100.0),
+        "sample_shift": _checked("sample_shift", checks.check_sample_shift,
+                                 _float(form, "sample_shift", recipe["sample_shift"]), lo=0.01, hi=100.0),
         "sample_solver": _checked("sample_solver", checks.check_solver, form.get("sample_solver", RUN.solver)),
         "start_from_ref": _bool(form, "start_from_ref"),
         "size": form.get("size", default_size).strip(),

@@ -1,4 +1,5 @@
-"""A worker: loads the pipeline once, then claims jobs from the store in FIFO order and runs them one at a time.
+"""A worker (the thread that a worker process of ``supervisor`` runs): loads the pipeline once, then claims its
+model's jobs from the store in FIFO order and runs them one at a time.
 
 Each clip is encoded into the job's MP4 as soon as it is decoded (``S2VPipeline.generate_mp4``), so a long song
 never sits in memory, and the file appears (temp file + rename) only when complete. While a job runs, the worker
@@ -47,13 +48,16 @@ class Interrupted(BaseException):
 
 class Worker(threading.Thread):
     def __init__(self, store: JobStore, files: JobFiles, load_pipeline: Callable[[], Any], limits: Limits,
-                 *, lease_s: float = 60.0, tag: str = "w0", label: str = "cpu"):
+                 *, lease_s: float = 60.0, tag: str = "w0", label: str = "cpu", model: str | None = None,
+                 job_defaults: dict | None = None):
         super().__init__(name=f"s2v-worker-{tag}", daemon=True)
         self.store, self.files, self.limits = store, files, limits
         self._load = load_pipeline
         self.lease_s = lease_s
         self.worker_id = worker_name(tag)
         self.label = label                 # what /health shows as the device
+        self.model = model                 # the jobs it claims (None: any)
+        self.job_defaults = dict(job_defaults or {})  # generate() arguments of its model (the step cache)
         self.pipe = None
         self.state = "loading"             # loading → ready, or failed (load_error says why); stopped
         self.load_error: str | None = None        # exception type only (public); the log has the rest
@@ -82,6 +86,10 @@ class Worker(threading.Thread):
         self._stop_event.set()
         self._wake.set()
 
+    @property
+    def stopping(self) -> bool:
+        return self._stop_event.is_set()
+
     def describe(self) -> dict:
         return {"id": self.worker_id, "device": self.label, "state": self.state if self.is_alive() or
                 self.state != "ready" else "dead", "job": self.current,
@@ -101,7 +109,7 @@ class Worker(threading.Thread):
         backoff = BACKOFF_S[0]
         while not self._stop_event.is_set():
             try:
-                job = self.store.claim(self.worker_id, self.lease_s)
+                job = self.store.claim(self.worker_id, self.lease_s, self.model)
             except StoreError as exc:
                 self._store_failed("claim", exc)
                 self._stop_event.wait(backoff)
@@ -139,7 +147,7 @@ class Worker(threading.Thread):
                                 name=f"s2v-heartbeat-{job.id}")
         beat.start()
         folder = self.files.job_dir(job.id)
-        p = dict(job.params)
+        p = {**self.job_defaults, **job.params}
         files = p.pop("files")
         audio_s = p.pop("audio_s", None) or p.get("max_audio_s") or self.limits.max_audio_s
         caught: list[warnings.WarningMessage] = []

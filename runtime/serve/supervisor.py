@@ -1,0 +1,279 @@
+"""Worker processes: one per ``--gpus`` entry, each with its own pipeline and its own store connection; the API
+process holds no model and supervises them.
+
+A worker process (:func:`worker_main`, started with the ``spawn`` method so that no CUDA state is inherited)
+sees only its GPU (``CUDA_VISIBLE_DEVICES``), opens the store itself and runs a :class:`~.worker.Worker` that
+claims only its model's jobs. Two pipes tie it to the API process: one carries its state (loading, ready,
+failed; the job it runs; the last store error) to the supervisor, the other carries "a job was queued" wake-ups
+to it. A pipe rather than a shared queue: a process killed mid-write cannot leave a lock held that stops the
+others. The wake-up pipe doubles as the parent's heartbeat: when it closes (the server was killed) the worker
+exits at once; its job goes back to the queue when the next server's janitor finds its process gone.
+
+The :class:`Supervisor` thread restarts a worker that dies (with backoff: 1 s, doubling while it keeps dying
+within a minute of its start, at most a minute), logs it, and has the janitor put its job back in the queue at
+once (the job's lease names a process of this host that no longer exists). A worker whose pipeline cannot
+load exits with :data:`LOAD_FAILED` and is not restarted: ``/health`` reports the failure.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import multiprocessing.connection
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from .models import Device
+from .uploads import Limits
+
+log = logging.getLogger(__name__)
+
+LOAD_FAILED = 3                 # a worker process's exit code when its pipeline cannot load
+RESTART_S = (1.0, 60.0)         # first and longest wait before a dead worker is started again
+STABLE_S = 60.0                 # a worker that ran this long before dying starts again after the first wait
+LOG_FORMAT = "[%(asctime)s] %(levelname)s %(name)s: %(message)s"
+_LIVE = ("starting", "loading", "ready", "restarting")   # states in which a worker will (again) take jobs
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """What a worker process needs (picklable: it crosses to the spawned process)."""
+
+    device: Device
+    model: str
+    ckpt_dir: str
+    load_kwargs: dict           # S2VPipeline.from_pretrained keyword arguments but the device
+    job_defaults: dict          # generate() arguments for every job of the model (the step cache)
+    store_url: str | None
+    data_dir: str
+    limits: Limits
+    lease_s: float
+    log_level: str = "info"
+
+
+def worker_main(cfg: WorkerConfig, status, wake) -> None:
+    """The worker process: its GPU, its store, its pipeline; reports its state until it stops."""
+    if cfg.device.gpu is not None:  # before anything imports torch
+        os.environ["CUDA_VISIBLE_DEVICES"] = cfg.device.gpu
+    # A process group of its own: ^C at the terminal (or a signal to the server's group) reaches the server,
+    # which stops its workers in order, instead of stopping the workers under a server that restarts them.
+    os.setpgid(0, 0)
+    logging.basicConfig(level=cfg.log_level.upper(),
+                        format=LOG_FORMAT.replace("%(name)s", f"%(name)s[{cfg.device.name}]"))
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    from runtime.hostmem import release_large_frees
+
+    from .store import JobFiles, StoreError, open_store
+    from .worker import Worker
+
+    release_large_frees()
+    try:
+        store = open_store(cfg.store_url, cfg.data_dir)
+    except StoreError as exc:
+        log.error("worker %s: the job store cannot be opened (%s); exiting to be restarted", cfg.device.name, exc)
+        raise SystemExit(1) from None
+
+    def load():
+        from runtime.pipeline import S2VPipeline
+
+        return S2VPipeline.from_pretrained(cfg.ckpt_dir, device="cpu" if cfg.device.gpu is None else "cuda",
+                                           **cfg.load_kwargs)
+
+    worker = Worker(store, JobFiles(cfg.data_dir), load, cfg.limits, lease_s=cfg.lease_s,
+                    tag=f"{cfg.device.name}@{cfg.device.label}", label=cfg.device.label, model=cfg.model,
+                    job_defaults=cfg.job_defaults)
+    for sig in (signal.SIGTERM, signal.SIGINT):  # the server stopping
+        signal.signal(sig, lambda *_: worker.stop())
+    threading.Thread(target=_wake_ups, args=(wake, worker), daemon=True, name="s2v-wake").start()
+    worker.start()
+    last = None
+    while worker.is_alive():
+        worker.join(0.1)
+        if worker.stopping and worker.state == "loading":
+            break  # stopping while the model loads: nothing to put back
+        now = (worker.state, worker.current, worker.load_error, worker.store_error)
+        if now != last:
+            status.send(now)
+            last = now
+    status.send((worker.state, None, worker.load_error, worker.store_error))
+    store.close()
+    logging.shutdown()
+    os._exit(LOAD_FAILED if worker.state == "failed" else 0)  # a loading thread is not waited for
+
+
+def _wake_ups(wake, worker) -> None:
+    """A byte from the server: a job was queued. The pipe closing: the server is gone, so is this worker."""
+    while True:
+        try:
+            wake.recv_bytes()
+        except (EOFError, OSError):
+            os._exit(1)
+        worker.notify()
+
+
+class WorkerProcess:
+    """The API process's handle on one worker process: what ``/health`` and the routes read (the state the
+    process last reported), and its wake-up pipe."""
+
+    def __init__(self, cfg: WorkerConfig):
+        self.cfg = cfg
+        self.name, self.label, self.model = cfg.device.name, cfg.device.label, cfg.model
+        self.state = "starting"
+        self.current: str | None = None
+        self.load_error: str | None = None
+        self.store_error: str | None = None
+        self.pid: int | None = None
+        self.restarts = 0
+        self.proc = None
+        self.running = False          # a process of it was started and has not been seen to exit
+        self.started_at = 0.0
+        self.restart_at: float | None = None
+        self.backoff = RESTART_S[0]
+        self._status = None
+        self._wake = None
+        self._wake_lock = threading.Lock()
+
+    def start(self, ctx) -> None:
+        status_r, status_w = ctx.Pipe(duplex=False)
+        wake_r, wake_w = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=worker_main, args=(self.cfg, status_w, wake_r), name=f"s2v-worker-{self.name}")
+        proc.start()
+        status_w.close()
+        wake_r.close()
+        os.set_blocking(wake_w.fileno(), False)  # a worker that does not read (loading, hung) never blocks the API
+        with self._wake_lock:
+            self._wake = wake_w
+        self.proc, self._status, self.pid, self.running = proc, status_r, proc.pid, True
+        self.state, self.current, self.load_error, self.store_error = "starting", None, None, None
+        self.started_at, self.restart_at = time.monotonic(), None
+
+    def update(self, message: tuple) -> None:
+        self.state, self.current, self.load_error, self.store_error = message
+
+    # ------------------------------------------------------------------ what the routes use
+    def is_alive(self) -> bool:
+        """Running, or coming back (the supervisor restarts it)."""
+        return self.state in _LIVE
+
+    @property
+    def alive(self) -> bool:
+        return self.state == "ready"
+
+    def notify(self) -> None:
+        with self._wake_lock:
+            if self._wake is None:
+                return
+            try:
+                self._wake.send_bytes(b"w")
+            except (OSError, ValueError):  # full (it has wake-ups pending) or gone (being restarted)
+                pass
+
+    def cancel(self, job_id: str) -> None:
+        """Nothing to do: the store says cancelled, and the worker reads that at its next progress write."""
+
+    def describe(self) -> dict:
+        return {"name": self.name, "device": self.label, "model": self.model, "state": self.state,
+                "job": self.current, "pid": self.pid, "restarts": self.restarts,
+                **({"store_error": self.store_error} if self.store_error else {})}
+
+    def close_pipes(self) -> None:
+        with self._wake_lock:
+            for conn in (self._wake, self._status):
+                if conn is not None:
+                    conn.close()
+            self._wake = self._status = None
+
+
+class Supervisor(threading.Thread):
+    """Starts the worker processes, reads their state, restarts the ones that die; ``on_death`` runs after each
+    death (the janitor's round: the dead worker's job back in the queue)."""
+
+    def __init__(self, workers: list[WorkerProcess], on_death: Callable[[], None] | None = None):
+        super().__init__(name="s2v-supervisor", daemon=True)
+        self.workers = workers
+        self.on_death = on_death
+        self._ctx = mp.get_context("spawn")
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        for w in self.workers:
+            self._start(w)
+        while not self._stop_event.is_set():
+            reading = {w._status: w for w in self.workers if w._status is not None}
+            running = {w.proc.sentinel: w for w in self.workers if w.running}
+            for ready in multiprocessing.connection.wait([*reading, *running], timeout=0.5):
+                if ready in reading:
+                    self._read(reading[ready])
+                elif not self._stop_event.is_set():
+                    self._died(running[ready])
+            now = time.monotonic()
+            for w in self.workers:
+                if w.restart_at is not None and now >= w.restart_at and not self._stop_event.is_set():
+                    w.restarts += 1
+                    self._start(w)
+
+    def _start(self, w: WorkerProcess) -> None:
+        try:
+            w.start(self._ctx)
+        except OSError as exc:  # no memory or processes left: try again later
+            log.error("worker %s (%s): cannot start a process (%s); retrying in %.0fs", w.name, w.label, exc,
+                      w.backoff)
+            w.state, w.restart_at = "restarting", time.monotonic() + w.backoff
+            w.backoff = min(w.backoff * 2, RESTART_S[1])
+            return
+        log.info("worker %s (%s, model %s): process %d started", w.name, w.label, w.model, w.pid)
+
+    @staticmethod
+    def _read(w: WorkerProcess) -> None:
+        try:
+            while w._status is not None and w._status.poll():
+                w.update(w._status.recv())
+        except (EOFError, OSError):
+            w._status.close()
+            w._status = None
+
+    def _died(self, w: WorkerProcess) -> None:
+        w.proc.join()          # reaped: the janitor can now see that the lease holder is gone
+        w.running = False
+        self._read(w)          # its last words (a load failure) before the pipe closed
+        code, lived = w.proc.exitcode, time.monotonic() - w.started_at
+        w.close_pipes()
+        if code == LOAD_FAILED:
+            w.state = "failed"
+            log.error("worker %s (%s): the model %s failed to load (%s); not restarted", w.name, w.label, w.model,
+                      w.load_error)
+            return
+        w.backoff = RESTART_S[0] if lived >= STABLE_S else w.backoff
+        how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+        log.warning("worker %s (%s): process %d %s %s; restarting it in %.0fs", w.name, w.label, w.pid, how,
+                    f"while running job {w.current}" if w.current else "while idle", w.backoff)
+        w.state, w.current, w.restart_at = "restarting", None, time.monotonic() + w.backoff
+        w.backoff = min(w.backoff * 2, RESTART_S[1])
+        if self.on_death is not None:
+            self.on_death()
+
+    def stop(self, grace_s: float) -> bool:
+        """Stop supervising, ask every worker to stop (its job back in the queue at the next step) and wait up to
+        ``grace_s`` for them; the ones still running then are killed. True when all stopped in time."""
+        self._stop_event.set()
+        if self.is_alive():
+            self.join()
+        procs = [w.proc for w in self.workers if w.proc is not None and w.proc.exitcode is None]
+        for p in procs:
+            p.terminate()
+        deadline = time.monotonic() + grace_s
+        for p in procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+        late = [p for p in procs if p.exitcode is None]
+        for p in late:
+            log.warning("worker process %d did not stop within %.0fs; killed", p.pid, grace_s)
+            p.kill()
+            p.join()
+        for w in self.workers:
+            w.close_pipes()
+            if w.state != "failed":
+                w.state = "stopped"
+        return not late
