@@ -9,7 +9,8 @@ resident row (``offload: "none"``, torch-graph, no cap) and one row per ``--caps
 offload, with the refusal noted, where the plan refuses), backend torch-compile.
 
 Per row: ``peak_gib`` (max allocated over the clip) and the per-stage peaks (motion encode, denoise, VAE decode),
-``clip_s`` (denoise + decode after a device sync at each progress event), ``slowdown`` against the resident row of
+``clip_s`` (denoise + decode after a device sync at each progress event; the motion VAE encode, which a real run
+does at the end of the previous clip, is timed apart as ``vae_encode_s``), ``slowdown`` against the resident row of
 the same recipe and precision, the measured pinned host→device bandwidth and the clip time projected for PCIe 4
 (25 GB/s) from the bytes streamed per step, assuming the copies overlap compute as they do here. The stage peaks
 minus the resident weights are what ``runtime.memory_plan.ActivationModel`` is to be fitted to.
@@ -39,8 +40,8 @@ from runtime.offload import OffloadSpec
 from runtime.pipeline import S2VPipeline
 
 PCIE4_GBPS = 25.0
-COLUMNS = ["precision", "recipe", "offload", "memory_cap_gib", "peak_gib", "peak_denoise_gib", "peak_vae_decode_gib",
-           "steps", "clip", "clip_s", "slowdown", "projected_pcie4_clip_s", "projected"]
+COLUMNS = ["precision", "recipe", "offload", "memory_cap_gib", "peak_gib", "peak_vae_encode_gib", "peak_denoise_gib",
+           "peak_vae_decode_gib", "steps", "clip", "clip_s", "slowdown", "projected_pcie4_clip_s", "projected"]
 RECIPES = {"few-step": dict(steps=4, guide_scale=1.0, shift=8.0), "official": dict(steps=40, guide_scale=4.5, shift=3.0)}
 
 
@@ -48,7 +49,7 @@ def h2d_bandwidth_gbps(device: torch.device, gib: float = 1.0) -> float | None:
     """Pinned host → device copy bandwidth (GB/s), best of three; None without a GPU."""
     if device.type != "cuda":
         return None
-    src = torch.empty(int(gib * 2**30), dtype=torch.uint8).pin_memory()
+    src = torch.empty(int(gib * 2**30), dtype=torch.uint8, pin_memory=True)  # 1 GiB: reused by the offload arenas
     dst = torch.empty_like(src, device=device)
     best = float("inf")
     for _ in range(3):
@@ -79,10 +80,35 @@ class StagePeaks:
 
     def progress(self, clip, clips, step, steps, stage):
         self.clock.progress(clip, clips, step, steps, stage)
+        self.mark(stage)
+
+    def mark(self, stage: str) -> None:
+        """The peak since the last mark is ``stage``'s (call after a sync: the stage's kernels are done)."""
         if self.device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(self.device) / 2**30
             self.peaks[stage] = max(self.peaks.get(stage, 0.0), peak)
             torch.cuda.reset_peak_memory_stats(self.device)
+
+    def wrap_encode(self, encode, spans: list):
+        """The sampler's VAE encodes (the reference and the 73-frame motion history) run before its first progress
+        event: without this their peak and time would be counted as the first denoise step's."""
+        def timed(video):
+            t0 = self.clock.now()
+            self.mark("prepare")
+            out = encode(video)
+            t1 = self.clock.now()
+            self.mark("vae_encode")
+            spans.append((t0, t1))
+            return out
+        return timed
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    """Out of device memory, however it surfaced: the allocator's error, or a library's (cuBLAS/cuDNN workspace,
+    inductor autotuning) that PyTorch re-raises as a RuntimeError."""
+    text = str(err)
+    return isinstance(err, torch.cuda.OutOfMemoryError) or any(
+        k in text for k in ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED"))
 
 
 def main(argv=None) -> int:
@@ -179,6 +205,8 @@ def _row(args, device, precision, recipe, steps, cap, spec, shape, text, audio, 
     row = {"precision": precision, "recipe": recipe, "offload": str(spec), "memory_cap_gib": cap, "steps": steps,
            "guide_scale": base["guide_scale"], "clip": "later", "plan": plan, "bandwidth_gbps": bandwidth}
     pipe = None
+    if device.type == "cuda":  # left over by earlier rows (should be ~0): it would count against this row's cap
+        row["allocated_before_gib"] = torch.cuda.memory_allocated(device) / 2**30
     try:
         dit = _dit(args.tiny, precision, device)
         if spec.enabled:
@@ -199,15 +227,20 @@ def _row(args, device, precision, recipe, steps, cap, spec, shape, text, audio, 
         pipe.generate(image, speech, sample_steps=2, progress=False, **common)  # compilation (and capture)
         clock = StageClock(device)
         peaks = StagePeaks(clock, device)
+        encodes: list = []
+        pipe.sampler._encode = peaks.wrap_encode(pipe.sampler._encode, encodes)
         peaks.reset()
         start = clock.now()
         pipe.generate(image, speech, sample_steps=steps, progress=peaks.progress, **common)
         st = clip_stages(clock, start, 1)[0]
+        first_step = next(e[3] for e in clock.events if e[1] == "denoise")
+        encode_s = sum(t1 - t0 for t0, t1 in encodes if t1 <= first_step)
+        denoise_s = st["denoise_s"] - encode_s  # the motion encode belongs to the previous clip of a real run
         full_steps = RECIPES[recipe]["steps"]
-        step_s = st["denoise_s"] / steps
-        clip_s = st["denoise_s"] + st["vae_decode_s"]
-        row.update(projected=steps < full_steps and not args.tiny, step_s=step_s, denoise_s=st["denoise_s"],
-                   vae_decode_s=st["vae_decode_s"],
+        step_s = denoise_s / steps  # not inflated by the encode: the official projection multiplies it by 40
+        clip_s = denoise_s + st["vae_decode_s"]
+        row.update(projected=steps < full_steps and not args.tiny, step_s=step_s, denoise_s=denoise_s,
+                   vae_encode_s=encode_s, vae_decode_s=st["vae_decode_s"],
                    clip_s=clip_s if steps >= full_steps or args.tiny else step_s * full_steps + st["vae_decode_s"])
         row.update({f"peak_{k}_gib": v for k, v in peaks.peaks.items()})
         row["peak_gib"] = max(peaks.peaks.values()) if peaks.peaks else None
@@ -217,7 +250,9 @@ def _row(args, device, precision, recipe, steps, cap, spec, shape, text, audio, 
             if not args.tiny:
                 pcie4_step = max(step_s, streamed / (PCIE4_GBPS * 1e9))
                 row["projected_pcie4_clip_s"] = row["clip_s"] + full_steps * (pcie4_step - step_s)
-    except torch.cuda.OutOfMemoryError as err:
+    except RuntimeError as err:
+        if not _out_of_memory(err):
+            raise
         row["error"] = f"out of memory: {str(err).splitlines()[0]}"
     finally:
         del pipe
