@@ -114,6 +114,28 @@ def test_prefetch_order_slot_reuse_and_drop(resident, prefetch):
             assert copy_at < computes[4 * f + i - 1]
 
 
+def test_a_pass_abandoned_midway_waits_for_its_copies_then_the_next_pass_runs():
+    """An error in a block leaves copies in flight for blocks that will not run: the pass waits for them when it is
+    dropped (before the caller can free the slots), once, and the next pass gives the resident output."""
+    model, ref = tiny.tiny_dit(), tiny.tiny_dit()
+    timeline = RecordingTimeline()
+    drains = []
+    timeline.drain = lambda: drains.append(len(timeline.log))
+    streamer = offload.attach(model, torch.device("cpu"), OffloadSpec("blocks", 0), timeline)
+    x, t, cond = step_inputs(model, frames=2, lat_h=8, lat_w=8)
+
+    def fail(module, args):
+        raise torch.cuda.OutOfMemoryError("out of memory in block 1")
+
+    hook = streamer.slots[1].register_forward_pre_hook(fail)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        model.step(x, t, *cond.as_tuple())
+    assert len(drains) == 1 and not streamer._open
+    hook.remove()
+    assert torch.equal(model.step(x, t, *cond.as_tuple()), ref.step(x, t, *cond.as_tuple()))
+    assert len(drains) == 1  # a completed pass does not wait
+
+
 def test_fp8_blocks_stay_fp8_on_the_host_and_copy_fewer_bytes():
     """The host-copy logic of FP8 offload on the CPU (quantised here without the GPU check; FP8 GEMMs need Hopper)."""
     from runtime.kernels.fp8 import QUANTISED, FP8Linear
@@ -135,6 +157,134 @@ def test_fp8_blocks_stay_fp8_on_the_host_and_copy_fewer_bytes():
         pass
     slot = streamer.slots[(3 - 1) % streamer.num_slots]
     assert torch.equal(slot.ffn[2].weight.view(torch.uint8), model.blocks[3].ffn[2].weight.view(torch.uint8))
+
+
+def test_pinned_arenas_pack_the_host_blocks_and_the_slots_copy_only_their_block():
+    """The packing behind page-locked host blocks (on the CPU: ordinary arenas, the same views and copies). One
+    ``pin_memory()`` per tensor would round each up to a power of two (~1.6x the 14B blocks' bytes)."""
+    from runtime.kernels.fp8 import FP8Linear
+
+    model = tiny.tiny_dit(torch.bfloat16)
+    offload.quantize_on_host(model, torch.device("cpu"), check=False)  # FP8: buffers (weights, scales) beside params
+    want = {i: [t.clone() for _, t in offload.block_tensors(b)] for i, b in enumerate(model.blocks)}
+    arena = 64 * 1024
+    arenas = offload.PinnedArenas(pin=False, arena_bytes=arena)
+    for block in model.blocks:
+        offload._pin(block, arenas)
+    total = sum(offload.tensor_bytes(b) for b in model.blocks)
+    assert arenas.arenas <= total // arena + 2  # packed: only each arena's tail is lost
+    for i, block in enumerate(model.blocks):
+        for (name, t), ref in zip(offload.block_tensors(block), want[i]):
+            assert t.untyped_storage().nbytes() == arena, f"block {i} {name} is not in an arena"
+            assert (t.storage_offset() * t.element_size()) % offload.PIN_ALIGN == 0 and t.is_contiguous()
+            assert t.dtype == ref.dtype and torch.equal(t.view(torch.uint8), ref.view(torch.uint8))
+    assert isinstance(model.blocks[1].ffn[0], FP8Linear)
+    streamer = offload.BlockStreamer(model, torch.device("cpu"), OffloadSpec("blocks", 1), RecordingTimeline())
+    for slot in streamer.slots:  # each slot holds its own block-sized tensors: no arena was copied with them
+        for (name, t), (_, host) in zip(offload.block_tensors(slot), offload.block_tensors(model.blocks[1])):
+            assert t.untyped_storage().nbytes() == t.numel() * t.element_size(), name
+            assert t.untyped_storage().data_ptr() != host.untyped_storage().data_ptr()
+    for _ in streamer.stream():
+        pass
+    assert all(torch.equal(t.view(torch.uint8), r.view(torch.uint8))  # the copies left the host blocks unchanged
+               for i in streamer.streamed for (_, t), r in zip(offload.block_tensors(model.blocks[i]), want[i]))
+    huge = torch.arange(arena, dtype=torch.int32)  # larger than an arena: an allocation of its own
+    placed = arenas.place(huge)
+    assert torch.equal(placed, huge) and placed.untyped_storage().nbytes() == huge.numel() * 4
+
+
+# --------------------------------------------------------------------------------------------- on a GPU
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="block offload's side-stream copies from "
+                                "pinned host memory and their CUDA events need a CUDA GPU")
+
+
+class TimedCudaTimeline(offload.CudaTimeline):
+    """The real CUDA timeline with timing events beside its own, and sleeps that make a missing wait visible: slow
+    copies (a block that did not wait for its copy would read the slot's previous block) or slow compute (a copy
+    that did not wait for the slot's last block would overwrite the weights that block is about to read)."""
+
+    def __init__(self, device, copy_sleep: int, compute_sleep: int):
+        super().__init__(device)
+        self.copy_sleep, self.compute_sleep, self.log = copy_sleep, compute_sleep, []
+
+    @staticmethod
+    def _mark(stream):
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(stream)
+        return event
+
+    def copy(self, block, slot, dst, src, after):
+        with torch.cuda.stream(self.stream):
+            torch.cuda._sleep(self.copy_sleep)
+        ready = super().copy(block, slot, dst, src, after)
+        self.log.append(("copy", block, slot, after, self._mark(self.stream)))
+        return ready
+
+    def wait(self, block, slot, ready):
+        super().wait(block, slot, ready)
+        self.log.append(("wait", block, slot, self._mark(torch.cuda.current_stream(self.device))))
+        torch.cuda._sleep(self.compute_sleep)
+
+    def done(self, block, slot):
+        event = super().done(block, slot)
+        self.log.append(("done", block, slot, event, self._mark(torch.cuda.current_stream(self.device))))
+        return event
+
+
+SLOW, FAST = 20_000_000, 1_000  # GPU clock cycles: ~10 ms against a tiny block's microseconds
+
+
+@needs_cuda
+@pytest.mark.parametrize("resident,prefetch,slow", [(0, 1, "copies"), (0, 1, "compute"), (1, 2, "copies"),
+                                                    (1, 2, "compute")])
+def test_streamed_forwards_equal_resident_on_gpu_with_the_events_in_order(resident, prefetch, slow):
+    """Forwards on a GPU (a CFG batch of 2, then 1, then 2: the first blocks of each pass and the boundaries
+    between passes) give the resident output bit for bit from pinned host blocks, and the device timeline agrees:
+    a copy into a slot ends after the compute that last read the slot, a block starts after its copy ended."""
+    dev = torch.device("cuda")
+    resident_model = tiny.tiny_dit(torch.bfloat16, dev)
+    model = tiny.tiny_dit(torch.bfloat16)
+    timeline = TimedCudaTimeline(dev, *((SLOW, FAST) if slow == "copies" else (FAST, SLOW)))
+    streamer = offload.attach(model, dev, OffloadSpec("blocks", resident, prefetch), timeline)
+    assert all(t.is_pinned() for i in streamer.streamed for t in streamer.host[i])
+    assert all(t.is_cuda for s in streamer.slot_tensors for t in s)
+    cases = [step_inputs(resident_model, frames=2, lat_h=8, lat_w=8, batch=b, seed=k) for k, b in enumerate((2, 1, 2))]
+    for x, t, cond in cases:
+        want = resident_model.step(x, t, *cond.as_tuple())
+        assert torch.equal(model.step(x, t, *cond.as_tuple()), want)
+    torch.cuda.synchronize()
+    log = timeline.log
+    dones = {id(e[3]): e[4] for e in log if e[0] == "done"}
+    copies = [e for e in log if e[0] == "copy"]
+    assert len(copies) == len(streamer.streamed) * len(cases)
+    assert sum(after is not None for *_, after, _ in copies) == len(copies) - streamer.num_slots
+    for _, block, slot, after, end in copies:
+        if after is not None:
+            assert dones[id(after)].elapsed_time(end) > 0, f"block {block} copied into slot {slot} too early"
+    last_copy = {}
+    for e in log:
+        if e[0] == "copy":
+            last_copy[e[1]] = e[4]
+        elif e[0] == "wait":
+            assert last_copy[e[1]].elapsed_time(e[3]) >= 0, f"block {e[1]} computed before its copy ended"
+
+
+@needs_cuda
+@pytest.mark.slow  # torch.compile of the tiny blocks: tens of seconds
+def test_compiled_slots_equal_compiled_resident_on_gpu():
+    """Compiled blocks over slots whose weights change under them (copied in place: the same addresses) give
+    the compiled resident output, forward after forward."""
+    dev = torch.device("cuda")
+    resident_model = tiny.tiny_dit(torch.bfloat16, dev)
+    model = tiny.tiny_dit(torch.bfloat16)
+    streamer = offload.attach(model, dev, OffloadSpec("blocks", 1))
+    addresses = [[t.data_ptr() for t in s] for s in streamer.slot_tensors]
+    resident_model.compile_blocks()
+    model.compile_blocks()
+    for batch in (2, 1, 2):
+        x, t, cond = step_inputs(resident_model, frames=2, lat_h=8, lat_w=8, batch=batch, seed=batch)
+        assert torch.equal(model.step(x, t, *cond.as_tuple()), resident_model.step(x, t, *cond.as_tuple()))
+    assert [[t.data_ptr() for t in s] for s in streamer.slot_tensors] == addresses
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
@@ -336,6 +486,7 @@ def test_offload_benchmark_dry_run_on_the_tiny_model(tmp_path):
     for row in (resident, capped):
         assert {"offload", "memory_cap_gib", "peak_gib", "steps", "precision", "clip", "clip_s"} <= set(row)
         assert row["steps"] == 1 and row["clip"] == "later" and row["clip_s"] > 0
+        assert row["vae_encode_s"] > 0 and row["denoise_s"] > 0  # the motion encode is timed apart from the steps
     assert (resident["offload"], resident["memory_cap_gib"]) == ("none", None)
     assert (capped["offload"], capped["memory_cap_gib"]) == ("blocks:1", 24.0) and capped["slowdown"] > 0
     assert (tmp_path / "offload_64x96-16f.md").is_file()
