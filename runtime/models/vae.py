@@ -113,9 +113,12 @@ class _Slots:
     the causal zero padding. Otherwise ``old`` holds the tensors returned by the previous call.
     """
 
-    def __init__(self, old: Sequence[torch.Tensor] | None):
+    def __init__(self, old: Sequence[torch.Tensor] | None, consume: bool = False):
         self.first = old is None
-        self._old = None if old is None else list(old)
+        # consume: ``old`` is the caller's list, and each tensor is dropped from it once read, so a step holds one
+        # layer's old cache at a time instead of all of them beside the new ones (WanVAE.low_memory).
+        self._old = None if old is None else (old if consume else list(old))
+        self._consume = consume
         self._i = 0
         self.new: list[torch.Tensor] = []
 
@@ -126,6 +129,8 @@ class _Slots:
         if self._i >= len(self._old):
             raise ValueError(f"too few cache tensors: got {len(self._old)}")
         prev = self._old[self._i]
+        if self._consume:
+            self._old[self._i] = None
         self._i += 1
         return prev.to(x.dtype)
 
@@ -345,6 +350,7 @@ class WanVAE(nn.Module):
         self.chunk_latents = 1       # latents per chunk step (see optimize)
         self.channels_last = False   # 5-D weights and chunk inputs in channels_last_3d (see optimize)
         self.cudnn_benchmark = False  # time cuDNN's algorithms per shape in the chunked passes (see optimize)
+        self.low_memory = False  # encode/decode_chunked take the low-memory path (see decode_low_memory)
         self.encoder = Encoder(self.cfg)
         self.conv1 = nn.Conv3d(self.cfg.z_dim * 2, self.cfg.z_dim * 2, 1)  # -> [mu, log-variance]
         self.conv2 = nn.Conv3d(self.cfg.z_dim, self.cfg.z_dim, 1)
@@ -459,14 +465,80 @@ class WanVAE(nn.Module):
                        allow_tf32=c.allow_tf32)
 
     def encode_chunked(self, video: torch.Tensor) -> torch.Tensor:
-        """Frame 0, then ``chunk_latents`` × 4 frames per step (the last step may hold fewer)."""
+        """Frame 0, then ``chunk_latents`` × 4 frames per step (the last step may hold fewer); with ``low_memory``,
+        ``encode_low_memory``."""
+        if self.low_memory:
+            return self.encode_low_memory(video)
         with self._cudnn():
             return self._encode_chunked(video)
 
     def decode_chunked(self, z: torch.Tensor) -> torch.Tensor:
-        """Latent 0, then ``chunk_latents`` latents per step (the last step may hold fewer)."""
+        """Latent 0, then ``chunk_latents`` latents per step (the last step may hold fewer); with ``low_memory``,
+        ``decode_low_memory`` (its frames come back on the host)."""
+        if self.low_memory:
+            return self.decode_low_memory(z)
         with self._cudnn():
             return self._decode_chunked(z)
+
+    # -- low-memory chunked form (runtime.memory_plan picks it where the default's peak does not fit) ---------
+
+    def _low_memory_flags(self):
+        # cuDNN's heuristic algorithms: timing them (cudnn.benchmark) tries, and may keep, larger workspaces
+        c = torch.backends.cudnn
+        return c.flags(enabled=c.enabled, benchmark=False, deterministic=c.deterministic, allow_tf32=c.allow_tf32)
+
+    def _release_cache(self) -> None:
+        # Blocks the allocator keeps from the denoise (other sizes than the VAE's) go back to the device first.
+        if self.conv2.weight.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _decode_consuming(self, z_t: torch.Tensor, caches: list | None) -> tuple[torch.Tensor, list]:
+        slots = _Slots(caches, consume=caches is not None)
+        x = self.decoder(self._from_latent(z_t), slots)
+        return self._to_pixels(x), list(slots.done())
+
+    def _encode_consuming(self, chunk: torch.Tensor, caches: list | None) -> tuple[torch.Tensor, list]:
+        slots = _Slots(caches, consume=caches is not None)
+        z = self._to_latent(self.encoder(self._prep(chunk), slots))
+        return z, list(slots.done())
+
+    def decode_low_memory(self, z: torch.Tensor, out_device: torch.device | str = "cpu") -> torch.Tensor:
+        """``decode_chunked`` in less device memory: one latent per step, eager (not the compiled step of
+        ``optimize``), cuDNN's heuristic algorithms, each old cache dropped as soon as its layer has read it (the
+        default holds every old cache beside the new ones through a step), and each step's frames copied to
+        ``out_device`` (the host by default) as they come. The arithmetic is that of ``chunk_latents=1`` without
+        ``optimize``: bit for bit the same frames as that default. Against the optimised GPU form (2 latents per
+        step, channels-last, timed algorithms) it differs at TF32 rounding, as that form differs from this one."""
+        self._check_latent(z)
+        self._release_cache()
+        per_step = self.cfg.temporal_factor
+        with self._low_memory_flags():
+            frames, caches = self._decode_consuming(z[:, :, :1], None)
+            out = torch.empty(frames.shape[0], 3, 1 + per_step * (z.shape[2] - 1), *frames.shape[3:],
+                              dtype=frames.dtype, device=out_device)
+            out[:, :, :1] = frames
+            del frames
+            for i in range(1, z.shape[2]):
+                s = 1 + per_step * (i - 1)
+                frames, caches = self._decode_consuming(z[:, :, i:i + 1], caches)
+                out[:, :, s:s + per_step] = frames
+                del frames
+        return out
+
+    def encode_low_memory(self, video: torch.Tensor) -> torch.Tensor:
+        """``encode_chunked`` in less device memory: 4 frames per step, eager, cuDNN's heuristic algorithms, each
+        old cache dropped once read; ``video`` may stay on the host (each step's frames are moved in). Bit for bit
+        ``encode_chunked`` with ``chunk_latents=1`` without ``optimize``."""
+        n = self._check_video(video)
+        self._release_cache()
+        with self._low_memory_flags():
+            z0, caches = self._encode_consuming(video[:, :, :1], None)
+            out = z0.new_empty(z0.shape[0], z0.shape[1], n, *z0.shape[3:])
+            out[:, :, :1] = z0
+            for i in range(1, n):
+                s = 1 + ENCODE_CHUNK * (i - 1)
+                out[:, :, i:i + 1], caches = self._encode_consuming(video[:, :, s:s + ENCODE_CHUNK], caches)
+        return out
 
     def _encode_chunked(self, video: torch.Tensor) -> torch.Tensor:
         n = self._check_video(video)
