@@ -17,6 +17,13 @@ minus the resident weights are what ``runtime.memory_plan.ActivationModel`` is t
 
     python -m benchmarks.offload --out DIR                  # one H100/H200
     python -m benchmarks.offload --tiny --out /tmp/o        # CPU dry run on the tiny model
+    python -m benchmarks.offload --vae-live                 # CPU: live tensor bytes of the VAE forms (see below)
+    python -m benchmarks.offload --plan                     # the memory model's choices at 24/32/48 GiB (no run)
+
+``--vae-live`` runs the real-width VAE (base 96) on the CPU at a reduced size and records the peak of live tensor
+bytes (``LiveBytes``) of each chunk form, scaled by area to 704x1024: what ``runtime.memory_plan`` uses to carry
+the H200's measured VAE peaks from one form to another. ``--plan`` writes the model's prediction for a later clip
+at 704x1024 under each cap (batch 1 and 2), with the weight bytes it counts: a prediction, to be measured.
 """
 from __future__ import annotations
 
@@ -25,11 +32,15 @@ import gc
 import hashlib
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from benchmarks.clip import StageClock, clip_stages
 from benchmarks.common import code_revision, device_description, markdown_table, results_dir, write_results
@@ -103,6 +114,138 @@ class StagePeaks:
         return timed
 
 
+class LiveBytes(TorchDispatchMode):
+    """Peak bytes of tensor storage that ops create while the mode is on, alive at once (a storage counts until the
+    last tensor viewing it is gone). Storage made before the mode (weights, inputs) and library workspaces are not
+    counted: on a GPU these come on top (the fit in runtime.memory_plan carries them as a measured ratio)."""
+
+    def __init__(self):
+        super().__init__()
+        self.refs: dict[int, list[int]] = {}   # storage address -> [tensors alive, bytes]
+        self.live = self.peak = 0
+
+    def _drop(self, ptr: int) -> None:
+        entry = self.refs.get(ptr)
+        if entry is not None:
+            entry[0] -= 1
+            if entry[0] == 0:
+                self.live -= entry[1]
+                del self.refs[ptr]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+                  if isinstance(t, torch.Tensor) and t.device.type != "meta"}
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+                continue
+            storage = t.untyped_storage()
+            ptr, nbytes = storage.data_ptr(), storage.nbytes()
+            if ptr in self.refs:
+                self.refs[ptr][0] += 1
+            elif ptr in inputs or nbytes == 0:  # a view of a storage made before the mode
+                continue
+            else:
+                self.refs[ptr] = [1, nbytes]
+                self.live += nbytes
+                self.peak = max(self.peak, self.live)
+            weakref.finalize(t, self._drop, ptr)
+        return out
+
+
+def vae_live_peaks(base_dim: int = 96, height: int = 64, width: int = 96, latents: int = 5) -> dict[str, int]:
+    """Peak live tensor bytes on the CPU of each VAE chunk form (decoded frames not counted: the forms keep them in
+    different places), for ``latents`` latents / ``1 + 4 (latents - 1)`` frames at ``height`` x ``width``."""
+    from runtime.models.vae import VAEConfig, WanVAE
+
+    torch.manual_seed(0)
+    vae = WanVAE(VAEConfig(base_dim=base_dim)).eval().requires_grad_(False)
+    z = torch.randn(1, vae.cfg.z_dim, latents, height // 8, width // 8)
+    video = torch.rand(1, 3, 1 + 4 * (latents - 1), height, width) * 2 - 1
+    peaks = {}
+    with torch.no_grad():
+        for chunk in (1, 2):
+            vae.chunk_latents = chunk
+            tag = "" if chunk == 1 else "_chunk2"
+            with LiveBytes() as m:
+                frames = vae.decode_chunked(z)
+            peaks[f"decode{tag}"] = m.peak - frames.nbytes
+            with LiveBytes() as m:
+                vae.encode_chunked(video)
+            peaks[f"encode{tag}"] = m.peak
+        vae.chunk_latents = 1
+        with LiveBytes() as m:
+            vae.decode_low_memory(z, out_device="meta")  # the frames go elsewhere (the host in a GPU run)
+        peaks["decode_low_memory"] = m.peak
+        with LiveBytes() as m:
+            vae.encode_low_memory(video)
+        peaks["encode_low_memory"] = m.peak
+    return peaks
+
+
+def _vae_live(args) -> int:
+    height, width, latents, at = 64, 96, 5, (704, 1024)
+    t0 = time.perf_counter()
+    peaks = vae_live_peaks(96, height, width, latents)
+    scale = at[0] * at[1] / (height * width)
+    rows = [{"form": k, "live_mib": v / 2**20, "scaled_gib": v * scale / 2**30,
+             "bytes_per_pixel_channel": v / (height * width * 96)} for k, v in peaks.items()]
+    meta = {"device": device_description("cpu"), "date": time.strftime("%Y-%m-%d %H:%M"), "git": code_revision(),
+            "command": "python -m benchmarks.offload --vae-live", "seconds": time.perf_counter() - t0,
+            "shapes": {"height": height, "width": width, "latents": latents, "frames": 1 + 4 * (latents - 1),
+                       "scaled_to": list(at)},
+            "weights": "random Wan2.1 VAE (real configuration: base width 96), float32",
+            "notes": "peak bytes of tensor storage alive at once while the form runs (benchmarks.offload.LiveBytes), "
+                     "decoded frames not counted; scaled_gib = live bytes x the area ratio to 704x1024 (every "
+                     "activation of a step scales with the area); no library workspaces"}
+    out = results_dir(args.out, torch.device("cpu")) / f"vae_live_bytes_{at[0]}x{at[1]}.json"
+    write_results(out, rows, meta, markdown_table(rows, ["form", "live_mib", "scaled_gib", "bytes_per_pixel_channel"]))
+    print(markdown_table(rows, ["form", "live_mib", "scaled_gib", "bytes_per_pixel_channel"]))
+    return 0
+
+
+def plan_rows(caps=(24.0, 32.0, 48.0), height: int = 704, width: int = 1024, frames: int = 80) -> list[dict]:
+    """The memory model's choice and per-stage peaks for a later clip, per cap and DiT batch (bf16, UMT5 on the CPU
+    as in this benchmark's runs); refused caps carry the refusal."""
+    sizes = memory_plan.ModelSizes.s2v_14b()
+    rows = []
+    for batch in (1, 2):
+        for cap in caps:
+            shape = memory_plan.Shape(height, width, frames, batch)
+            row = {"memory_cap_gib": cap, "batch": batch, "size": f"{height}x{width}", "frames": frames}
+            try:
+                place = memory_plan.choose(sizes, shape, cap, text_cpu=True)
+            except ConfigError as err:  # the peaks are those of the most offloaded placement
+                row["refused"] = str(err)
+                place = memory_plan.candidates(sizes, text_cpu=True)[-1]
+            peaks = memory_plan.stage_peaks(sizes, place, shape)
+            rows.append({**row, "offload": None if "refused" in row else str(place.offload), "vae": place.vae,
+                         "predicted_peak_gib": max(peaks.values()) / 2**30,
+                         **{f"predicted_{k}_gib": v / 2**30 for k, v in peaks.items()}})
+    return rows
+
+
+def _plan_file(args) -> int:
+    sizes = memory_plan.ModelSizes.s2v_14b()
+    rows = plan_rows()
+    weights = {"dit_gib": (sizes.dit_other + sizes.num_blocks * sizes.dit_block) / 2**30,
+               "dit_non_block_gib": sizes.dit_other / 2**30, "dit_block_gib": sizes.dit_block / 2**30,
+               "dit_block_fp8_gib": memory_plan.ModelSizes.s2v_14b(precision="fp8").dit_block / 2**30,
+               "umt5_gib": sizes.text / 2**30, "vae_gib": sizes.vae / 2**30, "wav2vec2_gib": sizes.audio / 2**30}
+    meta = {"device": "none: computed by runtime.memory_plan (a prediction, not a measurement)",
+            "date": time.strftime("%Y-%m-%d %H:%M"), "git": code_revision(),
+            "command": "python -m benchmarks.offload --plan", "weights": weights,
+            "shapes": {"height": 704, "width": 1024, "infer_frames": 80, "clip": "later"},
+            "notes": "bf16 DiT, UMT5 on the CPU (--t5_cpu), the plan's least offloading per cap; the activation "
+                     "constants are runtime.memory_plan.ActivationModel's (fitted to the H200 results they name)"}
+    out = results_dir(args.out, torch.device("cpu")) / "memory_plan_704x1024-80f.json"
+    cols = ["memory_cap_gib", "batch", "offload", "vae", "predicted_peak_gib", "predicted_denoise_gib",
+            "predicted_vae_decode_gib", "predicted_vae_encode_gib", "refused"]
+    write_results(out, rows, meta, markdown_table(rows, cols))
+    print(markdown_table(rows, cols))
+    return 0
+
+
 def _out_of_memory(err: BaseException) -> bool:
     """Out of device memory, however it surfaced: the allocator's error, or a library's (cuBLAS/cuDNN workspace,
     inductor autotuning) that PyTorch re-raises as a RuntimeError."""
@@ -121,8 +264,14 @@ def main(argv=None) -> int:
     ap.add_argument("--offload-specs", default=None,
                     help="comma list of --offload values used for the capped rows in --caps order instead of the plan")
     ap.add_argument("--tiny", action="store_true", help="CPU dry run on the tiny model (no allocator cap)")
+    ap.add_argument("--vae-live", action="store_true", help="CPU: live tensor bytes of the VAE chunk forms, no run")
+    ap.add_argument("--plan", action="store_true", help="the memory model's choices at 24/32/48 GiB, no run")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
+    if args.vae_live:
+        return _vae_live(args)
+    if args.plan:
+        return _plan_file(args)
     torch.set_grad_enabled(False)
     t_start = time.perf_counter()
     caps = [float(c) for c in args.caps.split(",") if c]

@@ -3,13 +3,14 @@ least offloading that fits a budget.
 
 Weights are counted from the model configurations (meta-device models: no memory, no files read beyond the
 configs) in the dtypes the pipeline holds them in. Activations are a formula in (height, width, frames, batch)
-whose constants live in one dataclass, ``ActivationModel``; they are placeholders until ``benchmarks/offload.py``
-measures the per-stage peaks on the H200 and they are fitted.
+whose constants live in one dataclass, ``ActivationModel``, fitted to the committed H200 peaks (each constant names
+its result file); ``benchmarks/offload.py`` measures the per-stage peaks under capped allocators to check them.
 
 Stages: ``text_encode`` (UMT5), ``audio_encode`` (wav2vec2), ``vae_encode`` (the motion history, 73 frames),
 ``denoise`` (a later clip: reference and motion tokens beside the noisy ones) and ``vae_decode`` (the chunked
 decode of motion + new latents). During every stage the resident weights are on the GPU: the DiT's non-block
-parts, its resident blocks and staging slots, the VAE, and the encoders placed there.
+parts, its resident blocks and staging slots, the VAE, and the encoders placed there. The VAE runs in one of two
+forms (``VAE_FORMS``): the default (GPU: ``WanVAE.optimize``'s compiled 2-latent steps) or the low-memory one.
 """
 from __future__ import annotations
 
@@ -27,20 +28,47 @@ TEXT_PLACES = ("gpu", "moved", "cpu")   # UMT5: resident, on the host and moved 
 AUDIO_PLACES = ("gpu", "cpu")           # wav2vec2: resident or run on the CPU
 
 
+# Fitted to the committed H200 results below; "harness" = tensors the benchmark held beside the stage (weights,
+# inputs, outputs), subtracted before fitting. Where the GPU form was not measured, a CPU measurement of live
+# tensor bytes (``python -m benchmarks.offload --vae-live``: benchmarks/results/cpu/vae_live_bytes_704x1024.json,
+# scaled by area) gives the ratio between two forms.
+VAE_FORMS = ("default", "low_memory")   # the chunk loop of WanVAE.optimize (GPU) / WanVAE.decode_low_memory
+
+
 @dataclass(frozen=True)
 class ActivationModel:
-    """Activation bytes per stage. PLACEHOLDER constants: benchmarks/offload.py measures the per-stage peaks on the
-    H200 (peak allocated minus the resident weights) and these are to be fitted to its rows."""
+    """Activation bytes per stage: the peak allocated beyond the resident weights and the stage's own inputs and
+    outputs, as formulas in (height, width, frames, batch). To be re-fitted to ``benchmarks/offload.py``'s per-stage
+    peaks once it has run on the H200 (benchmarks/NOTES.md, Block offload)."""
 
-    # One batch entry at 704×1024×80 (63,360 tokens) comes to ~5.3 GiB, near the 5.1 GiB between the measured CFG
-    # and batch-1 peaks of the resident pipeline (72.8 and 67.7 GiB); the split between the two terms is a guess.
-    dit_bytes_per_token_dim: float = 12.0    # per DiT token × model width × batch entry (fp32 residual, norms, q/k/v)
-    dit_bytes_per_token_ffn: float = 2.0     # per DiT token × FFN width × batch entry (the bf16 FFN hidden)
-    vae_decode_bytes_per_pixel_channel: float = 48.0   # per output pixel × VAE base width (one chunk's activations)
-    vae_encode_bytes_per_pixel_channel: float = 48.0
+    # DiT, per token and batch entry: benchmarks/results/nvidia-h200/pipeline_fullsize.json, row "second request",
+    # peak_mem_gib 68.29 (first clip: 59,136 tokens, CFG batch 2, torch-graph, everything resident) minus the
+    # resident weights counted here (43.11 GiB): 25.18 GiB = 228.6 KB per token and entry. The FFN term is the bf16
+    # hidden before and after GELU (4 bytes per FFN channel); the width term takes the rest. A torch-graph run of
+    # the code of 2026-11-21: compiled blocks without a graph (block offload) likely need less.
+    dit_bytes_per_token_dim: float = 33.85   # per DiT token × model width × batch entry
+    dit_bytes_per_token_ffn: float = 4.0     # per DiT token × FFN width × batch entry
+    # VAE, per output pixel × VAE base width. vae_speed_later-704x1024.json (39 latents / 73 frames at 704x1024;
+    # harness: weights 0.47, 73 input frames 0.59, latents 0.03, the 153 decoded frames 1.23 GiB, and from the
+    # second row on the first row's frames, 1.23 GiB more):
+    # - default decode (compiled, 2 latents per step): row "compiled" decode_peak_gib 29.38 (1 latent per step)
+    #   -> 25.83 GiB, times 2-latent/1-latent steps on the CPU (cpu file: decode_chunk2 / decode) 1.289 = 33.3 GiB;
+    vae_decode_bytes_per_pixel_channel: float = 517.0
+    # - low-memory decode: row "baseline" decode_peak_gib 22.78 (eager, 1 latent per step) -> 20.46 GiB, 1.145x the
+    #   CPU's live bytes of that form (cpu file: decode); the low-memory form on the CPU (decode_low_memory) times
+    #   that 1.145 = 13.8 GiB;
+    vae_decode_low_memory_bytes_per_pixel_channel: float = 214.0
+    # - default encode: row "compiled" encode_peak_gib 21.88 -> 18.33 GiB, times the CPU's encode_chunk2 / encode
+    #   1.447 = 26.5 GiB (per pixel of the 73 frames' size, as the decode);
+    vae_encode_bytes_per_pixel_channel: float = 412.0
+    # - low-memory encode: row "baseline" encode_peak_gib 16.48 -> 14.16 GiB, 1.228x the CPU's encode; the CPU's
+    #   encode_low_memory times 1.228 = 11.6 GiB.
+    vae_encode_low_memory_bytes_per_pixel_channel: float = 181.0
+    # Not measured (no committed peak): UMT5's activations for 512 tokens and wav2vec2's hidden states are small
+    # beside the DiT's; these are estimates from the tensor shapes.
     text_bytes_per_token_dim: float = 64.0   # per UMT5 token (512) × its width
     audio_bytes_per_second: float = 16e6     # wav2vec2's hidden states (all layers kept) per second of audio
-    reserve_bytes: float = 1.0 * GIB         # allocator fragmentation and workspaces beyond the formula
+    reserve_bytes: float = 1.0 * GIB         # allocator fragmentation and workspaces beyond the formula (a margin)
 
 
 @dataclass(frozen=True)
@@ -167,9 +195,11 @@ class Placement:
     offload: OffloadSpec = OffloadSpec()
     text: str = "gpu"
     audio: str = "gpu"
+    vae: str = "default"    # VAE_FORMS: "low_memory" = WanVAE.low_memory (eager, one latent per step, frames to host)
 
     def __str__(self) -> str:
-        return f"offload {self.offload}, UMT5 {self.text}, wav2vec2 {self.audio}"
+        vae = ", VAE low-memory" if self.vae == "low_memory" else ""
+        return f"offload {self.offload}, UMT5 {self.text}, wav2vec2 {self.audio}{vae}"
 
 
 @dataclass(frozen=True)
@@ -217,25 +247,34 @@ def stage_peaks(sizes: ModelSizes, place: Placement, shape: Shape, act: Activati
     text = 0 if place.text == "cpu" else 512 * sizes.text_dim * act.text_bytes_per_token_dim
     text += sizes.text if place.text == "moved" else 0
     tokens = dit_tokens(sizes, shape, motion_frames)
+    low = place.vae == "low_memory"
+    decode = act.vae_decode_low_memory_bytes_per_pixel_channel if low else act.vae_decode_bytes_per_pixel_channel
+    encode = act.vae_encode_low_memory_bytes_per_pixel_channel if low else act.vae_encode_bytes_per_pixel_channel
     peaks = {
         "text_encode": base + text,
         "audio_encode": base + (act.audio_bytes_per_second * shape.audio_s if place.audio == "gpu" else 0),
-        "vae_encode": base + pixels * (sizes.vae_base_dim * act.vae_encode_bytes_per_pixel_channel + 3 * 4 * motion_frames),
+        # the motion history (fp32 pixels) is on the device in both forms (the sampler moves it in)
+        "vae_encode": base + pixels * (sizes.vae_base_dim * encode + 3 * 4 * motion_frames),
         "denoise": base + shape.batch * tokens * (sizes.dim * act.dit_bytes_per_token_dim
                                                   + sizes.ffn_dim * act.dit_bytes_per_token_ffn),
-        "vae_decode": base + pixels * (sizes.vae_base_dim * act.vae_decode_bytes_per_pixel_channel + 3 * 4 * decoded_frames),
+        # the default form writes the decoded frames into one device tensor; the low-memory one to the host
+        "vae_decode": base + pixels * (sizes.vae_base_dim * decode + (0 if low else 3 * 4 * decoded_frames)),
     }
     return {k: int(v) for k, v in peaks.items()}
 
 
 def candidates(sizes: ModelSizes, text_cpu: bool = False, prefetch: int = 1) -> list[Placement]:
     """Placements from the least offloading to the most: everything resident; the encoders off the GPU (UMT5 moved in
-    while it encodes, else run on the CPU; wav2vec2 on the CPU); then ever fewer resident blocks."""
+    while it encodes, else run on the CPU; wav2vec2 on the CPU); then ever fewer resident blocks; then the same again
+    with the low-memory VAE. Streaming a block costs little where its copy hides behind the compute, while the
+    low-memory VAE costs seconds a clip (eager, one latent per step): it comes last."""
     texts = ("cpu",) if text_cpu else ("moved", "cpu")
-    out = [] if text_cpu else [Placement()]
-    out += [Placement(OffloadSpec(), t, "cpu") for t in texts]
-    for n in range(sizes.num_blocks - 1, -1, -1):
-        out += [Placement(OffloadSpec("blocks", n, prefetch), t, "cpu") for t in texts]
+    out = []
+    for vae in VAE_FORMS:
+        out += [] if text_cpu else [Placement(vae=vae)]
+        out += [Placement(OffloadSpec(), t, "cpu", vae) for t in texts]
+        for n in range(sizes.num_blocks - 1, -1, -1):
+            out += [Placement(OffloadSpec("blocks", n, prefetch), t, "cpu", vae) for t in texts]
     return out
 
 
@@ -243,10 +282,17 @@ def fits(sizes: ModelSizes, place: Placement, shape: Shape, cap_bytes: float, ac
     return max(stage_peaks(sizes, place, shape, act).values()) <= cap_bytes
 
 
+def size_arg(height: int, width: int, size_name: str = "size") -> str:
+    """A size as its option takes it: ``--size 576*832`` (CLI, ``size_name`` "--size") or ``size='576*832'``."""
+    return f"{size_name} {height}*{width}" if size_name.startswith("--") else f"{size_name}='{height}*{width}'"
+
+
 def choose(sizes: ModelSizes, shape: Shape, max_gpu_gib: float, text_cpu: bool = False, prefetch: int = 1,
-           act: ActivationModel = ActivationModel(), name: str = "max_gpu_memory") -> Placement:
+           act: ActivationModel = ActivationModel(), name: str = "max_gpu_memory",
+           size_name: str = "size") -> Placement:
     """The least offloading whose every stage fits ``max_gpu_gib``; refused in one line, naming the largest size
-    (same aspect) that would fit with everything offloaded, when even that cannot fit."""
+    (same aspect) that would fit with everything offloaded, when even that cannot fit. ``name`` and ``size_name``:
+    how the message names the options (``--max_gpu_memory`` / ``--size`` on the CLI)."""
     if not (isinstance(max_gpu_gib, (int, float)) and not isinstance(max_gpu_gib, bool) and 0 < max_gpu_gib < 1e6):
         raise ConfigError(f"{name} {max_gpu_gib!r}: give the GPU memory to fit in GiB, a positive number such as 24")
     cap = max_gpu_gib * GIB
@@ -257,14 +303,15 @@ def choose(sizes: ModelSizes, shape: Shape, max_gpu_gib: float, text_cpu: bool =
     most = options[-1]
     peaks = stage_peaks(sizes, most, shape, act)
     stage = max(peaks, key=peaks.get)
-    what = f"{shape.height}x{shape.width}, {shape.frames} frames, batch {shape.batch}"
+    what = f"{size_arg(shape.height, shape.width, size_name)}, {shape.frames} frames, batch {shape.batch}"
     best = largest_fitting(sizes, most, shape, cap, act)
-    fix = (f"the largest size that fits is {best[0]}x{best[1]}: use a smaller --size or a GPU with more memory"
-           if best else "not even 64x64 fits: use a GPU with more memory")
+    fix = (f"the largest size that fits is {size_arg(best[0], best[1], size_name)}: use it or a GPU with more memory"
+           if best else f"not even {size_arg(64, 64, size_name)} fits: use a GPU with more memory")
     if shape.batch > 1 and fits(sizes, most, replace(shape, batch=1), cap, act):
-        fix += " (or --no_batch_cfg: one CFG branch at a time fits)"
-    raise ConfigError(f"{name} {max_gpu_gib:g} GiB cannot fit {what} even with every block streamed and the encoders "
-                      f"on the CPU (the {stage} stage needs {peaks[stage] / GIB:.1f} GiB); {fix}")
+        cfg = "--no_batch_cfg" if size_name.startswith("--") else "batch_cfg=False"
+        fix += f" (or {cfg}: one CFG branch at a time fits)"
+    raise ConfigError(f"{name} {max_gpu_gib:g} GiB cannot fit {what} even with every block streamed, the encoders "
+                      f"on the CPU and the low-memory VAE (the {stage} stage needs {peaks[stage] / GIB:.1f} GiB); {fix}")
 
 
 def largest_fitting(sizes: ModelSizes, place: Placement, shape: Shape, cap: float,

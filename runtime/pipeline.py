@@ -123,7 +123,8 @@ def plan_memory(path, device: torch.device, dtype: torch.dtype | None, precision
              else memory_plan.ModelSizes.for_checkpoint(path, dtype, precision))
     shape = memory_plan.Shape(height, width, frames, batch)
     place = memory_plan.choose(sizes, shape, max_gpu_memory, text_cpu=t5_cpu,
-                               name="--max_gpu_memory" if cli else "max_gpu_memory")
+                               name="--max_gpu_memory" if cli else "max_gpu_memory",
+                               size_name="--size" if cli else "size")
     log.info("max_gpu_memory %g GiB at %s: %s", max_gpu_memory, area, memory_plan.describe(sizes, place, shape))
     return place
 
@@ -191,10 +192,12 @@ class S2VPipeline:
     def __init__(self, dit, vae, text_encoder, audio_encoder, device: torch.device, backend: str = "auto",
                  t5_cpu: bool = False, offload_model: bool = False, name: str = "", engines_dir: str = "engines",
                  attention: str = "auto", precision: str | None = None, parallel=None, loras=None,
-                 offload: OffloadSpec | str | None = None, move_text: bool | None = None):
+                 offload: OffloadSpec | str | None = None, move_text: bool | None = None,
+                 vae_low_memory: bool = False):
         """``offload``: ``"blocks"``/``"blocks:N"`` streams the DiT's blocks from host memory (``runtime.offload``);
         ``move_text``: UMT5 is held on the host and moved to the device while it encodes (default: with
-        ``offload_model``, unless ``t5_cpu``)."""
+        ``offload_model``, unless ``t5_cpu``); ``vae_low_memory``: the VAE's low-memory chunk form
+        (``WanVAE.decode_low_memory``: eager, one latent per step, frames to the host) instead of the compiled one."""
         self.dit, self.vae, self.text_encoder, self.audio_encoder = dit, vae, text_encoder, audio_encoder
         self.device = device
         self.t5_cpu, self.offload_model = t5_cpu, offload_model
@@ -210,19 +213,23 @@ class S2VPipeline:
                 backend = "torch-compile"  # compiled blocks without a graph: the streamed weights change under it
             check_offload(self.offload, backend, parallel=parallel)
         self.backend_name = backend
+        if vae_low_memory and backend in ("onnxruntime", "tensorrt"):
+            raise ConfigError(f"the low-memory VAE runs the PyTorch VAE; backend {backend} runs its exported VAE graphs: "
+                              "use backend torch-compile or torch, or a larger max_gpu_memory")
+        vae.low_memory = bool(vae_low_memory)
         # LoRAs are merged into the weights first: before FP8 quantisation and before any compilation or capture
         # (with block offload: into the host copy, before it is pinned).
         self.loras = lora.as_specs(loras)
-        lora.merge(dit, self.loras, round_dtype=dit.dtype)
+        lora.merge(dit, self.loras, round_dtype=dit.dtype, device=device if device.type == "cuda" else None)
         self.streamer = None
         if self.offload.enabled:
             if precision == "fp8":
-                block_offload.quantize_on_host(dit, device)  # the host keeps e4m3 weights: half the bytes to copy
+                block_offload.quantize_on_host(dit, device)  # the host keeps e4m3 weights: fewer bytes to copy
             self.streamer = block_offload.attach(dit, device, self.offload)
         elif precision == "fp8":
             dit.set_precision("fp8")  # refuses (ConfigError) where FP8 does not run: never a silent fallback
         dit.set_attention(attention)
-        if device.type == "cuda" and backend in ("torch-graph", "torch-compile"):
+        if device.type == "cuda" and backend in ("torch-graph", "torch-compile") and not vae_low_memory:
             vae.optimize()  # compiled chunk steps over channels-last weights, 2 latents per step
         if parallel is not None:
             shard_model(dit, parallel)
@@ -260,9 +267,9 @@ class S2VPipeline:
         weights at load (``runtime.lora``); their keys and shapes are checked before the weights load.
         offload: ``"blocks"`` (every DiT block streamed from host memory, each copied one block ahead of its use) or
         ``"blocks:N"`` (the first N blocks kept on the GPU); None/``"none"``: everything resident (docs/memory.md).
-        max_gpu_memory: GiB to fit in: the least offloading (resident blocks, encoders' places) whose every stage
-        fits ``fit_size`` (an ``H*W`` area), ``fit_frames`` per clip and DiT batch ``fit_batch`` (2: CFG batched) is
-        chosen from ``runtime.memory_plan``, and refused before loading when even full offload cannot fit.
+        max_gpu_memory: GiB to fit in: the least offloading (resident blocks, encoders' places, the VAE's form) whose
+        every stage fits ``fit_size`` (an ``H*W`` area), ``fit_frames`` per clip and DiT batch ``fit_batch`` (2: CFG
+        batched) is chosen from ``runtime.memory_plan``, and refused before loading when even full offload cannot fit.
         """
         if precision in ("bf16", "fp16", "fp8") and dtype is None:
             dtype = torch.float16 if precision == "fp16" else torch.bfloat16
@@ -284,7 +291,7 @@ class S2VPipeline:
         else:
             place = _placement(spec, t5_cpu, offload_model)
         extra = dict(attention=attention, precision=precision, parallel=parallel, loras=loras, offload=spec,
-                     move_text=place.text == "moved")
+                     move_text=place.text == "moved", vae_low_memory=place.vae == "low_memory")
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         if str(path) == TINY:

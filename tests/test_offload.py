@@ -368,17 +368,18 @@ def test_weight_bytes_from_the_configs_match_the_built_models():
     assert counted == built
 
 
-# A fixed activation model, so that fitting the placeholders to the H200 run does not move this table.
-ACT = mp.ActivationModel(dit_bytes_per_token_dim=12.0, dit_bytes_per_token_ffn=2.0)
-TABLE = [  # (GiB, DiT batch) -> (offload, UMT5, wav2vec2) at 704x1024, 80 frames, random 14B bf16
-    (80, 2, ("none", "gpu", "gpu")),
-    (48, 2, ("none", "moved", "cpu")),
-    (32, 2, ("blocks:21", "moved", "cpu")),
-    (24, 2, ("blocks:9", "cpu", "cpu")),
-    (48, 1, ("none", "moved", "cpu")),
-    (32, 1, ("blocks:29", "cpu", "cpu")),
-    (24, 1, ("blocks:17", "cpu", "cpu")),
-    (16, 1, ("blocks:4", "cpu", "cpu")),
+# The fitted activation model's choices at 704x1024, 80 frames, random 14B bf16, UMT5 on the CPU (--t5_cpu): the table
+# in docs/memory.md (benchmarks/results/cpu/memory_plan_704x1024-80f.json). Refitting the constants moves it: update
+# all three together.
+ACT = mp.ActivationModel()
+TABLE = [  # (GiB, DiT batch) -> (offload, VAE form), or None where refused
+    (80, 2, ("none", "default")),
+    (48, 2, ("blocks:9", "default")),
+    (32, 2, None),
+    (24, 2, None),
+    (48, 1, ("blocks:9", "default")),
+    (32, 1, ("blocks:16", "low_memory")),
+    (24, 1, ("blocks:4", "low_memory")),
 ]
 
 
@@ -390,13 +391,79 @@ def sizes14b():
 @pytest.mark.parametrize("cap,batch,want", TABLE)
 def test_max_gpu_memory_picks_the_least_offloading_that_fits(sizes14b, cap, batch, want):
     shape = mp.Shape(704, 1024, 80, batch)
-    place = mp.choose(sizes14b, shape, cap, act=ACT)
-    assert (str(place.offload), place.text, place.audio) == want
+    options = mp.candidates(sizes14b, text_cpu=True)
+    if want is None:
+        with pytest.raises(ConfigError, match="batch_cfg=False: one CFG branch at a time fits"):
+            mp.choose(sizes14b, shape, cap, text_cpu=True, act=ACT)
+        assert not any(mp.fits(sizes14b, p, shape, cap * mp.GIB, ACT) for p in options)
+        return
+    place = mp.choose(sizes14b, shape, cap, text_cpu=True, act=ACT)
+    assert (str(place.offload), place.vae, place.text, place.audio) == (*want, "cpu", "cpu")
     peaks = mp.stage_peaks(sizes14b, place, shape, ACT)
     assert max(peaks.values()) <= cap * mp.GIB
-    options = mp.candidates(sizes14b)
     for less in options[:options.index(place)]:  # everything less offloaded does not fit
         assert max(mp.stage_peaks(sizes14b, less, shape, ACT).values()) > cap * mp.GIB
+
+
+def test_the_low_memory_vae_comes_after_every_default_placement(sizes14b):
+    options = mp.candidates(sizes14b)
+    forms = [p.vae for p in options]
+    assert forms == sorted(forms, key=mp.VAE_FORMS.index) and forms.count("low_memory") == len(options) // 2
+    shape = mp.Shape(704, 1024, 80, 1)
+    default, low = mp.Placement(OffloadSpec("blocks"), "cpu", "cpu"), mp.Placement(OffloadSpec("blocks"), "cpu", "cpu",
+                                                                                   "low_memory")
+    a, b = mp.stage_peaks(sizes14b, default, shape), mp.stage_peaks(sizes14b, low, shape)
+    assert b["vae_decode"] < a["vae_decode"] and b["vae_encode"] < a["vae_encode"] and b["denoise"] == a["denoise"]
+    # the default decode writes its 153 frames into one device tensor, the low-memory one to the host
+    frames = 3 * 4 * 153 * 704 * 1024
+    assert a["vae_decode"] - b["vae_decode"] == pytest.approx(
+        704 * 1024 * 96 * (ACT.vae_decode_bytes_per_pixel_channel - ACT.vae_decode_low_memory_bytes_per_pixel_channel)
+        + frames, abs=2)
+
+
+def test_activation_constants_come_from_the_committed_results(sizes14b):
+    """Each fitted constant recomputed from the result files its comment names (runtime.memory_plan)."""
+    import json
+    from pathlib import Path
+
+    res = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    vae = {r["variant"]: r for r in json.loads((res / "nvidia-h200" / "vae_speed_later-704x1024.json").read_text())["rows"]}
+    cpu = {r["form"]: r["scaled_gib"] for r in json.loads((res / "cpu" / "vae_live_bytes_704x1024.json").read_text())["rows"]}
+    pipe = json.loads((res / "nvidia-h200" / "pipeline_fullsize.json").read_text())["rows"][1]
+    px, gib = 704 * 1024, mp.GIB
+    harness = (sizes14b.vae + 3 * 73 * px * 4 + 16 * 39 * 88 * 128 * 4 + 3 * 153 * px * 4) / gib  # + first row's frames
+    frames = 3 * 153 * px * 4 / gib
+
+    def per_px(gib_value):  # GiB at 704x1024 -> bytes per pixel and VAE base channel
+        return gib_value * gib / (px * 96)
+
+    dec_ratio = (vae["baseline"]["decode_peak_gib"] - harness) / cpu["decode"]
+    enc_ratio = (vae["baseline"]["encode_peak_gib"] - harness) / cpu["encode"]
+    dec = (vae["compiled"]["decode_peak_gib"] - harness - frames) * cpu["decode_chunk2"] / cpu["decode"]
+    enc = (vae["compiled"]["encode_peak_gib"] - harness - frames) * cpu["encode_chunk2"] / cpu["encode"]
+    for got, want in ((ACT.vae_decode_bytes_per_pixel_channel, per_px(dec)),
+                      (ACT.vae_decode_low_memory_bytes_per_pixel_channel, per_px(cpu["decode_low_memory"] * dec_ratio)),
+                      (ACT.vae_encode_bytes_per_pixel_channel, per_px(enc)),
+                      (ACT.vae_encode_low_memory_bytes_per_pixel_channel, per_px(cpu["encode_low_memory"] * enc_ratio))):
+        assert want <= got <= want + 1  # rounded up: a plan may waste a byte per pixel, never come short
+    weights = sizes14b.dit_other + 40 * sizes14b.dit_block + sizes14b.vae + sizes14b.text + sizes14b.audio
+    per_token = (pipe["peak_mem_gib"] * gib - weights) / (2 * 59136)  # first clip, CFG batch 2
+    fitted = sizes14b.dim * ACT.dit_bytes_per_token_dim + sizes14b.ffn_dim * ACT.dit_bytes_per_token_ffn
+    assert per_token <= fitted <= per_token * 1.001
+
+
+def test_low_memory_vae_constants_match_live_bytes_measured_on_the_cpu():
+    """The tiny-width VAE (base 16) on the CPU: every activation is a multiple of the base width, so its live bytes
+    per pixel and base channel are the real VAE's (within the few small tensors that are not); the low-memory forms
+    need much less than the default ones, as the fitted constants say."""
+    from benchmarks.offload import vae_live_peaks
+
+    live = {k: v / (32 * 48 * 16) for k, v in vae_live_peaks(16, 32, 48, 3).items()}
+    assert live["decode_low_memory"] < 0.7 * live["decode"] and live["encode_low_memory"] < 0.85 * live["encode"]
+    assert live["decode_chunk2"] > 1.2 * live["decode"]  # two latents a step: more activations at once
+    gpu_over_cpu = ACT.vae_decode_low_memory_bytes_per_pixel_channel / live["decode_low_memory"]
+    assert 1.1 < gpu_over_cpu < 1.2  # the H200's eager decode over its CPU live bytes: 1.145
+    assert ACT.vae_encode_low_memory_bytes_per_pixel_channel / live["encode_low_memory"] == pytest.approx(1.23, rel=0.03)
 
 
 def test_the_resident_weights_are_counted_by_hand(sizes14b):
@@ -411,15 +478,18 @@ def test_the_resident_weights_are_counted_by_hand(sizes14b):
 def test_refusal_names_the_largest_size_that_fits(sizes14b):
     shape = mp.Shape(704, 1024, 80, 2)
     with pytest.raises(ConfigError) as err:
-        mp.choose(sizes14b, shape, 16, act=ACT)
+        mp.choose(sizes14b, shape, 24, act=ACT, name="--max_gpu_memory", size_name="--size")
     msg = str(err.value)
-    assert "\n" not in msg and msg.startswith("max_gpu_memory 16 GiB cannot fit 704x1024")
-    h, w = (int(v) for v in msg.split("largest size that fits is ")[1].split(":")[0].split("x"))
+    assert "\n" not in msg and msg.startswith("--max_gpu_memory 24 GiB cannot fit --size 704*1024, 80 frames")
+    h, w = (int(v) for v in msg.split("largest size that fits is --size ")[1].split(":")[0].split("*"))
     most = mp.candidates(sizes14b)[-1]
-    assert mp.fits(sizes14b, most, shape.with_size(h, w), 16 * mp.GIB, ACT)
-    assert (h, w) == (576, 832)  # the next size of the search (640x960 at this aspect) does not fit
-    assert not mp.fits(sizes14b, most, shape.with_size(640, 960), 16 * mp.GIB, ACT)
-    assert "--no_batch_cfg" in msg  # one branch at a time would fit
+    assert most.vae == "low_memory" and str(most.offload) == "blocks" and most.text == most.audio == "cpu"
+    assert mp.fits(sizes14b, most, shape.with_size(h, w), 24 * mp.GIB, ACT)
+    assert (h, w) == (512, 768)  # the next size of the search (576x832 at this aspect) does not fit
+    assert not mp.fits(sizes14b, most, shape.with_size(576, 832), 24 * mp.GIB, ACT)
+    assert "(or --no_batch_cfg: one CFG branch at a time fits)" in msg
+    with pytest.raises(ConfigError, match=r"^max_gpu_memory 24 GiB cannot fit size='704\*1024'.* size='512\*768'"):
+        mp.choose(sizes14b, shape, 24, act=ACT)  # the library's words
 
 
 # ------------------------------------------------------------------------------------------- the flags
@@ -448,7 +518,7 @@ def test_cli_flags_parse_and_reach_the_pipeline(tmp_path, monkeypatch, capsys):
 @pytest.mark.parametrize("argv,want", [
     (["--offload", "blocks:x"], "--offload 'blocks:x': N in blocks:N must be a whole number"),
     (["--offload", "blocks", "--offload_model"], "--offload blocks streams the DiT's blocks from host memory"),
-    (["--max_gpu_memory", "0.5"], "--max_gpu_memory 0.5 GiB cannot fit 64x64"),
+    (["--max_gpu_memory", "0.5"], "--max_gpu_memory 0.5 GiB cannot fit --size 64*64"),
     (["--max_gpu_memory", "-1"], "--max_gpu_memory -1.0: give the GPU memory to fit in GiB"),
     (["--max_gpu_memory", "8", "--offload", "blocks"], "--max_gpu_memory chooses the offloading itself"),
 ])
@@ -490,3 +560,48 @@ def test_offload_benchmark_dry_run_on_the_tiny_model(tmp_path):
     assert (resident["offload"], resident["memory_cap_gib"]) == ("none", None)
     assert (capped["offload"], capped["memory_cap_gib"]) == ("blocks:1", 24.0) and capped["slowdown"] > 0
     assert (tmp_path / "offload_64x96-16f.md").is_file()
+
+
+# ------------------------------------------------------------------------------------------- the low-memory VAE
+def test_low_memory_vae_gives_the_default_frames_bit_for_bit():
+    """Same arithmetic as the default chunked form at one latent per step (CPU: no compiled step, no channels-last):
+    the same frames and latents, bit for bit; the frames come back on the host, the caches are consumed."""
+    vae = tiny.tiny_vae()
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(1, 16, 4, 6, 8, generator=g)
+    video = torch.rand(1, 3, 13, 48, 64, generator=g) * 2 - 1
+    ref_frames, ref_latents = vae.decode_chunked(z), vae.encode_chunked(video)
+    low = vae.decode_low_memory(z)
+    assert low.device.type == "cpu" and torch.equal(low, ref_frames)
+    assert torch.equal(vae.encode_low_memory(video), ref_latents)
+    vae.low_memory = True  # what the pipeline sets: the sampler's chunked calls take the low-memory path
+    assert torch.equal(vae.decode_chunked(z), ref_frames) and torch.equal(vae.encode_chunked(video), ref_latents)
+    vae.low_memory, vae.chunk_latents = False, 2  # the GPU form's two latents per step: exact in real arithmetic
+    torch.testing.assert_close(vae.decode_chunked(z), ref_frames, rtol=0, atol=1e-5)
+    caches = list(vae.decode_first(z[:, :, :1])[1])
+    n = len(caches)
+    vae._decode_consuming(z[:, :, 1:2], caches)
+    assert caches == [None] * n  # every old cache dropped once its layer read it
+
+
+def test_the_plan_s_low_memory_vae_reaches_the_pipeline():
+    sizes = mp.ModelSizes.tiny()
+    shape = mp.Shape(64, 64, 80, 2)
+    low = mp.Placement(OffloadSpec("blocks", 0), "cpu", "cpu", "low_memory")
+    cap = max(mp.stage_peaks(sizes, low, shape).values()) / mp.GIB
+    assert mp.choose(sizes, shape, cap, text_cpu=True) == low
+    pipe = S2VPipeline.from_pretrained("tiny", device="cpu", max_gpu_memory=cap, t5_cpu=True)
+    assert pipe.vae.low_memory and str(pipe.offload) == "blocks"
+    assert not S2VPipeline.from_pretrained("tiny", device="cpu").vae.low_memory
+
+
+def test_fuse_qkv_and_set_precision_after_attach_are_refused():
+    dit = tiny.tiny_dit(torch.float32)
+    for block in dit.blocks:  # as loaded before fusing (a checkpoint's separate q/k/v)
+        block.self_attn.qkv = None
+    offload.attach(dit, torch.device("cpu"), OffloadSpec("blocks"))
+    with pytest.raises(ConfigError, match=r"fuse_qkv\(\) after block offload is attached"):
+        dit.fuse_qkv()
+    with pytest.raises(ConfigError, match=r"set_precision\('fp8'\) after block offload is attached"):
+        dit.set_precision("fp8")
+    dit.set_precision("native")  # no change: nothing to refuse
