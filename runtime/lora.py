@@ -360,12 +360,15 @@ def _delta(fh, p: Patch, plan_: Plan, shape: Sequence[int], device) -> torch.Ten
     return (up.reshape(up.shape[0], p.rank) @ down.reshape(p.rank, -1)).reshape(shape) * (strength * scale)
 
 
-def merge(model: nn.Module, specs: Sequence[LoraSpec], round_dtype: torch.dtype | None = None) -> list[Plan]:
+def merge(model: nn.Module, specs: Sequence[LoraSpec], round_dtype: torch.dtype | None = None,
+          device: torch.device | str | None = None) -> list[Plan]:
     """Merge ``specs`` into ``model``'s weights in place (one rounding per weight); returns the plans (logged).
 
     ``round_dtype``: parameters held in float32 although the model computes in bf16/fp16 (its fp32 islands) are
     rounded through this dtype after the merge, as if the merged weights had been stored in the checkpoint's
-    dtype (None: no extra rounding)."""
+    dtype (None: no extra rounding). ``device``: where a weight held on the host is merged (each one moved there and
+    back): a model streamed from host memory merged on its GPU gets the bits of a merge on the GPU-resident model
+    (the delta's matmul runs on the same kernels); None: where the weight is."""
     from safetensors import safe_open
 
     if not specs:
@@ -389,9 +392,10 @@ def merge(model: nn.Module, specs: Sequence[LoraSpec], round_dtype: torch.dtype 
         for param, patches in by_param.items():
             tensor, rows = _target(model, param)
             view = tensor.data if rows is None else tensor.data[rows]
-            merged = view.to(torch.float32, copy=True)
+            work = tensor.device if device is None or tensor.device.type != "cpu" else torch.device(device)
+            merged = view.to(work, torch.float32, copy=True)
             for i, p in patches:
-                d = _delta(files[i], p, plans[i], view.shape, tensor.device)
+                d = _delta(files[i], p, plans[i], view.shape, work)
                 if not bool(torch.isfinite(d).all()):
                     raise LoraError(f"{plans[i].spec.path}: the delta of {param} overflows float32 (strength "
                                     f"{plans[i].spec.strength:g}); the file is damaged or the strength too large")

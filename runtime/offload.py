@@ -13,7 +13,8 @@ compute wait for a copy, mark the end of a block's compute, and wait for everyth
 timeline and check the order of these events on the CPU.
 
 LoRA merges and FP8 quantisation happen on the host copy before it is pinned (``S2VPipeline`` orders it), so the
-streamed bytes are the merged weights, and for FP8 the e4m3 weights and their scales (half the bytes of bf16).
+streamed bytes are the merged weights (each merged on the GPU where there is one: the bits of a resident merge), and
+for FP8 the e4m3 weights and their scales (about two thirds of a bf16 block: the cross-attention stays bf16).
 CUDA graphs are refused: a captured graph would replay the copies' addresses but not the copies themselves.
 """
 from __future__ import annotations

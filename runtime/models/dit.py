@@ -505,8 +505,17 @@ class WanS2VDiT(nn.Module):
         split reaches the compiled blocks as an argument, which they guard on (a module attribute would not be)."""
         self.sp = shard
 
+    def _refuse_if_streaming(self, what: str) -> None:
+        # The streamer's slots and pinned host copies were built from the blocks as they were at attach: changing
+        # the blocks now would leave the slots computing with the old structure or bytes.
+        if self.block_source is not None:
+            raise ConfigError(f"{what} after block offload is attached would not reach the blocks it streams; call it "
+                              "before runtime.offload.attach (S2VPipeline does: LoRA, FP8 and fused QKV come first)")
+
     def fuse_qkv(self) -> None:
         """One QKV GEMM per block (weights concatenated; checkpoint keys unchanged)."""
+        if any(block.self_attn.qkv is None for block in self.blocks):
+            self._refuse_if_streaming("fuse_qkv()")
         for block in self.blocks:
             block.self_attn.fuse_qkv()
 
@@ -517,6 +526,7 @@ class WanS2VDiT(nn.Module):
             return
         if precision != "fp8":
             raise ValueError(f"cannot switch a {self.precision} model to {precision}; load it again")
+        self._refuse_if_streaming(f"set_precision({precision!r})")
 
         why = fp8.unsupported_reason(self.patch_embedding.weight.device)
         if why:
