@@ -21,6 +21,9 @@ from runtime.errors import ConfigError
 
 log = logging.getLogger(__name__)
 _GROUPS: dict[str, "dist.ProcessGroup"] = {}
+# The groups of each layout built so far, by (ulysses, cfg_parallel): a process that switches layouts per request
+# (a serve worker of several ranks) reuses them instead of creating communicators on every switch.
+_BUILT: dict[tuple[int, bool], dict[str, "dist.ProcessGroup"]] = {}
 
 
 # --------------------------------------------------------------------------------------------- layout
@@ -82,22 +85,28 @@ def init(ulysses: int = 1, cfg_parallel: bool = False, device: str | torch.devic
 
 
 def configure(ulysses: int, cfg_parallel: bool, device: torch.device) -> Layout:
-    """Build the groups of one layout over the initialised world (callable again for another layout)."""
+    """Build the groups of one layout over the initialised world (callable again for another layout; a layout's
+    groups are built once, so every rank must call it with the same layouts in the same order)."""
     world = dist.get_world_size()
     check_sizes(ulysses, cfg_parallel, world)
     rank = dist.get_rank()
     layout = Layout(rank, world, ulysses, cfg_parallel, device)
+    groups = _BUILT.get((ulysses, cfg_parallel))
+    if groups is None:
+        groups = {}
+        branches = 2 if cfg_parallel else 1
+        for c in range(branches):  # every rank creates every group, in the same order
+            g = dist.new_group(list(range(c * ulysses, (c + 1) * ulysses)))
+            if layout.cfg_index == c:
+                groups["sp"] = g
+        if cfg_parallel:
+            for s in range(ulysses):
+                g = dist.new_group([s, s + ulysses])
+                if layout.sp_rank == s:
+                    groups["cfg"] = g
+        _BUILT[(ulysses, cfg_parallel)] = groups
     _GROUPS.clear()
-    branches = 2 if cfg_parallel else 1
-    for c in range(branches):  # every rank creates every group, in the same order
-        g = dist.new_group(list(range(c * ulysses, (c + 1) * ulysses)))
-        if layout.cfg_index == c:
-            _GROUPS["sp"] = g
-    if cfg_parallel:
-        for s in range(ulysses):
-            g = dist.new_group([s, s + ulysses])
-            if layout.sp_rank == s:
-                _GROUPS["cfg"] = g
+    _GROUPS.update(groups)
     return layout
 
 
@@ -108,6 +117,7 @@ def is_main() -> bool:
 
 def shutdown() -> None:
     _GROUPS.clear()
+    _BUILT.clear()
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -1,5 +1,6 @@
 """``python -m runtime.serve``: the HTTP video service (FastAPI + uvicorn; one worker process per ``--gpus`` entry,
-each serving one ``--model``; the API process holds no model).
+or a ``torch.distributed`` group of ``--gpus_per_worker`` processes, each worker serving one ``--model``; the API
+process holds no model).
 
 Everything that can be wrong with the command line is checked before a worker starts loading: the model
 options and ``--model`` specs, the workers and their split among the models, the limits, the API keys, the port
@@ -81,14 +82,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one worker process per entry: CUDA GPU indices (0,1,2,3) or cpu (cpu,cpu: two CPU workers); "
                         "default: the --device given, else every visible CUDA GPU, else cpu")
     g.add_argument("--workers", type=int, default=None, metavar="N",
-                   help="N worker processes on the default device(s), in turn (instead of --gpus)")
-    g.add_argument("--gpus_per_worker", type=int, default=1, help="GPUs per worker process (1; more is not built yet)")
+                   help="N workers on the default device(s), in turn (instead of --gpus)")
+    g.add_argument("--gpus_per_worker", type=int, default=1, metavar="N",
+                   help="group N consecutive --gpus entries into one worker: N processes joined by torch.distributed "
+                        "(NCCL; gloo for cpu entries) that run each job together, CFG parallel for CFG jobs and "
+                        "Ulysses for CFG-off jobs (default 1)")
     g.add_argument("--model", action="append", default=[], metavar="NAME[=SPEC]",
                    help="a model variant jobs can name (repeatable; the first is the default). SPEC: comma-separated "
                         "lora:PATH[:STRENGTH] (repeatable), steps:N, guide:G, shift:S (its jobs' default recipe), "
-                        "precision:bf16|fp16|fp8, attention:X, cache:SPEC, gpus:I,J (its workers, by place in "
-                        "--gpus; otherwise the workers are split evenly in order). Default: one model named after "
-                        "--ckpt_dir")
+                        "precision:bf16|fp16|fp8, attention:X, cache:SPEC, gpus:I,J (its workers, by place among "
+                        "the workers: w0, w1, ...; otherwise the workers are split evenly in order). Default: one "
+                        "model named after --ckpt_dir")
     p.add_argument("--log_level", default="info")
     return p
 
@@ -326,9 +330,6 @@ def _models(args):
 
     from .models import ModelSpec, assign, parse_gpus, parse_model
 
-    if args.gpus_per_worker != 1:
-        raise InputError(f"--gpus_per_worker {args.gpus_per_worker}: a worker runs on one GPU in this version "
-                         "(a torch.distributed group per worker is not built); leave it at 1")
     count = torch.cuda.device_count()
     if args.device is not None and torch.device(args.device).type == "cpu":
         default = ["cpu"]
@@ -336,18 +337,44 @@ def _models(args):
         default = [str(torch.device(args.device).index)]
     else:
         default = [str(i) for i in range(count)] or ["cpu"]
-    devices = parse_gpus(args.gpus, args.workers, count, default)
+    devices = parse_gpus(args.gpus, args.workers, count, default, args.gpus_per_worker)
+    if args.gpus_per_worker > 1:
+        _check_group(args)
     base = ModelSpec(_model_name(args.ckpt_dir), loras=list(args.loras), precision=args.precision,
                      attention=args.attention)
     models = [parse_model(text, base, args.max_steps) for text in args.model] or [base]
     placement = assign(models, devices)
     for m in models:  # FP8 and a named attention kernel on each of the model's devices
-        for d in placement[m.name]:
+        for label in dict.fromkeys(label for d in placement[m.name] for label in d.labels):
             try:
-                check_runnable(torch.device(d.label), m.precision, m.attention, cli=True)
+                check_runnable(torch.device(label), m.precision, m.attention, cli=True)
             except S2VError as exc:
-                raise InputError(f"--model {m.name} on {d.label}: {exc}") from None
+                raise InputError(f"--model {m.name} on {label}: {exc}") from None
     return models, placement
+
+
+def _check_group(args) -> None:
+    """What a worker of several ranks needs: a PyTorch backend, every rank holding the whole DiT, and attention
+    heads that split evenly over its ranks."""
+    from runtime import checkpoint as ck
+    from runtime.config import DiTConfig
+    from runtime.errors import InputError
+    from runtime.pipeline import TINY
+
+    from .group import TORCH_BACKENDS, check_heads
+
+    n = args.gpus_per_worker
+    if args.backend not in TORCH_BACKENDS:
+        raise InputError(f"--backend {args.backend} runs whole steps in an engine, which --gpus_per_worker {n} "
+                         "cannot split over ranks; use --backend torch-compile, torch-graph or torch")
+    if args.offload not in (None, "none"):
+        raise InputError(f"--offload streams the DiT from host memory on one GPU; each rank of a --gpus_per_worker "
+                         f"{n} worker holds the whole DiT: drop --offload")
+    if args.max_gpu_memory is not None:
+        raise InputError(f"--max_gpu_memory plans the offloading of one GPU; each rank of a --gpus_per_worker {n} "
+                         "worker holds the whole DiT: drop --max_gpu_memory")
+    config = DiTConfig.tiny() if args.ckpt_dir == TINY else DiTConfig.from_json(Path(args.ckpt_dir) / ck.DIT_CONFIG)
+    check_heads(n, config.num_heads)
 
 
 def _area(value: str, flag: str) -> int:

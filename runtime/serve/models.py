@@ -3,7 +3,8 @@
 A SPEC is comma-separated ``key:value`` items: ``lora:PATH[:STRENGTH]`` (repeatable), ``steps:N``, ``guide:G``,
 ``shift:S`` (the recipe a job of the model gets when it does not set those fields), ``precision:bf16|fp16|fp8``,
 ``attention:X``, ``cache:SPEC`` (the step cache of every job of the model) and ``gpus:I,J`` (the workers that
-serve it, by their place in ``--gpus``: 0 is the first). An item without ``:`` continues the value before it,
+serve it, by their place among the workers: 0 is the first; with ``--gpus_per_worker 1`` that is the place in
+``--gpus``, with N the worker of entries N·I .. N·I+N-1). An item without ``:`` continues the value before it,
 so ``gpus:0,1`` and ``cache:steps:10,12`` read as one item each. What a SPEC leaves out comes from the shared
 options (``--lora``, ``--precision``, ``--attention``). Models without ``gpus:`` share the workers no model
 named, split evenly in order.
@@ -25,18 +26,36 @@ PRECISIONS = ("bf16", "fp16", "fp8")
 
 @dataclass(frozen=True)
 class Device:
-    """One ``--gpus`` entry: a worker process on ``cpu`` or on one CUDA GPU (``gpu`` its index)."""
+    """A worker's devices: ``--gpus_per_worker`` consecutive ``--gpus`` entries, one per rank of its process group
+    (one entry, one process, by default)."""
 
-    index: int              # the worker's place in --gpus: its name is w<index>
-    gpu: str | None         # the CUDA device index the process is given (CUDA_VISIBLE_DEVICES), None for cpu
+    index: int                      # the worker's place among the workers: its name is w<index>
+    gpus: tuple[str | None, ...]    # per rank: the CUDA device index, or None for cpu
 
     @property
     def name(self) -> str:
         return f"w{self.index}"
 
     @property
+    def ranks(self) -> int:
+        return len(self.gpus)
+
+    @property
+    def on_cpu(self) -> bool:
+        return self.gpus[0] is None
+
+    @property
+    def labels(self) -> list[str]:
+        return ["cpu" if g is None else f"cuda:{g}" for g in self.gpus]
+
+    @property
     def label(self) -> str:
-        return "cpu" if self.gpu is None else f"cuda:{self.gpu}"
+        return ",".join(self.labels)
+
+    @property
+    def visible(self) -> str | None:
+        """``CUDA_VISIBLE_DEVICES`` for each of its processes (rank r then uses ``cuda:r``); None on the CPU."""
+        return None if self.on_cpu else ",".join(self.gpus)
 
 
 @dataclass
@@ -61,30 +80,50 @@ class ModelSpec:
                 "cache": self.cache, "loras": [{"name": Path(s.path).name, "strength": s.strength} for s in self.loras]}
 
 
-def parse_gpus(text: str | None, workers: int | None, cuda_count: int, default: list[str]) -> list[Device]:
+def parse_gpus(text: str | None, workers: int | None, cuda_count: int, default: list[str],
+               per_worker: int = 1) -> list[Device]:
     """``--gpus 0,1`` / ``cpu,cpu``, else ``--workers N`` workers on the ``default`` entries in turn (the device
-    ``--device`` names, else every visible CUDA GPU, else cpu), else one worker per ``default`` entry."""
+    ``--device`` names, else every visible CUDA GPU, else cpu), else one worker per ``default`` entry; consecutive
+    entries grouped ``per_worker`` to a worker (``--gpus_per_worker``; a CPU default gives each worker that many
+    CPU ranks)."""
     if text is not None and workers is not None:
         raise InputError("--gpus and --workers both say which workers to start; pass one of them")
+    if per_worker < 1:
+        raise InputError(f"--gpus_per_worker {per_worker} must be 1 or more")
     if text is not None:
         entries = [e.strip() for e in text.split(",")]
     elif workers is not None:
         if workers < 1:
             raise InputError(f"--workers {workers} must be 1 or more")
-        entries = [default[i % len(default)] for i in range(workers)]
+        entries = [default[i % len(default)] for i in range(workers * per_worker)]
     else:
-        entries = default
-    out = []
-    for i, e in enumerate(entries):
+        entries = default * per_worker if default == ["cpu"] else default
+    gpus: list[str | None] = []
+    for e in entries:
         if e == "cpu":
-            out.append(Device(i, None))
+            gpus.append(None)
         elif e.isascii() and e.isdigit():
             if int(e) >= cuda_count:
                 seen = f"GPUs 0..{cuda_count - 1} are" if cuda_count else "no CUDA GPU is"
                 raise InputError(f"--gpus {text}: GPU {e} is not visible here ({seen}); pass visible GPUs or cpu")
-            out.append(Device(i, str(int(e))))
+            gpus.append(str(int(e)))
         else:
             raise InputError(f"--gpus {text}: {e!r} is not a GPU index or cpu; pass e.g. 0,1 or cpu,cpu")
+    if len(gpus) % per_worker:
+        what = f"--gpus {text}" if text is not None else f"the default devices ({','.join(entries)})"
+        raise InputError(f"{what}: {len(gpus)} entries do not make workers of --gpus_per_worker {per_worker}; "
+                         f"pass a multiple of {per_worker} entries")
+    out = []
+    for i in range(len(gpus) // per_worker):
+        group = tuple(gpus[i * per_worker:(i + 1) * per_worker])
+        said = ",".join(entries[i * per_worker:(i + 1) * per_worker])
+        if len({g is None for g in group}) > 1:
+            raise InputError(f"--gpus {text}: worker {i} would mix cpu and GPUs ({said}); group cpu entries with cpu "
+                             "entries only")
+        if group[0] is not None and len(set(group)) < len(group):
+            raise InputError(f"--gpus {text}: worker {i} would run two ranks on one GPU ({said}); give each rank its "
+                             "own GPU")
+        out.append(Device(i, group))
     return out
 
 
@@ -165,7 +204,7 @@ def assign(models: list[ModelSpec], devices: list[Device]) -> dict[str, list[Dev
             continue
         for i in m.workers:
             if not 0 <= i < len(devices):
-                raise InputError(f"--model {m.name}: gpus:{i} is not a worker; --gpus has {len(devices)} "
+                raise InputError(f"--model {m.name}: gpus:{i} is not a worker; there are {len(devices)} "
                                  f"(0..{len(devices) - 1})")
             if i in taken:
                 raise InputError(f"--model {m.name}: worker {i} already serves --model {taken[i]}; a worker holds "
@@ -178,8 +217,8 @@ def assign(models: list[ModelSpec], devices: list[Device]) -> dict[str, list[Dev
         raise InputError(f"{len(shared)} models without gpus: share {len(rest)} workers; add --gpus entries or "
                          "give models gpus:")
     if not shared and rest:
-        raise InputError(f"--gpus entry {rest[0].index} ({rest[0].label}) serves no --model; drop it or name it "
-                         "in a model's gpus:")
+        raise InputError(f"worker {rest[0].index} ({rest[0].label}) serves no --model; drop its --gpus entries or "
+                         "name it in a model's gpus:")
     start = 0
     for k, m in enumerate(shared):
         n = len(rest) // len(shared) + (k < len(rest) % len(shared))

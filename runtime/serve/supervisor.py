@@ -1,5 +1,6 @@
-"""Worker processes: one per ``--gpus`` entry, each with its own pipeline and its own store connection; the API
-process holds no model and supervises them.
+"""Worker processes: one per ``--gpus`` entry (or, with ``--gpus_per_worker N``, a group of N processes joined by
+``torch.distributed``: see ``group``), each with its own pipeline and its own store connection; the API process
+holds no model and supervises them.
 
 A worker process (:func:`worker_main`, started with the ``spawn`` method so that no CUDA state is inherited)
 sees only its GPU (``CUDA_VISIBLE_DEVICES``), opens the store itself and runs a :class:`~.worker.Worker` that
@@ -11,8 +12,10 @@ exits at once; its job goes back to the queue when the next server's janitor fin
 
 The :class:`Supervisor` thread restarts a worker that dies (with backoff: 1 s, doubling while it keeps dying
 within a minute of its start, at most a minute), logs it, and has the janitor put its job back in the queue at
-once (the job's lease names a process of this host that no longer exists). A worker whose pipeline cannot
-load exits with :data:`LOAD_FAILED` and is not restarted: ``/health`` reports the failure.
+once (the job's lease names a process of this host that no longer exists). A worker of several ranks lives and
+dies as one: when any of its processes dies the others are killed and the group starts again (its job's lease
+names rank 0). A worker whose pipeline cannot load exits with :data:`LOAD_FAILED` and is not restarted:
+``/health`` reports the failure.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from .group import OUT_OF_STEP, GroupPipeline, Seat, follower_main, free_port, join_group
 from .models import Device
 from .uploads import Limits
 
@@ -54,10 +58,11 @@ class WorkerConfig:
     log_level: str = "info"
 
 
-def worker_main(cfg: WorkerConfig, status, wake) -> None:
-    """The worker process: its GPU, its store, its pipeline; reports its state until it stops."""
-    if cfg.device.gpu is not None:  # before anything imports torch
-        os.environ["CUDA_VISIBLE_DEVICES"] = cfg.device.gpu
+def worker_main(cfg: WorkerConfig, status, wake, seat=None) -> None:
+    """The worker process (rank 0 of its group, given a ``seat``): its GPU, its store, its pipeline; reports its
+    state until it stops."""
+    if cfg.device.visible is not None:  # before anything imports torch
+        os.environ["CUDA_VISIBLE_DEVICES"] = cfg.device.visible
     # A process group of its own: ^C at the terminal (or a signal to the server's group) reaches the server,
     # which stops its workers in order, instead of stopping the workers under a server that restarts them.
     os.setpgid(0, 0)
@@ -75,12 +80,22 @@ def worker_main(cfg: WorkerConfig, status, wake) -> None:
     except StoreError as exc:
         log.error("worker %s: the job store cannot be opened (%s); exiting to be restarted", cfg.device.name, exc)
         raise SystemExit(1) from None
+    device = "cpu" if cfg.device.on_cpu else "cuda"
+    exit_code = [0]
+
+    def out_of_step():
+        exit_code[0] = OUT_OF_STEP
+        worker.stop()
 
     def load():
         from runtime.pipeline import S2VPipeline
 
-        return S2VPipeline.from_pretrained(cfg.ckpt_dir, device="cpu" if cfg.device.gpu is None else "cuda",
-                                           **cfg.load_kwargs)
+        pipe = S2VPipeline.from_pretrained(cfg.ckpt_dir, device=device, **cfg.load_kwargs)
+        if seat is None:
+            return pipe
+        group = GroupPipeline(pipe, seat, device, out_of_step)
+        group.wait_for_followers()
+        return group
 
     worker = Worker(store, JobFiles(cfg.data_dir), load, cfg.limits, lease_s=cfg.lease_s,
                     tag=f"{cfg.device.name}@{cfg.device.label}", label=cfg.device.label, model=cfg.model,
@@ -88,6 +103,13 @@ def worker_main(cfg: WorkerConfig, status, wake) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):  # the server stopping
         signal.signal(sig, lambda *_: worker.stop())
     threading.Thread(target=_wake_ups, args=(wake, worker), daemon=True, name="s2v-wake").start()
+    if seat is not None:  # the rendezvous: after the wake-up thread, so a server dying meanwhile ends this process
+        try:
+            device = join_group(seat, cfg.device)
+        except Exception as exc:  # noqa: BLE001 -- the rendezvous failed (a taken port, a rank gone): restarted
+            log.error("worker %s: cannot start its process group (%s); exiting to be restarted", cfg.device.name, exc)
+            store.close()
+            raise SystemExit(1) from None
     worker.start()
     last = None
     while worker.is_alive():
@@ -101,7 +123,7 @@ def worker_main(cfg: WorkerConfig, status, wake) -> None:
     status.send((worker.state, None, worker.load_error, worker.store_error))
     store.close()
     logging.shutdown()
-    os._exit(LOAD_FAILED if worker.state == "failed" else 0)  # a loading thread is not waited for
+    os._exit(LOAD_FAILED if worker.state == "failed" else exit_code[0])  # a loading thread is not waited for
 
 
 def _wake_ups(wake, worker) -> None:
@@ -125,28 +147,54 @@ class WorkerProcess:
         self.current: str | None = None
         self.load_error: str | None = None
         self.store_error: str | None = None
-        self.pid: int | None = None
+        self.pid: int | None = None   # rank 0's: the process the store's lease names
         self.restarts = 0
-        self.proc = None
+        self.procs: list = []           # rank order
         self.running = False          # a process of it was started and has not been seen to exit
         self.started_at = 0.0
         self.restart_at: float | None = None
         self.backoff = RESTART_S[0]
         self._status = None
         self._wake = None
+        self._watch: list = []          # the followers' server-alive pipes (closed: the server is gone)
         self._wake_lock = threading.Lock()
 
     def start(self, ctx) -> None:
         status_r, status_w = ctx.Pipe(duplex=False)
         wake_r, wake_w = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=worker_main, args=(self.cfg, status_w, wake_r), name=f"s2v-worker-{self.name}")
-        proc.start()
-        status_w.close()
-        wake_r.close()
+        seat, theirs = None, [status_w, wake_r]
+        followers, watch = [], []
+        if self.cfg.device.ranks > 1:
+            port = free_port()
+            links = [ctx.Pipe(duplex=True) for _ in range(self.cfg.device.ranks - 1)]
+            seat = Seat(0, self.cfg.device.ranks, port, tuple(a for a, _ in links))
+            for rank, (_, b) in enumerate(links, 1):
+                watch_r, watch_w = ctx.Pipe(duplex=False)
+                follower = Seat(rank, seat.world, port, (b,))
+                followers.append(ctx.Process(target=follower_main, args=(self.cfg, follower, watch_r),
+                                             name=f"s2v-worker-{self.name}.r{rank}"))
+                watch.append(watch_w)
+                theirs += [watch_r]
+            theirs += [end for pair in links for end in pair]
+        procs = [ctx.Process(target=worker_main, args=(self.cfg, status_w, wake_r, seat),
+                             name=f"s2v-worker-{self.name}"), *followers]
+        try:
+            for proc in procs:
+                proc.start()
+        except BaseException:
+            for proc in procs:
+                if proc.pid is not None:
+                    proc.kill()
+                    proc.join()
+            for conn in [*theirs, status_r, wake_w, *watch]:
+                conn.close()
+            raise
+        for conn in theirs:  # the children's ends: a pipe must end when the process at its other end dies
+            conn.close()
         os.set_blocking(wake_w.fileno(), False)  # a worker that does not read (loading, hung) never blocks the API
         with self._wake_lock:
-            self._wake = wake_w
-        self.proc, self._status, self.pid, self.running = proc, status_r, proc.pid, True
+            self._wake, self._watch = wake_w, watch
+        self.procs, self._status, self.pid, self.running = procs, status_r, procs[0].pid, True
         self.state, self.current, self.load_error, self.store_error = "starting", None, None, None
         self.started_at, self.restart_at = time.monotonic(), None
 
@@ -175,16 +223,20 @@ class WorkerProcess:
         """Nothing to do: the store says cancelled, and the worker reads that at its next progress write."""
 
     def describe(self) -> dict:
+        group = {}
+        if self.cfg.device.ranks > 1:  # a torch.distributed group: every rank's device and process
+            group = {"devices": self.cfg.device.labels, "pids": [p.pid for p in self.procs] or None}
         return {"name": self.name, "device": self.label, "model": self.model, "state": self.state,
-                "job": self.current, "pid": self.pid, "restarts": self.restarts,
+                "job": self.current, "pid": self.pid, "restarts": self.restarts, **group,
                 **({"store_error": self.store_error} if self.store_error else {})}
 
     def close_pipes(self) -> None:
         with self._wake_lock:
-            for conn in (self._wake, self._status):
+            for conn in (self._wake, self._status, *self._watch):
                 if conn is not None:
                     conn.close()
             self._wake = self._status = None
+            self._watch = []
 
 
 class Supervisor(threading.Thread):
@@ -203,12 +255,12 @@ class Supervisor(threading.Thread):
             self._start(w)
         while not self._stop_event.is_set():
             reading = {w._status: w for w in self.workers if w._status is not None}
-            running = {w.proc.sentinel: w for w in self.workers if w.running}
+            running = {p.sentinel: (w, p) for w in self.workers if w.running for p in w.procs}
             for ready in multiprocessing.connection.wait([*reading, *running], timeout=0.5):
                 if ready in reading:
                     self._read(reading[ready])
-                elif not self._stop_event.is_set():
-                    self._died(running[ready])
+                elif not self._stop_event.is_set() and running[ready][0].running:
+                    self._died(*running[ready])
             now = time.monotonic()
             for w in self.workers:
                 if w.restart_at is not None and now >= w.restart_at and not self._stop_event.is_set():
@@ -224,7 +276,11 @@ class Supervisor(threading.Thread):
             w.state, w.restart_at = "restarting", time.monotonic() + w.backoff
             w.backoff = min(w.backoff * 2, RESTART_S[1])
             return
-        log.info("worker %s (%s, model %s): process %d started", w.name, w.label, w.model, w.pid)
+        if len(w.procs) > 1:
+            log.info("worker %s (%s, model %s): processes %s (ranks 0..%d) started", w.name, w.label, w.model,
+                     ", ".join(str(p.pid) for p in w.procs), len(w.procs) - 1)
+        else:
+            log.info("worker %s (%s, model %s): process %d started", w.name, w.label, w.model, w.pid)
 
     @staticmethod
     def _read(w: WorkerProcess) -> None:
@@ -235,21 +291,31 @@ class Supervisor(threading.Thread):
             w._status.close()
             w._status = None
 
-    def _died(self, w: WorkerProcess) -> None:
-        w.proc.join()          # reaped: the janitor can now see that the lease holder is gone
+    def _died(self, w: WorkerProcess, proc) -> None:
+        proc.join()
+        for other in w.procs:  # a group lives and dies as one: its other ranks cannot go on without this one
+            if other is not proc and other.exitcode is None:
+                other.kill()
+        for other in w.procs:
+            other.join()       # reaped: the janitor can now see that the lease holder is gone
         w.running = False
         self._read(w)          # its last words (a load failure) before the pipe closed
-        code, lived = w.proc.exitcode, time.monotonic() - w.started_at
+        code, lived = proc.exitcode, time.monotonic() - w.started_at
         w.close_pipes()
-        if code == LOAD_FAILED:
+        if w.procs[0].exitcode == LOAD_FAILED:
             w.state = "failed"
             log.error("worker %s (%s): the model %s failed to load (%s); not restarted", w.name, w.label, w.model,
                       w.load_error)
             return
         w.backoff = RESTART_S[0] if lived >= STABLE_S else w.backoff
         how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
-        log.warning("worker %s (%s): process %d %s %s; restarting it in %.0fs", w.name, w.label, w.pid, how,
-                    f"while running job {w.current}" if w.current else "while idle", w.backoff)
+        if code == OUT_OF_STEP and len(w.procs) > 1:
+            how += " (its ranks out of step)"
+        rank = w.procs.index(proc)
+        which = f"rank {rank} " if len(w.procs) > 1 else ""
+        rest = f" (its other {len(w.procs) - 1} process(es) stopped with it)" if len(w.procs) > 1 else ""
+        log.warning("worker %s (%s): %sprocess %d %s %s%s; restarting it in %.0fs", w.name, w.label, which, proc.pid,
+                    how, f"while running job {w.current}" if w.current else "while idle", rest, w.backoff)
         w.state, w.current, w.restart_at = "restarting", None, time.monotonic() + w.backoff
         w.backoff = min(w.backoff * 2, RESTART_S[1])
         if self.on_death is not None:
@@ -261,7 +327,9 @@ class Supervisor(threading.Thread):
         self._stop_event.set()
         if self.is_alive():
             self.join()
-        procs = [w.proc for w in self.workers if w.proc is not None and w.proc.exitcode is None]
+        # A group's followers ignore SIGTERM: its rank 0 stops the job at the next step on every rank, then leaves,
+        # and they leave with it.
+        procs = [p for w in self.workers for p in w.procs if p.exitcode is None]
         for p in procs:
             p.terminate()
         deadline = time.monotonic() + grace_s

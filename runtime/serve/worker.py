@@ -103,7 +103,7 @@ class Worker(threading.Thread):
             log.info("pipeline loaded in %.1fs", time.perf_counter() - t0)
             self.state = "ready"
         except BaseException as exc:  # noqa: BLE001 -- reported by /health and POST; the API keeps answering
-            self.state, self.load_error = "failed", type(exc).__name__
+            self.state, self.load_error = "failed", getattr(exc, "public", None) or type(exc).__name__
             log.error("pipeline failed to load: %s: %s", type(exc).__name__, exc)
             return
         backoff = BACKOFF_S[0]
