@@ -139,6 +139,25 @@ def test_the_layout_of_a_job_on_a_group():
         check_heads(3, 40)
 
 
+def test_a_layouts_process_groups_are_built_once():
+    """A worker switches layouts per job: switching back reuses the groups (no new communicator per job)."""
+    import torch
+    import torch.distributed as dist
+
+    from runtime import distributed
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        distributed.configure(1, False, torch.device("cpu"))
+        first = distributed.group("sp")
+        built = len(distributed._BUILT)
+        distributed.configure(1, False, torch.device("cpu"))
+        assert distributed.group("sp") is first and len(distributed._BUILT) == built == 1
+    finally:
+        distributed.shutdown()
+    assert not distributed._BUILT and not dist.is_initialized()
+
+
 @pytest.mark.parametrize("argv,want", [
     (["--gpus", "cpu,cpu,cpu", "--gpus_per_worker", "2"],
      "--gpus cpu,cpu,cpu: 3 entries do not make workers of --gpus_per_worker 2; pass a multiple of 2 entries"),
@@ -341,7 +360,7 @@ def test_a_group_gives_the_one_rank_servers_videos(group, tmp_path):
     log = group.log.read_text()
     said = re.findall(r"the job runs on 2 ranks: (.*)", log)
     assert said[-3:] == ["CFG parallel", "Ulysses over 2 ranks", "CFG parallel"], said
-    assert got[2] == got[0]                                       # the layout's groups reused: the same bytes
+    assert got[2] == got[0]                   # back to CFG parallel: the Ulysses shard undone, the same bytes
     # Not bit for bit: as in tests/test_parallel_cli.py, the ranks' float32 sums round differently and H.264
     # spreads one-level changes (55-58 dB here). Turning CFG off, a change the tiny model barely shows, gives
     # 33 dB: the bound tells such a change apart.
