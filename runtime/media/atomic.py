@@ -9,6 +9,7 @@ import socket
 from pathlib import Path
 
 from ..errors import OutputError
+from ..procs import pid_gone
 from ..quoting import shown
 
 log = logging.getLogger(__name__)
@@ -48,13 +49,8 @@ def _remove_stale(dest: Path) -> None:
         pid = int(parts[1])
         if pid == os.getpid():
             continue
-        try:
-            os.kill(pid, 0)
+        if not pid_gone(pid):
             continue  # alive (or not ours to signal): leave it
-        except ProcessLookupError:
-            pass
-        except OSError:
-            continue
         try:
             os.unlink(dest.parent / name)
             log.info("removed %r, a temporary file of a process that no longer runs", name)

@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from runtime.procs import pid_gone
+
 QUEUED, IN_PROGRESS, COMPLETED, FAILED, CANCELLED = "queued", "in_progress", "completed", "failed", "cancelled"
 FINISHED = (COMPLETED, FAILED, CANCELLED)
 VIDEO_NAME = "video.mp4"
@@ -241,7 +243,7 @@ def worker_name(tag: str = "w0") -> str:
 
 
 def worker_is_dead(worker: str | None) -> bool:
-    """True only when ``worker`` names a process of this host that is gone (pid reuse errs on alive)."""
+    """True only when ``worker`` names a process of this host that is gone or a zombie (pid reuse errs on alive)."""
     if not worker:
         return False
     parts = worker.split("/")
@@ -250,13 +252,7 @@ def worker_is_dead(worker: str | None) -> bool:
     pid = int(parts[1])
     if pid == os.getpid():
         return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except OSError:  # exists, owned by someone else
-        return False
-    return False
+    return pid_gone(pid)
 
 
 def expired_reason(attempts: int) -> str:
