@@ -249,8 +249,8 @@ def _out_of_memory(exc: BaseException, where: str, hint: str):
     import torch
 
     if isinstance(exc, torch.cuda.OutOfMemoryError):
-        return S2VError(f"GPU out of memory {where}; try {hint}, --max_gpu_memory GIB (or --offload blocks) "
-                        "or --t5_cpu")
+        return S2VError(f"GPU out of memory {where}; try {hint}, --max_gpu_memory GIB (or --offload blocks), "
+                        "--offload_model true or --t5_cpu")
     if isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and "can't allocate" in str(exc)):
         return S2VError(f"CPU out of memory (host RAM) {where}; try {hint}, close other programs, or use a machine "
                         "with more memory")

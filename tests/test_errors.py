@@ -84,7 +84,7 @@ def test_out_of_memory_names_what_fits(monkeypatch, tmp_path, capsys):
     assert cli(["--save_file", str(tmp_path / "o.mp4"), "--size", "1024*704"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "out of memory" in err[0]
-    for hint in ("--size", "--infer_frames", "--offload_model", "--t5_cpu"):
+    for hint in ("--size", "--infer_frames", "--max_gpu_memory", "--offload blocks", "--offload_model", "--t5_cpu"):
         assert hint in err[0]
     assert not (tmp_path / "o.mp4").exists()
 
