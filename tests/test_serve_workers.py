@@ -371,12 +371,18 @@ def test_a_group_gives_the_one_rank_servers_videos(group, tmp_path):
     assert _workers(group)["w0"]["pids"] == pids                   # no rank restarted
 
 
-def test_a_job_cancelled_mid_run_stops_on_both_ranks(group):
+def _running_job(group, steps: int) -> tuple[dict, dict]:
+    """The group's worker before, and a job of ``steps`` steps once it has made one."""
     before = _workers(group)["w0"]
-    status, job = group.submit({"sample_steps": "100", "infer_frames": "16"})
+    status, job = group.submit({"sample_steps": str(steps), "infer_frames": "16"})
     assert status == 202, job
     group.wait(job["id"], until=("in_progress",))
     _wait_until("a step done", lambda: group.json("GET", f"/v1/videos/{job['id']}")[1]["progress"] > 0, timeout=30)
+    return before, job
+
+
+def test_a_job_cancelled_mid_run_stops_on_both_ranks(group):
+    before, job = _running_job(group, 100)
     assert group.json("DELETE", f"/v1/videos/{job['id']}")[0] == 200
     assert group.wait(job["id"])["status"] == "cancelled"
     assert group.wait(group.submit(FAST)[1]["id"])["status"] == "completed"   # the ranks are still in step
@@ -385,11 +391,7 @@ def test_a_job_cancelled_mid_run_stops_on_both_ranks(group):
 
 
 def test_kill_9_of_rank_1_mid_job_restarts_the_group_and_the_job_completes(group):
-    before = _workers(group)["w0"]
-    status, job = group.submit({"sample_steps": "30", "infer_frames": "16"})
-    assert status == 202, job
-    group.wait(job["id"], until=("in_progress",))
-    _wait_until("a step done", lambda: group.json("GET", f"/v1/videos/{job['id']}")[1]["progress"] > 0, timeout=30)
+    before, job = _running_job(group, 30)
     os.kill(before["pids"][1], signal.SIGKILL)
     done = group.wait(job["id"])
     assert done["status"] == "completed" and done["attempts"] == 2, done
