@@ -50,7 +50,6 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-import wave
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -333,14 +332,12 @@ def inputs(shape: Shape):
 
 
 def write_inputs(folder: Path, shape: Shape) -> tuple[Path, Path]:
+    from runtime.demo import save_wav
+
     image, (wav, rate) = inputs(shape)
     img_path, wav_path = folder / "face.png", folder / "speech.wav"
     image.save(img_path)
-    with wave.open(str(wav_path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes((wav * 32767).astype("<i2").tobytes())
+    save_wav(wav_path, wav, rate)
     return img_path, wav_path
 
 

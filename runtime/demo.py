@@ -33,3 +33,14 @@ def demo_speech(seconds: float = 3.0, rate: int = 16000) -> tuple[np.ndarray, in
     envelope = np.clip(np.sin(2 * np.pi * 4 * t), 0, None) ** 0.7
     wav = voice * formants * envelope
     return (0.3 * wav / np.abs(wav).max()).astype(np.float32), rate
+
+
+def save_wav(path, wav: np.ndarray, rate: int) -> None:
+    """16-bit mono PCM WAV of samples in [-1, 1] (what ``demo_speech`` gives), for a request's audio file."""
+    import wave
+
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes((np.asarray(wav) * 32767).astype("<i2").tobytes())

@@ -138,18 +138,9 @@ def samples_or_skip() -> Path:
 
 def write_inputs(folder: Path) -> tuple[Path, Path]:
     """A real reference image and a 1 s speech-like wav, for CLI cases that must get past the input checks."""
-    import wave
-
-    import numpy as np
-
-    from runtime.demo import demo_image, demo_speech
+    from runtime.demo import demo_image, demo_speech, save_wav
 
     image, audio = folder / "face.png", folder / "speech.wav"
     demo_image().save(image)
-    wav, rate = demo_speech(1.0)
-    with wave.open(str(audio), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes((wav * 32767).astype("<i2").tobytes())
+    save_wav(audio, *demo_speech(1.0))
     return image, audio
