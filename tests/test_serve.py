@@ -198,6 +198,8 @@ def test_submit_poll_download(server, finished_job):
     ({"seed": "\u0663"}, None, 400, "seed", "ASCII digits"),             # an Arabic-Indic three
     ({"seed": "1_000"}, None, 400, "seed", "ASCII digits"),
     ({"guide_scale": "inf"}, None, 400, "guide_scale", "not a number"),
+    ({"cache": "sometimes"}, None, 400, "cache", "unknown method 'sometimes'"),
+    ({"cache": "steps:1"}, None, 400, "cache", "step 1 has no residual"),
     ({"prompt": "x" * 2001}, None, 413, "prompt", "limit"),
     ({"negative_prompt": "\u00e9" * 1001}, None, 413, "negative_prompt", "limit"),  # 2002 bytes in UTF-8
     ({}, {"image": ("x.png", IMAGE), "audio": ("a.wav", AUDIO), "pose_video": ("p.mp4", b"\0garbage" * 99)}, 400,
@@ -545,3 +547,11 @@ def test_web_page_upload_form_end_to_end(server, tmp_path):
     video = img[bar_row + 40:, 40:760]
     assert (video.max(axis=2) > 40).mean() > 0.1, "the player shows no picture"
 
+
+
+def test_a_job_may_ask_for_a_step_cache(server):
+    status, job = server.submit({"sample_steps": "3", "cache": "steps:2"})
+    assert status == 202 and job["cache"] == "steps:2", job
+    assert server.wait(job["id"])["status"] == "completed"
+    log = server.log.read_text()
+    assert f"job {job['id']}: step cache steps:2 computed 2 of 3 steps per clip" in log, log[-2000:]

@@ -54,7 +54,7 @@ def parse_fields(form: dict[str, str], limits: Limits, default_size: str, recipe
     recipe = {"sample_steps": RUN.sample_steps, "guide_scale": RUN.guide_scale, "sample_shift": RUN.sample_shift,
               **(recipe or {})}
     known = {"prompt", "negative_prompt", "seed", "sample_steps", "infer_frames", "size", "num_clip", "guide_scale",
-             "sample_shift", "sample_solver", "start_from_ref", "model"}
+             "sample_shift", "sample_solver", "start_from_ref", "model", "cache"}
     for name in form:
         if name not in known:
             raise RequestError(name, f"unknown field {name!r}; accepted: image, audio, pose_video, "
@@ -83,6 +83,14 @@ def parse_fields(form: dict[str, str], limits: Limits, default_size: str, recipe
         "start_from_ref": _bool(form, "start_from_ref"),
         "size": form.get("size", default_size).strip(),
     }
+    if form.get("cache", "").strip():  # the step cache of this job (the model's when absent): opt-in and lossy
+        from runtime.cache import CacheSpec
+        from runtime.errors import S2VError
+
+        try:
+            out["cache"] = str(CacheSpec.parse(form["cache"]))
+        except S2VError as exc:
+            raise RequestError("cache", str(exc)) from None
     if "num_clip" in form and form["num_clip"].strip():
         out["num_clip"] = _checked("num_clip", checks.check_num_clip, _int(form, "num_clip", None), hi=10_000)
     area = _checked("size", checks.check_size, out["size"])
