@@ -401,3 +401,17 @@ def test_kill_9_of_rank_1_mid_job_restarts_the_group_and_the_job_completes(group
     log = group.log.read_text()
     assert f"rank 1 process {before['pids'][1]} was killed by signal 9 while running job {job['id']}" in log
     assert [(a, pid) for i, a, pid, _ in _started(log) if i == job["id"]] == [(1, before["pid"]), (2, after["pid"])]
+
+
+def test_queued_jobs_of_a_model_not_served_are_named_at_start_up(tmp_path, caplog):
+    from runtime.serve.__main__ import _warn_unserved
+    from runtime.serve.store_sqlite import SQLiteStore
+
+    store = SQLiteStore(tmp_path, default_model="a")
+    for i, model in enumerate("abbc"):
+        store.add(f"video_{i}", "", {"seed": i}, model=model)
+    with caplog.at_level("WARNING", logger="runtime.serve.__main__"):
+        _warn_unserved(store, {"a", "c"})
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and lines[0].startswith("2 queued job(s) name model 'b', which this server does not "
+                                                   "serve (it serves a, c)") and "--model b" in lines[0], lines

@@ -126,8 +126,10 @@ def test_claims_by_model_and_queue_positions(make_store):
     jobs = [s.add(f"video_{i}", "", {"seed": i}, model="ab"[i % 3 == 2]) for i in range(6)]  # a a b a a b
     assert [j.queue_position for j in jobs] == [1, 2, 1, 3, 4, 2] and [j.model for j in jobs] == list("aabaab")
     assert [j.queue_position for j in s.list()] == [2, 4, 3, 1, 2, 1]          # newest first
+    assert s.queued_by_model() == {"a": 4, "b": 2}
     assert s.claim("wb", 30, model="b").id == "video_2"
     assert s.claim("wb", 30, model="c") is None
+    assert s.queued_by_model() == {"a": 4, "b": 1}
     assert [s.get(f"video_{i}").queue_position for i in (0, 1, 5)] == [1, 2, 1]
     assert s.claim("wa", 30, model="a").id == "video_0"
     running = s.get("video_0")

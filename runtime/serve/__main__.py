@@ -283,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 -- tidying is not worth refusing to start
         log.warning("could not sweep %s: %s", files.jobs_dir, exc)
 
+    _warn_unserved(store, {m.name for m in models})
     base = pipeline_kwargs(args)
     base.pop("device")
     workers = []
@@ -375,6 +376,22 @@ def _check_group(args) -> None:
                          "worker holds the whole DiT: drop --max_gpu_memory")
     config = DiTConfig.tiny() if args.ckpt_dir == TINY else DiTConfig.from_json(Path(args.ckpt_dir) / ck.DIT_CONFIG)
     check_heads(n, config.num_heads)
+
+
+def _warn_unserved(store, served: set[str]) -> None:
+    """Queued jobs of a model this server does not serve (it ran with other --model names before) wait for a
+    server that does: say so at start-up rather than let them sit unexplained."""
+    from .store import StoreError
+
+    try:
+        waiting = {m: n for m, n in store.queued_by_model().items() if m not in served}
+    except StoreError as exc:
+        log.warning("could not count the queued jobs by model: %s", exc)
+        return
+    for model, n in sorted(waiting.items()):
+        log.warning("%d queued job(s) name model %r, which this server does not serve (it serves %s); they wait for "
+                    "a server on this store started with --model %s, or can be cancelled", n, model,
+                    ", ".join(sorted(served)), model)
 
 
 def _area(value: str, flag: str) -> int:

@@ -143,6 +143,10 @@ class JobStore(ABC):
     @abstractmethod
     def count(self, status: str, owner: str | None = ANYONE) -> int: ...
 
+    @abstractmethod
+    def queued_by_model(self) -> dict[str, int]:
+        """How many jobs wait in the queue, by the model they name."""
+
     # ------------------------------------------------------------------ the workers' side
     @abstractmethod
     def claim(self, worker: str, lease_s: float, model: str | None = None) -> Job | None:

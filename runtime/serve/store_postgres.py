@@ -239,6 +239,10 @@ class PostgresStore(JobStore):
         where, args = self._owned(owner)
         return self._read(f"SELECT count(*) AS n FROM jobs WHERE status = %s{where}", (status, *args))[0]["n"]
 
+    def queued_by_model(self) -> dict[str, int]:
+        rows = self._read("SELECT model, count(*) AS n FROM jobs WHERE status = %s GROUP BY model", (QUEUED,))
+        return {r["model"]: r["n"] for r in rows}
+
     # ------------------------------------------------------------------ the workers' side
     def claim(self, worker, lease_s, model=None):
         of_model, args = ("", ()) if model is None else (" AND model = %s", (model,))

@@ -170,6 +170,9 @@ class SQLiteStore(JobStore):
         where, args = self._owned(owner)
         return self._read(f"SELECT COUNT(*) FROM jobs WHERE status = ?{where}", (status, *args))[0][0]
 
+    def queued_by_model(self) -> dict[str, int]:
+        return dict(self._read("SELECT model, COUNT(*) FROM jobs WHERE status = ? GROUP BY model", (QUEUED,)))
+
     # ------------------------------------------------------------------ the workers' side
     def claim(self, worker, lease_s, model=None):
         now = time.time()
