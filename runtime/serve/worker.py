@@ -162,9 +162,10 @@ class Worker(threading.Thread):
                                              folder / files["audio"], overwrite=True,
                                              pose_video=None if pose is None else folder / pose,
                                              progress=self._progress(job.id, lost), **p)
-            if "cache" in res.info:  # a lossy setting: say what it skipped, as the CLI does
-                log.info("job %s: step cache %s computed %s of %d steps per clip", job.id, res.info["cache"]["method"],
-                         ", ".join(str(c["computed"]) for c in res.info["cache"]["clips"]), p["sample_steps"])
+            cache = (getattr(res, "info", None) or {}).get("cache")
+            if cache:  # a lossy setting: say what it skipped, as the CLI does
+                log.info("job %s: step cache %s computed %s of %d steps per clip", job.id, cache["method"],
+                         ", ".join(str(c["computed"]) for c in cache["clips"]), p["sample_steps"])
         except Interrupted:
             self._guard("release", self.store.release, job.id, self.worker_id)
             log.info("job %s: interrupted by the server stopping; back in the queue", job.id)
