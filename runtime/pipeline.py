@@ -188,6 +188,10 @@ def video_to_uint8(video: torch.Tensor) -> np.ndarray:
     return x.permute(1, 2, 3, 0).contiguous().numpy()
 
 
+def _layout_key(parallel) -> tuple[int, bool]:
+    return (1, False) if parallel is None else (parallel.ulysses, parallel.cfg_parallel)
+
+
 class S2VPipeline:
     def __init__(self, dit, vae, text_encoder, audio_encoder, device: torch.device, backend: str = "auto",
                  t5_cpu: bool = False, offload_model: bool = False, name: str = "", engines_dir: str = "engines",
@@ -240,6 +244,7 @@ class S2VPipeline:
         # The engine backends run the VAE through its exported graphs too (the PyTorch VAE otherwise).
         sampler_vae = make_vae(backend, vae, engines_dir=engines_dir, checkpoint=name or None)
         self.sampler = S2VSampler(self.backend, sampler_vae, device, offload=offload_model)
+        self._layouts = {_layout_key(parallel): self.backend}   # a backend per layout used (use_layout)
         if offload_model:
             self.sampler.move_dit("cpu")
         self._lock = threading.Lock()
@@ -469,6 +474,24 @@ class S2VPipeline:
     def _check_calibration(self, cal, opts, size: tuple[int, int]) -> None:
         cal.check(self.model_identity(), recipe_of(opts, size), cal.path,
                   calibrate_command(self.name, opts, size, self.loras))
+
+    def use_layout(self, parallel) -> None:
+        """Run the next requests in another ``runtime.parallel`` layout of the same ranks (None: unsharded, no CFG
+        split), as a multi-GPU server worker does per job. Each layout keeps a backend of its own: a CUDA-graph
+        backend keys its graphs by input shape, and a sharded and an unsharded step of one shape differ."""
+        key = _layout_key(parallel)
+        backend = self._layouts.get(key)
+        if backend is None:
+            backend = make_backend(self.backend_name, self.dit)
+            if parallel is not None and parallel.cfg_parallel:
+                backend = CFGParallelDiT(backend, parallel)
+            self._layouts[key] = backend
+        if parallel is not None and parallel.ulysses > 1:
+            shard_model(self.dit, parallel)
+        else:
+            self.dit.set_sequence_shard(None)
+        self.parallel = parallel
+        self.backend = self.sampler.backend = backend
 
     def generate_mp4(self, path: str | Path, image, audio, *, overwrite: bool = False, **kwargs) -> S2VResult:
         """``generate`` straight into an MP4: each clip is encoded as soon as it is decoded (audio muxed and trimmed

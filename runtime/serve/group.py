@@ -106,11 +106,8 @@ def join_group(seat: Seat, device):
 
 
 class Layouts:
-    """Puts a pipeline loaded for one device into the layout of each job (``runtime.parallel``): the model's
-    sequence shard and the backend the sampler calls (wrapped for CFG parallel).
-
-    Each layout keeps a backend of its own: a CUDA-graph backend keys its graphs by input shape, and a sharded
-    and an unsharded step of the same input shape are different graphs."""
+    """Puts a pipeline loaded for one device into the layout of each job (``runtime.parallel``), through
+    ``S2VPipeline.use_layout``."""
 
     def __init__(self, pipe, device):
         from runtime.errors import ConfigError
@@ -119,32 +116,12 @@ class Layouts:
             raise ConfigError(f"backend {pipe.backend_name} runs whole steps in an engine and cannot be split over "
                               "ranks; use backend torch, torch-compile or torch-graph with --gpus_per_worker")
         self.pipe, self.device = pipe, device
-        self._backends: dict[tuple[int, bool], object] = {}
-        self._current: tuple[int, bool] | None = None
 
     def use(self, ulysses: int, cfg_parallel: bool) -> None:
         """Every rank calls this with the same layouts in the same order (the groups are built collectively)."""
         from runtime import parallel
-        from runtime.backends import make_backend
 
-        key = (ulysses, cfg_parallel)
-        layout = parallel.configure(ulysses, cfg_parallel, self.device)
-        if key == self._current:
-            return
-        backend = self._backends.get(key)
-        if backend is None:
-            inner = self.pipe.backend if not self._backends else make_backend(self.pipe.backend_name, self.pipe.dit)
-            backend = parallel.CFGParallelDiT(inner, layout) if cfg_parallel else inner
-            self._backends[key] = backend
-        if ulysses > 1:
-            parallel.shard_model(self.pipe.dit, layout)
-        else:
-            self.pipe.dit.set_sequence_shard(None)
-        # The pipeline reads its layout and backend from these attributes at each generate(); the sampler
-        # holds the backend it calls.
-        self.pipe.parallel = layout
-        self.pipe.backend = self.pipe.sampler.backend = backend
-        self._current = key
+        self.pipe.use_layout(parallel.configure(ulysses, cfg_parallel, self.device))
 
 
 def _outcome(exc: BaseException | None) -> str:
