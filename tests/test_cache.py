@@ -14,10 +14,10 @@ from tests.conftest import free_port
 
 
 # --------------------------------------------------------------------------------------------- helpers
-def _pipe():
+def _pipe(device="cpu", **kw):
     from runtime.pipeline import S2VPipeline
 
-    return S2VPipeline.from_pretrained("tiny", device="cpu")
+    return S2VPipeline.from_pretrained("tiny", device=device, **kw)
 
 
 def _latents(pipe, **kw):
@@ -159,6 +159,31 @@ def test_forced_schedule_skips_exactly_those_steps_and_equals_a_hand_written_loo
     torch.testing.assert_close(got[0][:, :, -lat_f:], x, rtol=1e-5, atol=1e-5)
     exact, _ = _latents(pipe)
     assert (exact[0][:, :, -lat_f:] - x).abs().max() > 1e-3  # skipping changed the clip (the check can fail)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA-graph step kinds need a GPU (the device "
+                    "pre-flight, benchmarks/device/preflight.sh, runs this)")
+@pytest.mark.parametrize("batch_cfg", [True, False])
+def test_graph_backend_caches_like_the_eager_backend_on_gpu(batch_cfg):
+    """torch-graph replays a graph per step kind (plain, residual-recording) and runs a skipped step eagerly: the
+    same calls and, within bf16 compiled-vs-eager rounding, the same clip as the eager backend; a replay of the
+    request gives it bit for bit (a residual read after the next replay overwrote the graph's output would not)."""
+    spec = "steps:2,4,5"
+    eager = _pipe("cuda", dtype=torch.bfloat16)
+    graph = _pipe("cuda", dtype=torch.bfloat16, backend="torch-graph")
+    rec = Recording(graph.backend)
+    graph.backend = graph.sampler.backend = rec
+    a, ra = _latents(eager, cache=spec, batch_cfg=batch_cfg, sample_steps=6)
+    b, rb = _latents(graph, cache=spec, batch_cfg=batch_cfg, sample_steps=6)
+    calls = list(rec.calls)
+    c, _ = _latents(graph, cache=spec, batch_cfg=batch_cfg, sample_steps=6)
+    assert ra.info["cache"]["clips"] == rb.info["cache"]["clips"] == [{"clip": 0, "computed": 3, "skipped": [2, 4, 5]}]
+    kinds = [k[0] for k in calls]
+    per_step = kinds if batch_cfg else kinds[::2]
+    assert per_step == ["residual", "skip", "residual", "skip", "skip", "forward"]
+    for x, y, z in zip(a, b, c, strict=True):
+        assert torch.equal(y, z)
+        assert ((y.float() - x.float()).norm() / x.float().norm()).item() <= 1e-2
 
 
 @pytest.mark.slow
