@@ -5,8 +5,12 @@ Random 14B weights (the same seed in every row), the encoders on the CPU in ever
 placement; the plan's encoder choice is reported, not applied). Per precision (bf16, fp8) and recipe (few-step: 4
 steps, no CFG, shift 8; official: ``--official-steps`` of the 40-step CFG recipe, projected to 40 when fewer), one
 resident row (``offload: "none"``, torch-graph, no cap) and one row per ``--caps`` entry: the allocator capped with
-``torch.cuda.set_per_process_memory_fraction``, the offload chosen by ``runtime.memory_plan`` for that cap (full
-offload, with the refusal noted, where the plan refuses), backend torch-compile.
+``torch.cuda.set_per_process_memory_fraction``, the placement chosen by ``runtime.memory_plan`` for that cap (blocks
+kept resident and the VAE form; where CFG's batch of 2 cannot fit, the official recipe runs its two branches one
+after the other, ``batch_cfg: false``, as the plan's refusal advises; where nothing fits, the most offloaded
+placement, with the refusal noted), backend torch-compile. A capped row that runs out of memory keeps the peaks
+measured up to then and is run once more with the most offloaded placement. Rows run in order of what issue 27
+asks first: per precision (bf16, then fp8) the resident and 24 GiB rows of both recipes, then 32 and 48 GiB.
 
 Per row: ``peak_gib`` (max allocated over the clip) and the per-stage peaks (motion encode, denoise, VAE decode),
 ``clip_s`` (denoise + decode after a device sync at each progress event; the motion VAE encode, which a real run
@@ -51,8 +55,9 @@ from runtime.offload import OffloadSpec
 from runtime.pipeline import S2VPipeline
 
 PCIE4_GBPS = 25.0
-COLUMNS = ["precision", "recipe", "offload", "memory_cap_gib", "peak_gib", "peak_vae_encode_gib", "peak_denoise_gib",
-           "peak_vae_decode_gib", "steps", "clip", "clip_s", "slowdown", "projected_pcie4_clip_s", "projected"]
+COLUMNS = ["precision", "recipe", "offload", "vae", "batch_cfg", "memory_cap_gib", "peak_gib", "peak_vae_encode_gib",
+           "peak_denoise_gib", "peak_vae_decode_gib", "steps", "clip", "clip_s", "slowdown", "projected_pcie4_clip_s",
+           "projected", "error"]
 RECIPES = {"few-step": dict(steps=4, guide_scale=1.0, shift=8.0), "official": dict(steps=40, guide_scale=4.5, shift=3.0)}
 
 
@@ -83,9 +88,10 @@ class StagePeaks:
 
     def __init__(self, clock: StageClock, device: torch.device):
         self.clock, self.device, self.peaks = clock, device, {}
+        self.reserved = None  # GiB the allocator held at most (the cap limits this, not what is allocated)
 
     def reset(self) -> None:
-        self.peaks = {}
+        self.peaks, self.reserved = {}, None
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
 
@@ -98,6 +104,7 @@ class StagePeaks:
         if self.device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(self.device) / 2**30
             self.peaks[stage] = max(self.peaks.get(stage, 0.0), peak)
+            self.reserved = max(self.reserved or 0.0, torch.cuda.max_memory_reserved(self.device) / 2**30)
             torch.cuda.reset_peak_memory_stats(self.device)
 
     def wrap_encode(self, encode, spans: list):
@@ -259,8 +266,9 @@ def main(argv=None) -> int:
     ap.add_argument("--caps", default="24,32,48", help="comma list of GiB the allocator is capped at, one row each")
     ap.add_argument("--precisions", default="bf16,fp8")
     ap.add_argument("--recipes", default="few-step,official")
-    ap.add_argument("--official-steps", type=int, default=40,
-                    help="steps run of the official recipe (fewer: its 40-step clip is projected from them)")
+    ap.add_argument("--official-steps", type=int, default=3,
+                    help="steps run of the official recipe (fewer than 40: its 40-step clip is projected from the "
+                         "first step and the median of the later ones; a full 40-step CFG clip is ~10 min a row)")
     ap.add_argument("--offload-specs", default=None,
                     help="comma list of --offload values used for the capped rows in --caps order instead of the plan")
     ap.add_argument("--tiny", action="store_true", help="CPU dry run on the tiny model (no allocator cap)")
@@ -285,24 +293,42 @@ def main(argv=None) -> int:
     image = demo_image(max(height, width)).resize((width, height), Image.BICUBIC)
     speech = demo_speech(frames / 16 + 0.5)
     rows: list[dict] = []
-    for precision in precisions:
-        for recipe in args.recipes.split(","):
-            base = RECIPES[recipe]
-            steps = args.official_steps if recipe == "official" else base["steps"]
-            if args.tiny:
-                steps = min(steps, 2)
-            resident = None
-            for cap, spec in [(None, "none")] + [(c, specs[i] if specs else None) for i, c in enumerate(caps)]:
-                row = _row(args, device, precision, recipe, steps, cap, spec, (height, width, frames), text, audio,
-                           image, speech, bandwidth)
-                resident = row if cap is None else resident
-                if resident is not None and row.get("clip_s") and resident.get("clip_s"):
-                    row["slowdown"] = row["clip_s"] / resident["clip_s"]
-                rows.append(row)
-                print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
-                _write(args, rows, device, bandwidth, (height, width, frames), t_start, argv, done=False)
+    resident: dict[tuple, dict] = {}
+    for precision, recipe, cap, spec in row_order(precisions, args.recipes.split(","), caps, specs):
+        steps = args.official_steps if recipe == "official" else RECIPES[recipe]["steps"]
+        if args.tiny:
+            steps = min(steps, 2)
+        todo = [None]
+        while todo:
+            fallback = todo.pop()
+            row = _row(args, device, precision, recipe, steps, cap, spec, (height, width, frames), text, audio,
+                       image, speech, bandwidth, fallback)
+            if cap is not None and fallback is None and row.get("error") and not spec:  # once, fully offloaded
+                todo.append(memory_plan.candidates(_sizes(args, precision), text_cpu=True)[-1])
+            if cap is None:
+                resident[(precision, recipe)] = row
+            base = resident.get((precision, recipe))
+            if base is not None and row.get("clip_s") and base.get("clip_s"):
+                row["slowdown"] = row["clip_s"] / base["clip_s"]
+            rows.append(row)
+            print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+            _write(args, rows, device, bandwidth, (height, width, frames), t_start, argv, done=False)
     _write(args, rows, device, bandwidth, (height, width, frames), t_start, argv, done=True)
     return 0
+
+
+def row_order(precisions: list[str], recipes: list[str], caps: list[float], specs: list[str] | None) -> list[tuple]:
+    """(precision, recipe, cap, offload spec) in the order the rows run: per precision the resident row and the
+    smallest cap of each recipe first (the issue's headline), then the other caps; a cap's ``--offload-specs`` entry
+    goes with it."""
+    spec_of = {c: (specs[i] if specs else None) for i, c in enumerate(caps)}
+    first, rest = caps[:1], caps[1:]
+    out = []
+    for precision in precisions:
+        for group in ([None] + first, rest):
+            for recipe in recipes:
+                out += [(precision, recipe, c, "none" if c is None else spec_of[c]) for c in group]
+    return out
 
 
 def _encoders(is_tiny: bool):
@@ -331,34 +357,54 @@ def _vae(is_tiny: bool, device: torch.device):
         return WanVAE(VAEConfig.wan21()).eval().requires_grad_(False)
 
 
-def _plan(args, precision: str, cap: float, shape: tuple[int, int, int], batch: int) -> tuple[OffloadSpec, str]:
-    """The plan's offload for ``cap`` (full offload, with the refusal, where the plan refuses)."""
-    sizes = (memory_plan.ModelSizes.tiny() if args.tiny else
-             memory_plan.ModelSizes.s2v_14b(precision="fp8" if precision == "fp8" else None))
-    want = memory_plan.Shape(shape[0], shape[1], shape[2], batch)
-    try:
-        place = memory_plan.choose(sizes, want, cap, text_cpu=True)
-        return place.offload, memory_plan.describe(sizes, place, want)
-    except ConfigError as err:
-        return OffloadSpec("blocks"), f"refused, ran full offload: {err}"
+def _sizes(args, precision: str) -> memory_plan.ModelSizes:
+    return (memory_plan.ModelSizes.tiny() if args.tiny else
+            memory_plan.ModelSizes.s2v_14b(precision="fp8" if precision == "fp8" else None))
 
 
-def _row(args, device, precision, recipe, steps, cap, spec, shape, text, audio, image, speech, bandwidth) -> dict:
+def _plan(args, precision: str, cap: float, shape: tuple[int, int, int], batch: int
+          ) -> tuple[memory_plan.Placement, bool, str]:
+    """The plan's placement for ``cap`` and whether CFG runs batched: CFG's batch of 2 where it fits, else its two
+    branches one after the other (the refusal's advice), else the most offloaded placement (with the refusal)."""
+    sizes = _sizes(args, precision)
+    for b in dict.fromkeys((batch, 1)):
+        want = memory_plan.Shape(shape[0], shape[1], shape[2], b)
+        try:
+            place = memory_plan.choose(sizes, want, cap, text_cpu=True)
+        except ConfigError as err:
+            refusal = str(err)
+            continue
+        note = "" if b == batch else f"batch {batch} refused ({refusal}); "
+        return place, b == 2, note + memory_plan.describe(sizes, place, want)
+    return memory_plan.candidates(sizes, text_cpu=True)[-1], False, f"refused, ran the most offloaded: {refusal}"
+
+
+def _row(args, device, precision, recipe, steps, cap, spec, shape, text, audio, image, speech, bandwidth,
+         fallback: memory_plan.Placement | None = None) -> dict:
+    """One row; ``fallback``: the placement of a second try after this cap ran out of memory with the plan's."""
     height, width, frames = shape
     base = RECIPES[recipe]
-    batch = 2 if base["guide_scale"] > 1 else 1
-    plan = None
-    if cap is not None and spec is None:
-        spec, plan = _plan(args, precision, cap, shape, batch)
+    cfg = base["guide_scale"] > 1
+    plan, vae_form, batch_cfg = None, "default", cfg
+    if fallback is not None:
+        spec, vae_form, batch_cfg = fallback.offload, fallback.vae, False
+        plan = f"second try after running out of memory: {fallback}"
+    elif cap is not None and spec is None:
+        place, batch_cfg, plan = _plan(args, precision, cap, shape, 2 if cfg else 1)
+        spec, vae_form = place.offload, place.vae
+        batch_cfg = batch_cfg and cfg
     spec = OffloadSpec.parse(spec)
-    row = {"precision": precision, "recipe": recipe, "offload": str(spec), "memory_cap_gib": cap, "steps": steps,
+    row = {"precision": precision, "recipe": recipe, "offload": str(spec), "vae": vae_form,
+           "batch_cfg": batch_cfg if cfg else None, "memory_cap_gib": cap, "steps": steps,
            "guide_scale": base["guide_scale"], "clip": "later", "plan": plan, "bandwidth_gbps": bandwidth}
-    pipe = None
+    pipe = clock = peaks = None
     if device.type == "cuda":  # left over by earlier rows (should be ~0): it would count against this row's cap
         row["allocated_before_gib"] = torch.cuda.memory_allocated(device) / 2**30
     try:
         dit = _dit(args.tiny, precision, device)
         if spec.enabled:
+            if precision == "fp8" and not args.tiny:
+                dit.set_precision("fp8")  # on the GPU: the bits quantize_on_host would give, without its round trips
             dit.to("cpu")  # built on the GPU (fast, and the resident row's weights), held on the host
         gc.collect()
         if device.type == "cuda":
@@ -368,11 +414,11 @@ def _row(args, device, precision, recipe, steps, cap, spec, shape, text, audio, 
         backend = "torch" if args.tiny else ("torch-compile" if spec.enabled else "torch-graph")
         pipe = S2VPipeline(dit, _vae(args.tiny, device), text, audio, device, backend=backend, t5_cpu=True,
                            name="tiny" if args.tiny else "random-14b", offload=spec,
-                           precision="fp8" if precision == "fp8" else None)
+                           precision="fp8" if precision == "fp8" else None, vae_low_memory=vae_form == "low_memory")
         _reuse_encodings(pipe)
         common = dict(prompt="a person talking to the camera", seed=0, infer_frames=frames, num_clip=1,
                       size=f"{height}*{width}", start_from_ref=True, guide_scale=base["guide_scale"],
-                      sample_shift=base["shift"])
+                      sample_shift=base["shift"], batch_cfg=batch_cfg)
         pipe.generate(image, speech, sample_steps=2, progress=False, **common)  # compilation (and capture)
         clock = StageClock(device)
         peaks = StagePeaks(clock, device)
@@ -382,19 +428,22 @@ def _row(args, device, precision, recipe, steps, cap, spec, shape, text, audio, 
         start = clock.now()
         pipe.generate(image, speech, sample_steps=steps, progress=peaks.progress, **common)
         st = clip_stages(clock, start, 1)[0]
-        first_step = next(e[3] for e in clock.events if e[1] == "denoise")
-        encode_s = sum(t1 - t0 for t0, t1 in encodes if t1 <= first_step)
+        den = [e[3] for e in clock.events if e[1] == "denoise"]
+        encode_s = sum(t1 - t0 for t0, t1 in encodes if t1 <= den[0])
         denoise_s = st["denoise_s"] - encode_s  # the motion encode belongs to the previous clip of a real run
         full_steps = RECIPES[recipe]["steps"]
-        step_s = denoise_s / steps  # not inflated by the encode: the official projection multiplies it by 40
+        # The first step carries the prepare calls and the first block copies; a projection to 40 steps multiplies
+        # only the later steps' time.
+        first_step_s = den[0] - start - encode_s
+        step_s = (den[-1] - den[0]) / (steps - 1) if steps > 1 else first_step_s
         clip_s = denoise_s + st["vae_decode_s"]
-        row.update(projected=steps < full_steps and not args.tiny, step_s=step_s, denoise_s=denoise_s,
+        projected = steps < full_steps and not args.tiny
+        row.update(projected=projected, step_s=step_s, first_step_s=first_step_s, denoise_s=denoise_s,
                    vae_encode_s=encode_s, vae_decode_s=st["vae_decode_s"],
-                   clip_s=clip_s if steps >= full_steps or args.tiny else step_s * full_steps + st["vae_decode_s"])
-        row.update({f"peak_{k}_gib": v for k, v in peaks.peaks.items()})
-        row["peak_gib"] = max(peaks.peaks.values()) if peaks.peaks else None
+                   clip_s=first_step_s + (full_steps - 1) * step_s + st["vae_decode_s"] if projected else clip_s)
         if pipe.streamer is not None:
-            streamed = len(pipe.streamer.streamed) * pipe.streamer.block_bytes  # one (batched) forward per step
+            forwards = 2 if cfg and not batch_cfg else 1  # CFG's branches one after the other stream the blocks twice
+            streamed = forwards * len(pipe.streamer.streamed) * pipe.streamer.block_bytes
             row["streamed_gib_per_step"] = streamed / 2**30
             if not args.tiny:
                 pcie4_step = max(step_s, streamed / (PCIE4_GBPS * 1e9))
@@ -403,7 +452,13 @@ def _row(args, device, precision, recipe, steps, cap, spec, shape, text, audio, 
         if not _out_of_memory(err):
             raise
         row["error"] = f"out of memory: {str(err).splitlines()[0]}"
+        row["failed_in"] = (clock.events[-1][1] if clock is not None and clock.events else "load or warm-up")
     finally:
+        row["peak_gib"] = row["peak_reserved_gib"] = None  # no device counters (the CPU) or failed before the clip
+        if peaks is not None and peaks.peaks:  # what was measured, also up to an out-of-memory error
+            row.update({f"peak_{k}_gib": v for k, v in peaks.peaks.items()})
+            row["peak_gib"] = max(peaks.peaks.values())
+            row["peak_reserved_gib"] = peaks.reserved
         del pipe
         gc.collect()
         if device.type == "cuda":

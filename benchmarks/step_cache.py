@@ -4,12 +4,15 @@ computed in full, in one process on the same random weights and inputs.
 A later-clip-shaped clip (``start_from_ref``: motion latents from the first clip on, so the DiT sees exactly the
 tokens of a later clip) at 704×1024×80 on random 14B weights, the official recipe by default (40 steps, CFG
 4.5, shift 3, UniPC), once per ``--caches`` entry. ``half`` is a fixed schedule that skips every even step
-(20 of 40): it measures what a skipped step costs, whatever a real calibration would choose. Before the timed
-clips a 2-step warm-up of each kind of step (plain, residual-recording, skipped) pays compilation and CUDA-graph
-capture, so every timed clip replays graphs only.
+(20 of 40): it measures what a skipped step costs, whatever a real calibration would choose. Before each timed
+clip a short generation with that row's step kinds (plain; residual-recording and skipped) pays compilation and
+CUDA-graph capture, so the timed clip replays graphs only; the graphs of the row before are dropped first, so one
+graph pool at a time is held (with UMT5 on the host between encodes, the run fits an 80 GB card).
 
-Rows: ``cache``, ``steps``, ``steps_computed``, ``clip_s`` (denoise + VAE decode), ``speedup`` over the
-uncached row, and the frames' ``rel_l2`` / ``psnr_db`` against the uncached clip. Random weights: the quality
+Rows: ``cache``, ``steps``, ``steps_computed``, ``clip_s`` (denoise + VAE decode; the encoders and the reference
+and motion VAE encodes are ``encode_s``, apart), ``computed_step_s`` / ``skipped_step_s`` (medians), ``capture_s``
+(graph capture inside the timed clip: 0 unless an out-of-memory retry dropped a graph), ``peak_gib``, ``speedup``
+over the uncached row, and the frames' ``rel_l2`` / ``psnr_db`` against the uncached clip. Random weights: the quality
 columns say how far the cache moves *this* output, nothing about quality on real weights (``runtime.quality``
 measures that on the user's checkpoint).
 
@@ -20,6 +23,7 @@ measures that on the user's checkpoint).
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 import time
 from pathlib import Path
@@ -29,14 +33,15 @@ import torch
 from PIL import Image
 
 from benchmarks.clip import StageClock, clip_stages
-from benchmarks.common import code_revision, device_description, markdown_table, results_dir, write_results
+from benchmarks.common import code_revision, device_description, markdown_table, median, results_dir, write_results
 from runtime import distributed, tiny
 from runtime.demo import demo_image, demo_speech
 from runtime.pipeline import S2VPipeline
 from runtime.quality import psnr
 
 COLUMNS = ["variant", "cache", "scenario", "gpus", "steps", "steps_computed", "steps_skipped", "clip", "clip_s",
-           "denoise_s", "vae_decode_s", "speedup", "rel_l2", "psnr_db"]
+           "denoise_s", "vae_decode_s", "computed_step_s", "skipped_step_s", "capture_s", "peak_gib", "speedup",
+           "rel_l2", "psnr_db"]
 
 
 def half_schedule(steps: int) -> str:
@@ -66,6 +71,8 @@ def main(argv=None) -> int:
                     help="fp8: FP8 block linears (exact attention), as --precision fp8 of runtime.generate")
     ap.add_argument("--cfg-parallel", action="store_true", help="under torchrun: each CFG branch on its own ranks")
     ap.add_argument("--ulysses", type=int, default=1, help="under torchrun: sequence-parallel ranks per branch")
+    ap.add_argument("--vae-low-memory", action="store_true", help="the VAE's low-memory chunk form (a smaller decode "
+                    "peak, a slower decode; the same in every row)")
     ap.add_argument("--tiny", action="store_true", help="CPU dry run on the tiny model")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -95,37 +102,72 @@ def main(argv=None) -> int:
         dit = build_dit(DiTConfig.s2v_14b(), dtype=torch.bfloat16, device=device)
         height, width, frames, backend = 704, 1024, 80, "torch-graph"
     gpus = 1 if layout is None else torch.distributed.get_world_size()
+    # UMT5 (10.6 GiB) on the host between its encodes, timed apart from the clip: with one graph pool at a time
+    # (below) a resident batch-2 clip and its VAE decode then fit an 80 GB card as well as an H200.
     pipe = S2VPipeline(dit, vae, text, audio_enc, device, backend=backend, name="tiny" if args.tiny else "random-14b",
-                       attention=args.attention, parallel=layout, precision=None if args.tiny else args.precision)
+                       attention=args.attention, parallel=layout, precision=None if args.tiny else args.precision,
+                       move_text=not args.tiny, vae_low_memory=args.vae_low_memory)
+    variant = f"{pipe.backend_name}:{pipe.dit.attention_impl}"
+    precision = "fp8" if pipe.dit.precision == "fp8" else str(pipe.dit.dtype).replace("torch.", "")
+    print(f"variant {variant}, {precision}", flush=True)  # a missing kernel build shows in the first minute
     image = demo_image(max(height, width)).resize((width, height), Image.BICUBIC)
     speech = demo_speech(frames / 16 + 0.5)
     common = dict(prompt="a person talking to the camera", seed=0, infer_frames=frames, guide_scale=args.guide_scale,
                   sample_shift=args.shift, num_clip=1, size=f"{height}*{width}", start_from_ref=True)
 
-    t0 = time.perf_counter()
-    pipe.generate(image, speech, sample_steps=2, **common)                    # plain steps: compile + capture
-    pipe.generate(image, speech, sample_steps=2, cache="steps:2", **common)   # residual steps + a skipped step
-    warmup_s = time.perf_counter() - t0
-
     clock = StageClock(device)
-    rows, ref = [], None
-    variant = f"{pipe.backend_name}:{pipe.dit.attention_impl}"
-    precision = "fp8" if pipe.dit.precision == "fp8" else str(pipe.dit.dtype).replace("torch.", "")
-    print(f"warm-up (compilation and capture of every step kind): {warmup_s:.1f} s", flush=True)
+    # The encoders (UMT5 moved in and out, wav2vec2) and the reference and motion VAE encodes run before the first
+    # step; timed apart, they are not part of a later clip's denoise (its motion encode ends the previous clip).
+    pipe.encode_audio = clock.wrap_encoder(pipe.encode_audio)
+    pipe.encode_prompts = clock.wrap_encoder(pipe.encode_prompts)
+    pipe.sampler._encode = clock.wrap_encoder(pipe.sampler._encode)
+    graphs = getattr(pipe.backend, "graphs", None)
+    if graphs is not None:  # a capture inside a timed clip (after an out-of-memory retry) is then in capture_s
+        pipe.backend._capture = clock.wrap_capture(pipe.backend._capture)
+
+    rows, ref, warmup_s = [], None, 0.0
     for c in caches:
+        # One graph pool at a time (each holds a batch-2 step's activations, 10-14 GiB): this row's step kinds are
+        # captured just before it, outside its timing. "half" computes only residual-recording steps.
+        if graphs:
+            graphs.clear()
+            gc.collect()
+            torch.cuda.empty_cache()
+        t0 = time.perf_counter()
+        if c == "off":
+            pipe.generate(image, speech, sample_steps=1, **common)                     # plain steps
+        elif c == "half":
+            pipe.generate(image, speech, sample_steps=2, cache="steps:2", **common)    # residual + skipped steps
+        else:
+            pipe.generate(image, speech, sample_steps=3, cache="steps:2", **common)    # and a plain step
+        warmup_s += time.perf_counter() - t0
+        print(f"warm-up of the {c!r} row's step kinds (compilation, capture): {time.perf_counter() - t0:.1f} s",
+              flush=True)
         clock.events.clear()
+        clock.captures.clear()
+        clock.encoders = 0.0
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         start = clock.now()
         res = pipe.generate(image, speech, sample_steps=args.steps, progress=clock.progress, cache=spec[c], **common)
         st = clip_stages(clock, start, 1)[0]
-        computed = res.info["cache"]["clips"][0]["computed"] if "cache" in res.info else args.steps
+        skipped = set(res.info["cache"]["clips"][0]["skipped"]) if "cache" in res.info else set()
+        computed_s, skipped_s = step_times(clock, skipped)
         ref = res.frames if ref is None else ref
+        denoise_s = st["denoise_s"] - clock.encoders
         row = {"variant": variant, "precision": precision, "cache": c if c != "half" else
                "half: every even step", "schedule": spec[c], "scenario": f"later-{height}x{width}-{frames}f", "gpus": gpus,
-               "steps": args.steps, "guide_scale": args.guide_scale, "steps_computed": computed,
-               "steps_skipped": args.steps - computed, "clip": "later", "clip_s": st["denoise_s"] + st["vae_decode_s"],
-               "denoise_s": st["denoise_s"], "vae_decode_s": st["vae_decode_s"], "step_s": st["step_s"],
+               "steps": args.steps, "guide_scale": args.guide_scale, "steps_computed": args.steps - len(skipped),
+               "steps_skipped": len(skipped), "clip": "later", "clip_s": denoise_s + st["vae_decode_s"],
+               "denoise_s": denoise_s, "vae_decode_s": st["vae_decode_s"], "encode_s": clock.encoders,
+               "computed_step_s": computed_s, "skipped_step_s": skipped_s, "capture_s": st["capture_s"],
+               "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+               "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30 if device.type == "cuda" else None,
                "rel_l2": rel_l2(res.frames, ref), "psnr_db": finite(psnr(res.frames, ref))}
         row["speedup"] = (rows[0]["clip_s"] if rows else row["clip_s"]) / row["clip_s"]
+        if st["capture_s"] > 0:
+            print(f"WARNING: {st['capture_s']:.1f} s of graph capture inside the timed {c!r} clip (an out-of-memory "
+                  "retry dropped a graph): its clip_s is not a replay-only time", flush=True)
         rows.append(row)
         print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
         if distributed.is_main():  # after every row: a run cut off by a time limit keeps what it measured
@@ -133,6 +175,16 @@ def main(argv=None) -> int:
                    done=len(rows) == len(caches))
     distributed.shutdown()
     return 0
+
+
+def step_times(clock: StageClock, skipped: set[int]) -> tuple[float | None, float | None]:
+    """Median time of a computed and of a skipped step (1-based step numbers), from the progress stamps: step k's
+    time is the interval that ends at its stamp (step 1, which follows the encoders and prepare, is left out)."""
+    den = [e[3] for e in clock.events if e[1] == "denoise"]
+    times = {k + 2: b - a for k, (a, b) in enumerate(zip(den, den[1:]))}
+    computed = [t for k, t in times.items() if k not in skipped]
+    skip = [t for k, t in times.items() if k in skipped]
+    return (median(computed) if computed else None), (median(skip) if skip else None)
 
 
 def _write(args, rows, device, precision, height, width, frames, gpus, layout, warmup_s, t_start, argv, done):
@@ -146,8 +198,12 @@ def _write(args, rows, device, precision, height, width, frames, gpus, layout, w
             {"cfg_parallel": args.cfg_parallel, "ulysses": args.ulysses},
             "weights": "random at the real configuration: rel_l2/psnr_db say nothing about quality on real weights",
             "warmup_s": warmup_s, "process_total_s": time.perf_counter() - t_start, "complete": done,
-            "notes": "clip_s = denoise + VAE decode after a device sync at every progress event; the uncached row "
-                     "and the cached rows run in this process on the same weights and inputs"}
+            "notes": "clip_s = denoise + VAE decode after a device sync at every progress event; denoise_s leaves out "
+                     "the encoders and the reference/motion VAE encodes (encode_s); each row's step kinds are "
+                     "compiled and captured just before it (one graph pool at a time); the uncached row and the "
+                     "cached rows run in this process on the same weights and inputs",
+            "vae": "low-memory chunk form" if args.vae_low_memory else "default",
+            "umt5": None if args.tiny else "on the host, moved to the GPU while it encodes"}
     name = f"step_cache_{height}x{width}-{frames}f_{args.steps}steps_{precision}_{gpus}gpu.json"
     table = markdown_table(rows, COLUMNS)
     write_results(results_dir(args.out, device) / name, rows, meta, table)

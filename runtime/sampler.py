@@ -245,8 +245,10 @@ class S2VSampler:
                     plan.finish()
                     cache.done(r, num_clip, plan)
             finally:
+                # The conditions (GBs of DiT inputs at 704x1024) and the cache's residuals are not needed past the
+                # last step: freed before the VAE decode, whose peak they would otherwise add to.
+                cond = uncond = both = plan = None
                 if self.offload:
-                    cond = uncond = both = None  # the conditions hold DiT outputs on the device
                     self.move_dit("cpu")
             check_finite(latents, f"DiT denoising of {clip_name}")
 
@@ -264,7 +266,8 @@ class S2VSampler:
             if r == num_clip - 1:
                 break  # the motion history would only feed a next clip
             keep = min(opts.motion_frames, image.shape[2])
-            history = torch.cat([history[:, :, keep:].float(), image[:, :, -keep:]], dim=2)  # promotes to fp32 as official
+            # promotes to fp32 as official; the low-memory VAE decodes to the host, the history stays on the device
+            history = torch.cat([history[:, :, keep:].float(), image[:, :, -keep:].to(history.device)], dim=2)
             motion_latents = self._encode(history)
             check_finite(motion_latents, f"VAE encode of the motion frames after {clip_name}")
             report(r, 1, 1, "vae_encode")

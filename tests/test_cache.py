@@ -186,6 +186,23 @@ def test_graph_backend_caches_like_the_eager_backend_on_gpu(batch_cfg):
         assert ((y.float() - x.float()).norm() / x.float().norm()).item() <= 1e-2
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA-graph step kinds need a GPU (the device "
+                    "pre-flight, benchmarks/device/preflight.sh, runs this)")
+def test_graph_backend_calibrates_like_the_eager_backend_on_gpu():
+    """A calibration keeps each step's residual to compare with the next one: were it a view of the graph's output
+    buffer (overwritten by the next replay), every ratio would read 1 and every cosine distance 0."""
+    got = {}
+    for name, kw in (("eager", {}), ("graph", {"backend": "torch-graph"})):
+        rec = cache.Recorder()
+        _latents(_pipe("cuda", dtype=torch.bfloat16, **kw), cache=rec, sample_steps=6)
+        got[name] = rec.clips[0]
+    for branch in ("cond", "uncond"):
+        e, g = got["eager"][branch], got["graph"][branch]
+        assert max(g["cos_dist"][1:]) > 1e-3 and max(abs(x - 1) for x in g["mag_ratio"][1:]) > 1e-3
+        for key in ("mag_ratio", "cos_dist"):
+            assert max(abs(a - b) for a, b in zip(e[key], g[key], strict=True)) <= 2e-2, (branch, key)
+
+
 @pytest.mark.slow
 def test_each_clip_starts_with_an_empty_cache():
     pipe = _pipe()

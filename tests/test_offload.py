@@ -216,8 +216,15 @@ class TimedCudaTimeline(offload.CudaTimeline):
     def copy(self, block, slot, dst, src, after):
         with torch.cuda.stream(self.stream):
             torch.cuda._sleep(self.copy_sleep)
-        ready = super().copy(block, slot, dst, src, after)
-        self.log.append(("copy", block, slot, after, self._mark(self.stream)))
+        # The real copy, its `ready` event made a timing one: the block's wait mark is then ordered after it by the
+        # stream wait itself (a mark recorded after `ready` on the side stream could land either side of it).
+        event = torch.cuda.Event
+        torch.cuda.Event = lambda *a, **k: event(enable_timing=True)
+        try:
+            ready = super().copy(block, slot, dst, src, after)
+        finally:
+            torch.cuda.Event = event
+        self.log.append(("copy", block, slot, after, ready))
         return ready
 
     def wait(self, block, slot, ready):
@@ -562,6 +569,28 @@ def test_offload_benchmark_dry_run_on_the_tiny_model(tmp_path):
     assert (tmp_path / "offload_64x96-16f.md").is_file()
 
 
+def test_offload_benchmark_runs_the_headline_rows_first_and_follows_the_plan_s_advice():
+    from types import SimpleNamespace
+
+    from benchmarks.offload import _plan, row_order
+
+    order = row_order(["bf16", "fp8"], ["few-step", "official"], [24.0, 32.0, 48.0], None)
+    assert order[:4] == [("bf16", "few-step", None, "none"), ("bf16", "few-step", 24.0, None),
+                         ("bf16", "official", None, "none"), ("bf16", "official", 24.0, None)]
+    assert len(order) == 16 and {o[0] for o in order[8:]} == {"fp8"} and order[4][2] == 32.0
+    assert row_order(["bf16"], ["few-step"], [24.0, 48.0], ["blocks:1", "blocks"])[1:] == [
+        ("bf16", "few-step", 24.0, "blocks:1"), ("bf16", "few-step", 48.0, "blocks")]
+    full = SimpleNamespace(tiny=False)
+    # CFG's batch of 2 cannot fit 24 GiB: its branches run one after the other, with the plan's VAE form
+    place, batched, note = _plan(full, "bf16", 24.0, (704, 1024, 80), 2)
+    assert not batched and note.startswith("batch 2 refused") and place.vae == "low_memory"
+    assert place == mp.choose(mp.ModelSizes.s2v_14b(), mp.Shape(704, 1024, 80, 1), 24.0, text_cpu=True)
+    place, batched, _ = _plan(full, "bf16", 48.0, (704, 1024, 80), 2)
+    assert batched and place == mp.choose(mp.ModelSizes.s2v_14b(), mp.Shape(704, 1024, 80, 2), 48.0, text_cpu=True)
+    place, batched, note = _plan(full, "bf16", 8.0, (704, 1024, 80), 2)  # nothing fits: the most offloaded
+    assert note.startswith("refused") and place == mp.candidates(mp.ModelSizes.s2v_14b(), text_cpu=True)[-1]
+
+
 # ------------------------------------------------------------------------------------------- the low-memory VAE
 def test_low_memory_vae_gives_the_default_frames_bit_for_bit():
     """Same arithmetic as the default chunked form at one latent per step (CPU: no compiled step, no channels-last):
@@ -593,6 +622,21 @@ def test_the_plan_s_low_memory_vae_reaches_the_pipeline():
     pipe = S2VPipeline.from_pretrained("tiny", device="cpu", max_gpu_memory=cap, t5_cpu=True)
     assert pipe.vae.low_memory and str(pipe.offload) == "blocks"
     assert not S2VPipeline.from_pretrained("tiny", device="cpu").vae.low_memory
+
+
+@needs_cuda
+def test_offloaded_low_memory_pipeline_runs_two_clips_on_gpu():
+    """On a GPU the low-memory VAE's frames come back on the host while the motion history stays on the device:
+    a second clip (which re-encodes that history) runs, and the video is the resident pipeline's, bit for bit
+    (eager blocks: the same kernels on the same bits)."""
+    kw = dict(seed=2, sample_steps=2, infer_frames=16, progress=False)
+    streamed = S2VPipeline.from_pretrained("tiny", device="cuda", dtype=torch.bfloat16, backend="torch",
+                                           offload="blocks:1")
+    resident = S2VPipeline.from_pretrained("tiny", device="cuda", dtype=torch.bfloat16, backend="torch")
+    streamed.vae.low_memory = resident.vae.low_memory = True  # as vae_low_memory=True sets it (eager VAE either way)
+    a = streamed.generate(demo_image(), demo_speech(1.5), **kw)
+    b = resident.generate(demo_image(), demo_speech(1.5), **kw)
+    assert a.info["clips"] == 2 and np.array_equal(a.frames, b.frames)
 
 
 def test_fuse_qkv_and_set_precision_after_attach_are_refused():

@@ -8,7 +8,7 @@ set -u
 cd "$(dirname "$0")/../.."
 graph="tests/test_backends.py::test_graph_replay_equals_eager tests/test_backends.py::test_graph_backend_pipeline_end_to_end_on_gpu"
 case "${1:?cache, offload, serve or all}" in
-  cache)   tests="$graph tests/test_cache.py::test_graph_backend_caches_like_the_eager_backend_on_gpu";;
+  cache)   tests="$graph tests/test_cache.py::test_graph_backend_caches_like_the_eager_backend_on_gpu tests/test_cache.py::test_graph_backend_calibrates_like_the_eager_backend_on_gpu";;
   offload) tests="tests/test_offload.py";;
   serve)   tests="$graph";;
   all)     tests="$graph tests/test_cache.py tests/test_offload.py";;
