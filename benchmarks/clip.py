@@ -231,8 +231,8 @@ def run_precision(args, precision, dit, vae, text, audio_enc, device, height, wi
                      "encoders_s": None, "request_s": None})
     official = None
     if args.official_repo and precision == "bf16":
-        if hasattr(pipe.backend, "graphs"):
-            pipe.backend.graphs.clear()  # their memory pools: the official forward needs the room
+        if hasattr(pipe.backend, "drop_graphs"):
+            pipe.backend.drop_graphs()  # their memory pool: the official forward needs the room
         torch.cuda.empty_cache()
         official = official_forward_time(args.official_repo, pipe, height, width, frames, device)
         later = next(r for r in last if r["clip"] == "later")

@@ -423,8 +423,8 @@ def main(argv=None) -> int:
             except Exception as e:
                 err(spec, e)
             backend = getattr(fwd, "__defaults__", (None,))[0]
-            if hasattr(backend, "graphs"):
-                backend.graphs.clear()
+            if hasattr(backend, "drop_graphs"):
+                backend.drop_graphs()
             print(f"[{spec}] step {row.get('step_s')}", flush=True)
             save()
     del runners, outputs, official, official_out, state, x, cond, uncond, both

@@ -7,7 +7,9 @@ tokens of a later clip) at 704×1024×80 on random 14B weights, the official rec
 (20 of 40): it measures what a skipped step costs, whatever a real calibration would choose. Before each timed
 clip a short generation with that row's step kinds (plain; residual-recording and skipped) pays compilation and
 CUDA-graph capture, so the timed clip replays graphs only; the graphs of the row before are dropped first, so one
-graph pool at a time is held (with UMT5 on the host between encodes, the run fits an 80 GB card).
+graph at a time is held. With UMT5 on the host between encodes, and on an 80 GB card the low-memory VAE
+(``--vae-low-memory auto``), the run is meant to fit an H100 as well as an H200 (a prediction of the memory
+model: each row's ``peak_gib`` and ``peak_reserved_gib`` say what it held).
 
 Rows: ``cache``, ``steps``, ``steps_computed``, ``clip_s`` (denoise + VAE decode; the encoders and the reference
 and motion VAE encodes are ``encode_s``, apart), ``computed_step_s`` / ``skipped_step_s`` (medians), ``capture_s``
@@ -23,7 +25,6 @@ measures that on the user's checkpoint).
 from __future__ import annotations
 
 import argparse
-import gc
 import sys
 import time
 from pathlib import Path
@@ -71,8 +72,9 @@ def main(argv=None) -> int:
                     help="fp8: FP8 block linears (exact attention), as --precision fp8 of runtime.generate")
     ap.add_argument("--cfg-parallel", action="store_true", help="under torchrun: each CFG branch on its own ranks")
     ap.add_argument("--ulysses", type=int, default=1, help="under torchrun: sequence-parallel ranks per branch")
-    ap.add_argument("--vae-low-memory", action="store_true", help="the VAE's low-memory chunk form (a smaller decode "
-                    "peak, a slower decode; the same in every row)")
+    ap.add_argument("--vae-low-memory", default="auto", choices=["auto", "on", "off"],
+                    help="the VAE's low-memory chunk form (a smaller decode peak, a slower decode; the same in every "
+                         "row); auto: on where the GPU has less than 100 GiB (an 80 GB card)")
     ap.add_argument("--tiny", action="store_true", help="CPU dry run on the tiny model")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -104,9 +106,12 @@ def main(argv=None) -> int:
     gpus = 1 if layout is None else torch.distributed.get_world_size()
     # UMT5 (10.6 GiB) on the host between its encodes, timed apart from the clip: with one graph pool at a time
     # (below) a resident batch-2 clip and its VAE decode then fit an 80 GB card as well as an H200.
+    if args.vae_low_memory == "auto":
+        small = device.type == "cuda" and torch.cuda.get_device_properties(device).total_memory < 100 * 2**30
+        args.vae_low_memory = "on" if small else "off"
     pipe = S2VPipeline(dit, vae, text, audio_enc, device, backend=backend, name="tiny" if args.tiny else "random-14b",
                        attention=args.attention, parallel=layout, precision=None if args.tiny else args.precision,
-                       move_text=not args.tiny, vae_low_memory=args.vae_low_memory)
+                       move_text=not args.tiny, vae_low_memory=args.vae_low_memory == "on")
     variant = f"{pipe.backend_name}:{pipe.dit.attention_impl}"
     precision = "fp8" if pipe.dit.precision == "fp8" else str(pipe.dit.dtype).replace("torch.", "")
     print(f"variant {variant}, {precision}", flush=True)  # a missing kernel build shows in the first minute
@@ -127,12 +132,11 @@ def main(argv=None) -> int:
 
     rows, ref, warmup_s = [], None, 0.0
     for c in caches:
-        # One graph pool at a time (each holds a batch-2 step's activations, 10-14 GiB): this row's step kinds are
-        # captured just before it, outside its timing. "half" computes only residual-recording steps.
+        # One graph at a time (they share one pool, but each keeps its static inputs and outputs, GBs at batch 2):
+        # this row's step kinds are captured just before it, outside its timing. "half" computes only
+        # residual-recording steps.
         if graphs:
-            graphs.clear()
-            gc.collect()
-            torch.cuda.empty_cache()
+            pipe.backend.drop_graphs()
         t0 = time.perf_counter()
         if c == "off":
             pipe.generate(image, speech, sample_steps=1, **common)                     # plain steps
@@ -202,7 +206,7 @@ def _write(args, rows, device, precision, height, width, frames, gpus, layout, w
                      "the encoders and the reference/motion VAE encodes (encode_s); each row's step kinds are "
                      "compiled and captured just before it (one graph pool at a time); the uncached row and the "
                      "cached rows run in this process on the same weights and inputs",
-            "vae": "low-memory chunk form" if args.vae_low_memory else "default",
+            "vae": "low-memory chunk form" if args.vae_low_memory == "on" else "default",
             "umt5": None if args.tiny else "on the host, moved to the GPU while it encodes"}
     name = f"step_cache_{height}x{width}-{frames}f_{args.steps}steps_{precision}_{gpus}gpu.json"
     table = markdown_table(rows, COLUMNS)

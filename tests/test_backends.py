@@ -316,10 +316,11 @@ def test_graph_backend_drops_other_shapes_when_a_capture_runs_out_of_memory(monk
     and the capture is retried once; OOM with nothing to drop is raised. (Logic only: captures are faked.)"""
     from runtime.backends import torch_backend as tb
 
-    state = {"oom": 0, "made": 0, "replays": 0}
+    state = {"oom": 0, "made": 0, "replays": 0, "pools": []}
 
     class FakeCaptured:
-        def __init__(self, step, x, t_freq, cond, warmup):
+        def __init__(self, step, x, t_freq, cond, warmup, pool):
+            state["pools"].append(pool)
             if state["oom"]:
                 state["oom"] -= 1
                 raise torch.cuda.OutOfMemoryError("CUDA out of memory")
@@ -332,20 +333,25 @@ def test_graph_backend_drops_other_shapes_when_a_capture_runs_out_of_memory(monk
     monkeypatch.setattr(tb, "_Captured", FakeCaptured)
     monkeypatch.setattr(tb, "shape_key", lambda x, t, c: tuple(x.shape))
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    handles = iter(range(100))
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: ("pool", next(handles)))
     g = object.__new__(tb.GraphDiT)  # the constructor needs CUDA; the cache logic does not
     def step(*args):
         raise AssertionError("captures are faked")
 
     g.model, g.warmup, g.graphs = type("M", (), {"step": staticmethod(step)})(), 0, tb.OrderedDict()
+    g.pool = torch.cuda.graph_pool_handle()
     a, b, c = torch.ones(1, 2), torch.ones(1, 3), torch.ones(1, 4)
     torch.testing.assert_close(g.forward(a, None, None), a * 2)
     assert state["replays"] == 0  # a new shape's first call returns its warm-up output: no replay, no extra forward
     g.forward(b, None, None)
     g.forward(a, None, None)  # a becomes the most recently used
     assert list(g.graphs) == [("step", 1, 3), ("step", 1, 2)] and state["made"] == 2 and state["replays"] == 1
+    assert state["pools"] == [("pool", 0)] * 2  # the graphs of every shape share one memory pool
     state["oom"] = 1
     torch.testing.assert_close(g.forward(c, None, None), c * 2)
     assert list(g.graphs) == [("step", 1, 4)] and state["made"] == 3
+    assert state["pools"][2:] == [("pool", 0), ("pool", 1)]  # the retry captures into a fresh pool
     g.graphs.clear()
     state["oom"] = 1
     with pytest.raises(torch.cuda.OutOfMemoryError):

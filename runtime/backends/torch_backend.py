@@ -50,7 +50,7 @@ class _Captured:
     run on the real inputs of the call that meets the shape, so the last one's output is that call's result
     (``first``) and the warm-up costs no extra forward."""
 
-    def __init__(self, step, x: torch.Tensor, t_freq: torch.Tensor, cond: ClipConditions, warmup: int):
+    def __init__(self, step, x: torch.Tensor, t_freq: torch.Tensor, cond: ClipConditions, warmup: int, pool):
         # step: model.step (one output) or model.step_with_residual (velocity, residual); outputs kept as a tuple
         self.inputs = StaticInputs(x, t_freq, cond)
         args = self.inputs.tensors
@@ -65,7 +65,7 @@ class _Captured:
             o.record_stream(torch.cuda.current_stream())
         del out
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, pool=pool):
             self.out = _as_tuple(step(*args))
 
 
@@ -79,9 +79,11 @@ class GraphDiT(TorchDiT):
     Per call it copies x and t_freq into the captured buffers (a few MB) and replays; per clip it copies the
     clip conditions once. Blocks are compiled first (``compile=True``) so the graph replays fused kernels.
     A new shape costs its compilation, one forward on the real inputs (whose output is returned) and the capture.
-    Each graph keeps its own activation memory (GBs at 704×1024), so a server that meets many resolutions would
-    fill the GPU: when a new capture runs out of memory, the graphs of other shapes are dropped and it is retried
-    once (they are captured again when their shape returns)."""
+    All graphs of a backend share one memory pool: a graph's activations (GBs at 704×1024) are reused by the next
+    graph instead of each holding its own. That is safe because replays never overlap and every output is copied
+    out right after its replay (another graph's replay may then overwrite it). A server that meets many
+    resolutions still keeps each graph's outputs and static inputs: when a new capture runs out of memory, the
+    graphs of other shapes are dropped and it is retried once (they are captured again when their shape returns)."""
 
     name = "torch-graph"
 
@@ -93,6 +95,14 @@ class GraphDiT(TorchDiT):
             model.compile_blocks()
         self.warmup = warmup
         self.graphs: OrderedDict[tuple, _Captured] = OrderedDict()  # least recently used first
+        self.pool = torch.cuda.graph_pool_handle()
+
+    def drop_graphs(self) -> None:
+        """Drops every captured graph and returns their memory to the device (captured again on their next call)."""
+        self.graphs.clear()
+        self.pool = torch.cuda.graph_pool_handle()  # the old pool is freed with its last graph
+        gc.collect()
+        torch.cuda.empty_cache()
 
     def forward(self, x: torch.Tensor, t_freq: torch.Tensor, cond: ClipConditions) -> torch.Tensor:
         return self._replay(self.model.step, x, t_freq, cond)[0]
@@ -117,15 +127,15 @@ class GraphDiT(TorchDiT):
 
     def _capture(self, key: tuple, step, x: torch.Tensor, t_freq: torch.Tensor, cond: ClipConditions) -> _Captured:
         try:
-            cap = _Captured(step, x, t_freq, cond, self.warmup)
+            cap = _Captured(step, x, t_freq, cond, self.warmup, self.pool)
         except torch.cuda.OutOfMemoryError:
             if not self.graphs:
                 raise
+            cap = None  # retried below, outside this handler: its traceback holds the failed capture's memory
+        if cap is None:
             log.warning("CUDA graph for a new shape ran out of GPU memory; dropping the %d graph(s) of other shapes "
                         "and capturing again", len(self.graphs))
-            self.graphs.clear()
-            gc.collect()  # the failed capture's tensors
-            torch.cuda.empty_cache()
-            cap = _Captured(step, x, t_freq, cond, self.warmup)
+            self.drop_graphs()
+            cap = _Captured(step, x, t_freq, cond, self.warmup, self.pool)
         self.graphs[key] = cap
         return cap
