@@ -22,7 +22,7 @@ minus the resident weights are what ``runtime.memory_plan.ActivationModel`` is t
     python -m benchmarks.offload --out DIR                  # one H100/H200
     python -m benchmarks.offload --tiny --out /tmp/o        # CPU dry run on the tiny model
     python -m benchmarks.offload --vae-live                 # CPU: live tensor bytes of the VAE forms (see below)
-    python -m benchmarks.offload --plan                     # the memory model's choices at 24/32/48 GiB (no run)
+    python -m benchmarks.offload --plan                     # the memory model's choices at 24/32/48/80 GiB (no run)
 
 ``--vae-live`` runs the real-width VAE (base 96) on the CPU at a reduced size and records the peak of live tensor
 bytes (``LiveBytes``) of each chunk form, scaled by area to 704x1024: what ``runtime.memory_plan`` uses to carry
@@ -211,7 +211,7 @@ def _vae_live(args) -> int:
     return 0
 
 
-def plan_rows(caps=(24.0, 32.0, 48.0), height: int = 704, width: int = 1024, frames: int = 80) -> list[dict]:
+def plan_rows(caps=(24.0, 32.0, 48.0, 80.0), height: int = 704, width: int = 1024, frames: int = 80) -> list[dict]:
     """The memory model's choice and per-stage peaks for a later clip, per cap and DiT batch (bf16, UMT5 on the CPU
     as in this benchmark's runs); refused caps carry the refusal."""
     sizes = memory_plan.ModelSizes.s2v_14b()

@@ -250,15 +250,20 @@ def stage_peaks(sizes: ModelSizes, place: Placement, shape: Shape, act: Activati
     low = place.vae == "low_memory"
     decode = act.vae_decode_low_memory_bytes_per_pixel_channel if low else act.vae_decode_bytes_per_pixel_channel
     encode = act.vae_encode_low_memory_bytes_per_pixel_channel if low else act.vae_encode_bytes_per_pixel_channel
+    dit_act = shape.batch * tokens * (sizes.dim * act.dit_bytes_per_token_dim + sizes.ffn_dim * act.dit_bytes_per_token_ffn)
+    # A resident DiT runs as CUDA graphs (torch-graph, the default on a GPU): their memory pool keeps the step's
+    # activations reserved between replays, so every other stage runs beside it (a prediction from how graph pools
+    # work, not yet a measured peak). Block offload runs compiled blocks without a graph: nothing is kept.
+    pool = 0 if place.offload.enabled else dit_act
+    base_out = base + pool
     peaks = {
-        "text_encode": base + text,
-        "audio_encode": base + (act.audio_bytes_per_second * shape.audio_s if place.audio == "gpu" else 0),
+        "text_encode": base_out + text,
+        "audio_encode": base_out + (act.audio_bytes_per_second * shape.audio_s if place.audio == "gpu" else 0),
         # the motion history (fp32 pixels) is on the device in both forms (the sampler moves it in)
-        "vae_encode": base + pixels * (sizes.vae_base_dim * encode + 3 * 4 * motion_frames),
-        "denoise": base + shape.batch * tokens * (sizes.dim * act.dit_bytes_per_token_dim
-                                                  + sizes.ffn_dim * act.dit_bytes_per_token_ffn),
+        "vae_encode": base_out + pixels * (sizes.vae_base_dim * encode + 3 * 4 * motion_frames),
+        "denoise": base + dit_act,
         # the default form writes the decoded frames into one device tensor; the low-memory one to the host
-        "vae_decode": base + pixels * (sizes.vae_base_dim * decode + (0 if low else 3 * 4 * decoded_frames)),
+        "vae_decode": base_out + pixels * (sizes.vae_base_dim * decode + (0 if low else 3 * 4 * decoded_frames)),
     }
     return {k: int(v) for k, v in peaks.items()}
 
