@@ -4,13 +4,14 @@
 Random 14B weights (the same seed in every row), the encoders on the CPU in every row (the rows compare the DiT's
 placement; the plan's encoder choice is reported, not applied). Per precision (bf16, fp8) and recipe (few-step: 4
 steps, no CFG, shift 8; official: ``--official-steps`` of the 40-step CFG recipe, projected to 40 when fewer), one
-resident row (``offload: "none"``, torch-graph, no cap) and one row per ``--caps`` entry: the allocator capped with
-``torch.cuda.set_per_process_memory_fraction``, the placement chosen by ``runtime.memory_plan`` for that cap (blocks
-kept resident and the VAE form; where CFG's batch of 2 cannot fit, the official recipe runs its two branches one
-after the other, ``batch_cfg: false``, as the plan's refusal advises; where nothing fits, the most offloaded
-placement, with the refusal noted), backend torch-compile. A capped row that runs out of memory keeps the peaks
-measured up to then and is run once more with the most offloaded placement. Rows run in order of what issue 27
-asks first: per precision (bf16, then fp8) the resident and 24 GiB rows of both recipes, then 32 and 48 GiB.
+resident row (``offload: "none"``, torch-graph, no cap; the low-memory VAE on a card under 100 GiB) and one row
+per ``--caps`` entry: the allocator capped with ``torch.cuda.set_per_process_memory_fraction``, the placement
+chosen by ``runtime.memory_plan`` for that cap (blocks kept resident and the VAE form; where CFG's batch of 2
+cannot fit, the official recipe runs its two branches one after the other, ``batch_cfg: false``, as the plan's
+refusal advises; where nothing fits, the most offloaded placement, with the refusal noted), backend torch-compile.
+A capped row that runs out of memory keeps the peaks measured up to then and is run once more with the most
+offloaded placement. Rows run in order of what issue 27 asks first: per precision (bf16, then fp8) the resident
+and 24 GiB rows of both recipes, then 32 and 48 GiB.
 
 Per row: ``peak_gib`` (max allocated over the clip) and the per-stage peaks (motion encode, denoise, VAE decode),
 ``clip_s`` (denoise + decode after a device sync at each progress event; the motion VAE encode, which a real run
@@ -386,6 +387,10 @@ def _row(args, device, precision, recipe, steps, cap, spec, shape, text, audio, 
     base = RECIPES[recipe]
     cfg = base["guide_scale"] > 1
     plan, vae_form, batch_cfg = None, "default", cfg
+    if cap is None and device.type == "cuda" and torch.cuda.get_device_properties(device).total_memory < 100 * 2**30:
+        # An 80 GB card cannot hold the resident DiT, its graphs' pool and the default VAE decode at once (the
+        # memory model): the resident rows use the low-memory VAE there (the row's "vae" says so)
+        vae_form = "low_memory"
     if fallback is not None:
         spec, vae_form, batch_cfg = fallback.offload, fallback.vae, False
         plan = f"second try after running out of memory: {fallback}"

@@ -238,8 +238,9 @@ def resident_bytes(sizes: ModelSizes, place: Placement) -> int:
 
 
 def stage_peaks(sizes: ModelSizes, place: Placement, shape: Shape, act: ActivationModel = ActivationModel(),
-                motion_frames: int = 73) -> dict[str, int]:
-    """Peak GPU bytes of each stage (``STAGES``) for this placement and shape."""
+                motion_frames: int = 73, graphs: bool = True) -> dict[str, int]:
+    """Peak GPU bytes of each stage (``STAGES``) for this placement and shape. ``graphs``: a resident DiT runs as
+    CUDA graphs (``torch-graph``, the default backend on a GPU); False for the eager or compiled backends."""
     base = resident_bytes(sizes, place) + act.reserve_bytes
     pixels = shape.height * shape.width
     lat_f = (shape.frames + 3 + motion_frames) // 4 - (motion_frames + 3) // 4
@@ -250,11 +251,13 @@ def stage_peaks(sizes: ModelSizes, place: Placement, shape: Shape, act: Activati
     low = place.vae == "low_memory"
     decode = act.vae_decode_low_memory_bytes_per_pixel_channel if low else act.vae_decode_bytes_per_pixel_channel
     encode = act.vae_encode_low_memory_bytes_per_pixel_channel if low else act.vae_encode_bytes_per_pixel_channel
-    dit_act = shape.batch * tokens * (sizes.dim * act.dit_bytes_per_token_dim + sizes.ffn_dim * act.dit_bytes_per_token_ffn)
-    # A resident DiT runs as CUDA graphs (torch-graph, the default on a GPU): their memory pool keeps the step's
-    # activations reserved between replays, so every other stage runs beside it (a prediction from how graph pools
-    # work, not yet a measured peak). Block offload runs compiled blocks without a graph: nothing is kept.
-    pool = 0 if place.offload.enabled else dit_act
+    dit_act = shape.batch * tokens * (sizes.dim * act.dit_bytes_per_token_dim
+                                      + sizes.ffn_dim * act.dit_bytes_per_token_ffn)
+    # CUDA graphs' memory pool keeps a step's activations reserved between replays, so every other stage runs beside
+    # it: a prediction from how graph pools work, not a measured peak, and an upper bound as far as the DiT constant
+    # above may be the VAE's peak (its source peak is the same in a request that only replays). Block offload runs
+    # compiled blocks without a graph: nothing is kept.
+    pool = dit_act if graphs and not place.offload.enabled else 0
     base_out = base + pool
     peaks = {
         "text_encode": base_out + text,
@@ -283,8 +286,9 @@ def candidates(sizes: ModelSizes, text_cpu: bool = False, prefetch: int = 1) -> 
     return out
 
 
-def fits(sizes: ModelSizes, place: Placement, shape: Shape, cap_bytes: float, act: ActivationModel) -> bool:
-    return max(stage_peaks(sizes, place, shape, act).values()) <= cap_bytes
+def fits(sizes: ModelSizes, place: Placement, shape: Shape, cap_bytes: float, act: ActivationModel,
+         graphs: bool = True) -> bool:
+    return max(stage_peaks(sizes, place, shape, act, graphs=graphs).values()) <= cap_bytes
 
 
 def size_arg(height: int, width: int, size_name: str = "size") -> str:
@@ -294,16 +298,17 @@ def size_arg(height: int, width: int, size_name: str = "size") -> str:
 
 def choose(sizes: ModelSizes, shape: Shape, max_gpu_gib: float, text_cpu: bool = False, prefetch: int = 1,
            act: ActivationModel = ActivationModel(), name: str = "max_gpu_memory",
-           size_name: str = "size") -> Placement:
+           size_name: str = "size", graphs: bool = True) -> Placement:
     """The least offloading whose every stage fits ``max_gpu_gib``; refused in one line, naming the largest size
     (same aspect) that would fit with everything offloaded, when even that cannot fit. ``name`` and ``size_name``:
-    how the message names the options (``--max_gpu_memory`` / ``--size`` on the CLI)."""
+    how the message names the options (``--max_gpu_memory`` / ``--size`` on the CLI); ``graphs``: a resident DiT
+    would run as CUDA graphs (see ``stage_peaks``)."""
     if not (isinstance(max_gpu_gib, (int, float)) and not isinstance(max_gpu_gib, bool) and 0 < max_gpu_gib < 1e6):
         raise ConfigError(f"{name} {max_gpu_gib!r}: give the GPU memory to fit in GiB, a positive number such as 24")
     cap = max_gpu_gib * GIB
     options = candidates(sizes, text_cpu, prefetch)
     for place in options:
-        if fits(sizes, place, shape, cap, act):
+        if fits(sizes, place, shape, cap, act, graphs):
             return place
     most = options[-1]
     peaks = stage_peaks(sizes, most, shape, act)
@@ -329,6 +334,7 @@ def largest_fitting(sizes: ModelSizes, place: Placement, shape: Shape, cap: floa
     return None
 
 
-def describe(sizes: ModelSizes, place: Placement, shape: Shape, act: ActivationModel = ActivationModel()) -> str:
-    peaks = stage_peaks(sizes, place, shape, act)
+def describe(sizes: ModelSizes, place: Placement, shape: Shape, act: ActivationModel = ActivationModel(),
+             graphs: bool = True) -> str:
+    peaks = stage_peaks(sizes, place, shape, act, graphs=graphs)
     return f"{place}; peak " + ", ".join(f"{k} {v / GIB:.1f}" for k, v in peaks.items()) + " GiB"

@@ -86,7 +86,7 @@ def check_pipeline_args(args) -> None:
             raise ConfigError("--max_gpu_memory chooses the offloading itself; drop --offload/--offload_model, or drop "
                               "--max_gpu_memory to fix the offloading by hand")
         place = plan_memory(args.ckpt_dir, device, None, args.precision, args.max_gpu_memory, *_fit(args),
-                            t5_cpu=args.t5_cpu, cli=True)
+                            t5_cpu=args.t5_cpu, cli=True, backend=args.backend)
         if place.offload.enabled:
             check_backend(args.backend, False, device, cli=True, offload=place.offload)
     args.loras = [lora.LoraSpec.parse(s) for s in args.lora]

@@ -110,9 +110,10 @@ def check_offload(spec: OffloadSpec, backend: str, offload_model: bool = False, 
 
 def plan_memory(path, device: torch.device, dtype: torch.dtype | None, precision: str | None, max_gpu_memory: float,
                 size: str | None = None, frames: int = RUN.infer_frames, batch: int = 2, t5_cpu: bool = False,
-                cli: bool = False) -> memory_plan.Placement:
+                cli: bool = False, backend: str = "auto") -> memory_plan.Placement:
     """The least offloading that fits ``max_gpu_memory`` GiB at ``size`` (an ``H*W`` area; default the official
-    1280*720, 64*64 for the tiny model), or one line saying why not. Reads only config files."""
+    1280*720, 64*64 for the tiny model), or one line saying why not. Reads only config files. ``backend``: what a
+    resident DiT would run (torch-graph keeps its graphs' memory pool beside the other stages)."""
     tiny_model = str(path) == TINY
     area = size or (TINY_SIZE if tiny_model else DEFAULT_SIZE)
     check_size(area, "size", flag=cli)
@@ -122,10 +123,12 @@ def plan_memory(path, device: torch.device, dtype: torch.dtype | None, precision
     sizes = (memory_plan.ModelSizes.tiny(dtype) if tiny_model
              else memory_plan.ModelSizes.for_checkpoint(path, dtype, precision))
     shape = memory_plan.Shape(height, width, frames, batch)
+    graphs = resolve_backend(backend, device) == "torch-graph"
     place = memory_plan.choose(sizes, shape, max_gpu_memory, text_cpu=t5_cpu,
                                name="--max_gpu_memory" if cli else "max_gpu_memory",
-                               size_name="--size" if cli else "size")
-    log.info("max_gpu_memory %g GiB at %s: %s", max_gpu_memory, area, memory_plan.describe(sizes, place, shape))
+                               size_name="--size" if cli else "size", graphs=graphs)
+    log.info("max_gpu_memory %g GiB at %s: %s", max_gpu_memory, area,
+             memory_plan.describe(sizes, place, shape, graphs=graphs))
     return place
 
 
@@ -289,7 +292,7 @@ class S2VPipeline:
                 raise ConfigError("max_gpu_memory chooses the offloading itself; drop offload/offload_model, or "
                                   "drop max_gpu_memory to fix the offloading by hand")
             place = plan_memory(path, device, dtype, precision, max_gpu_memory, fit_size, fit_frames, fit_batch,
-                                t5_cpu)
+                                t5_cpu, backend=backend)
             spec = place.offload
             if spec.enabled:
                 check_backend(backend, False, device, offload=spec)

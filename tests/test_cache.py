@@ -169,7 +169,7 @@ def test_graph_backend_caches_like_the_eager_backend_on_gpu(batch_cfg):
     same calls and, within bf16 compiled-vs-eager rounding, the same clip as the eager backend; a replay of the
     request gives it bit for bit (a residual read after the next replay overwrote the graph's output would not)."""
     spec = "steps:2,4,5"
-    eager = _pipe("cuda", dtype=torch.bfloat16)
+    eager = _pipe("cuda", dtype=torch.bfloat16, backend="torch")  # auto would be torch-graph on a GPU
     graph = _pipe("cuda", dtype=torch.bfloat16, backend="torch-graph")
     rec = Recording(graph.backend)
     graph.backend = graph.sampler.backend = rec
@@ -183,7 +183,9 @@ def test_graph_backend_caches_like_the_eager_backend_on_gpu(batch_cfg):
     assert per_step == ["residual", "skip", "residual", "skip", "skip", "forward"]
     for x, y, z in zip(a, b, c, strict=True):
         assert torch.equal(y, z)
-        assert ((y.float() - x.float()).norm() / x.float().norm()).item() <= 1e-2
+        # bf16, compiled against eager kernels: rounding moves the latents by well under this; a replay that read
+        # a stale or overwritten buffer moves them by O(1)
+        assert ((y.float() - x.float()).norm() / x.float().norm()).item() <= 5e-2
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA-graph step kinds need a GPU (the device "
@@ -192,7 +194,7 @@ def test_graph_backend_calibrates_like_the_eager_backend_on_gpu():
     """A calibration keeps each step's residual to compare with the next one: were it a view of the graph's output
     buffer (overwritten by the next replay), every ratio would read 1 and every cosine distance 0."""
     got = {}
-    for name, kw in (("eager", {}), ("graph", {"backend": "torch-graph"})):
+    for name, kw in (("eager", {"backend": "torch"}), ("graph", {"backend": "torch-graph"})):
         rec = cache.Recorder()
         _latents(_pipe("cuda", dtype=torch.bfloat16, **kw), cache=rec, sample_steps=6)
         got[name] = rec.clips[0]
@@ -200,7 +202,7 @@ def test_graph_backend_calibrates_like_the_eager_backend_on_gpu():
         e, g = got["eager"][branch], got["graph"][branch]
         assert max(g["cos_dist"][1:]) > 1e-3 and max(abs(x - 1) for x in g["mag_ratio"][1:]) > 1e-3
         for key in ("mag_ratio", "cos_dist"):
-            assert max(abs(a - b) for a, b in zip(e[key], g[key], strict=True)) <= 2e-2, (branch, key)
+            assert max(abs(a - b) for a, b in zip(e[key], g[key], strict=True)) <= 5e-2, (branch, key)
 
 
 @pytest.mark.slow

@@ -413,6 +413,30 @@ def test_max_gpu_memory_picks_the_least_offloading_that_fits(sizes14b, cap, batc
         assert max(mp.stage_peaks(sizes14b, less, shape, ACT).values()) > cap * mp.GIB
 
 
+def test_a_resident_dit_s_graph_pool_counts_only_for_the_graph_backend(sizes14b):
+    from runtime.pipeline import plan_memory
+
+    shape = mp.Shape(704, 1024, 80, 2)
+    resident = mp.Placement(OffloadSpec(), "cpu", "cpu")
+    a, b = mp.stage_peaks(sizes14b, resident, shape), mp.stage_peaks(sizes14b, resident, shape, graphs=False)
+    assert a["denoise"] == b["denoise"] and all(a[k] - b[k] == a["denoise"] - mp.resident_bytes(sizes14b, resident)
+                                                - ACT.reserve_bytes for k in a if k != "denoise")
+    streamed = mp.Placement(OffloadSpec("blocks", 39), "cpu", "cpu")  # compiled without a graph: nothing kept
+    assert mp.stage_peaks(sizes14b, streamed, shape) == mp.stage_peaks(sizes14b, streamed, shape, graphs=False)
+    assert str(mp.choose(sizes14b, shape, 80, text_cpu=True).offload) == "blocks:39"
+    assert not mp.choose(sizes14b, shape, 80, text_cpu=True, graphs=False).offload.enabled
+    # the pipeline's plan asks about the backend a resident DiT would run (auto: torch-graph on a GPU)
+    tiny_sizes = mp.ModelSizes.tiny(torch.bfloat16)
+    tiny_shape = mp.Shape(64, 64, 80, 2)
+    low, high = (max(mp.stage_peaks(tiny_sizes, mp.Placement(), tiny_shape, graphs=g).values()) / mp.GIB
+                 for g in (False, True))
+    assert low < high
+    cuda = torch.device("cuda")  # a device object only: the plan reads configs
+    cap = (low + high) / 2
+    assert plan_memory("tiny", cuda, None, None, cap, "64*64", 80, 2, backend="torch-compile") == mp.Placement()
+    assert plan_memory("tiny", cuda, None, None, cap, "64*64", 80, 2) != mp.Placement()  # something moves off
+
+
 def test_the_low_memory_vae_comes_after_every_default_placement(sizes14b):
     options = mp.candidates(sizes14b)
     forms = [p.vae for p in options]
