@@ -130,6 +130,10 @@ def main(argv=None) -> int:
     if graphs is not None:  # a capture inside a timed clip (after an out-of-memory retry) is then in capture_s
         pipe.backend._capture = clock.wrap_capture(pipe.backend._capture)
 
+    both_kinds = [c for c in caches if c not in ("off", "half")]
+    if both_kinds and args.vae_low_memory == "on":
+        print(f"WARNING: {', '.join(both_kinds)} replay plain and residual-recording graphs in one clip; on an 80 GB "
+              "card both may not fit beside each other (a capture inside the clip then shows in capture_s)", flush=True)
     rows, ref, warmup_s = [], None, 0.0
     for c in caches:
         # One graph at a time (they share one pool, but each keeps its static inputs and outputs, GBs at batch 2):

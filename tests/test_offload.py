@@ -267,7 +267,8 @@ def test_streamed_forwards_equal_resident_on_gpu_with_the_events_in_order(reside
     assert sum(after is not None for *_, after, _ in copies) == len(copies) - streamer.num_slots
     for _, block, slot, after, end in copies:
         if after is not None:
-            assert dones[id(after)].elapsed_time(end) > 0, f"block {block} copied into slot {slot} too early"
+            # >= 0: the timer's resolution (~0.5 us) can give two ordered events the same stamp
+            assert dones[id(after)].elapsed_time(end) >= 0, f"block {block} copied into slot {slot} too early"
     last_copy = {}
     for e in log:
         if e[0] == "copy":

@@ -65,8 +65,18 @@ class _Captured:
             o.record_stream(torch.cuda.current_stream())
         del out
         self.graph = torch.cuda.CUDAGraph()
+        # cuBLAS keeps a workspace per (handle, stream): made inside the capture and then forgotten, it is one more
+        # of the pool's intermediates (freed with the pool) instead of a block that pins a dropped pool's segment
+        _clear_cublas_workspaces()
         with torch.cuda.graph(self.graph, pool=pool):
             self.out = _as_tuple(step(*args))
+        _clear_cublas_workspaces()
+
+
+def _clear_cublas_workspaces() -> None:
+    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)  # private; what inductor's graph trees call
+    if clear is not None:
+        clear()
 
 
 def _as_tuple(out) -> tuple[torch.Tensor, ...]:
