@@ -90,6 +90,12 @@ def worker_main(cfg: WorkerConfig, status, wake, seat=None) -> None:
     def load():
         from runtime.pipeline import S2VPipeline
 
+        if seat is not None and not cfg.device.on_cpu:
+            import torch
+
+            # this runs in the worker's thread: CUDA's current device is per thread, and streams, graph captures and
+            # collectives made without a device use it
+            torch.cuda.set_device(device)
         pipe = S2VPipeline.from_pretrained(cfg.ckpt_dir, device=device, **cfg.load_kwargs)
         if seat is None:
             return pipe
