@@ -240,9 +240,8 @@ class S2VPipeline:
             vae.optimize()  # compiled chunk steps over channels-last weights, 2 latents per step
         if parallel is not None:
             shard_model(dit, parallel)
-        self.backend = make_backend(backend, dit, engines_dir=engines_dir, checkpoint=name or None, loras=self.loras)
-        if parallel is not None and parallel.cfg_parallel:
-            self.backend = CFGParallelDiT(self.backend, parallel)
+        self._engines_dir = engines_dir
+        self.backend = self._make_backend(parallel)
         # The official offload_model moves the DiT to the GPU for each clip's denoising only.
         # The engine backends run the VAE through its exported graphs too (the PyTorch VAE otherwise).
         sampler_vae = make_vae(backend, vae, engines_dir=engines_dir, checkpoint=name or None)
@@ -478,6 +477,12 @@ class S2VPipeline:
         cal.check(self.model_identity(), recipe_of(opts, size), cal.path,
                   calibrate_command(self.name, opts, size, self.loras))
 
+    def _make_backend(self, parallel):
+        """The DiT backend for a ``runtime.parallel`` layout (None: one process): the CFG split wraps it."""
+        backend = make_backend(self.backend_name, self.dit, engines_dir=self._engines_dir,
+                               checkpoint=self.name or None, loras=self.loras)
+        return CFGParallelDiT(backend, parallel) if parallel is not None and parallel.cfg_parallel else backend
+
     def use_layout(self, parallel) -> None:
         """Run the next requests in another ``runtime.parallel`` layout of the same ranks (None: unsharded, no CFG
         split), as a multi-GPU server worker does per job. Each layout keeps a backend of its own: a CUDA-graph
@@ -485,10 +490,7 @@ class S2VPipeline:
         key = _layout_key(parallel)
         backend = self._layouts.get(key)
         if backend is None:
-            backend = make_backend(self.backend_name, self.dit)
-            if parallel is not None and parallel.cfg_parallel:
-                backend = CFGParallelDiT(backend, parallel)
-            self._layouts[key] = backend
+            backend = self._layouts[key] = self._make_backend(parallel)
         if parallel is not None and parallel.ulysses > 1:
             shard_model(self.dit, parallel)
         else:
