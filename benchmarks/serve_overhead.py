@@ -51,7 +51,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -178,31 +177,6 @@ def write_tokenizer(folder: Path, texts: list[str]) -> Path:
     return folder
 
 
-def _save_dit(model, folder: Path, shard_bytes: int) -> None:
-    """config.json + safetensors shards of at most ``shard_bytes`` + the index: the official layout."""
-    from safetensors.torch import save_file
-
-    from runtime import checkpoint as ck
-
-    (folder / ck.DIT_CONFIG).write_text(json.dumps({"_class_name": "WanModel_S2V", **model.cfg.to_official_dict()},
-                                                   indent=2))
-    state = model.state_dict()   # the official key names (the fused QKV is split by the model's state-dict hooks)
-    groups, size = [[]], 0
-    for name, t in state.items():
-        n = t.numel() * t.element_size()
-        if groups[-1] and size + n > shard_bytes:
-            groups.append([])
-            size = 0
-        groups[-1].append(name)
-        size += n
-    weight_map = {}
-    for i, names in enumerate(groups):
-        fname = f"diffusion_pytorch_model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
-        save_file({k: state[k].detach().to("cpu", copy=True).contiguous() for k in names}, str(folder / fname))
-        weight_map.update(dict.fromkeys(names, fname))
-    (folder / ck.DIT_INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
-
-
 def _save_t5(folder: Path, config, device) -> None:
     """Random UMT5 encoder weights (transformers' own init) in the Wan layout, bf16, as ``torch.save`` writes
     the official ``.pth``: a plain dict of tensors."""
@@ -248,6 +222,7 @@ def write_checkpoint(folder: Path, tiny: bool = False, device: str = "cpu", t5_c
     ``device``): the LoRA is written against its shapes."""
     import torch
 
+    from benchmarks.official_layout import save_dit
     from runtime import checkpoint as ck
     from runtime.config import DiTConfig
     from runtime.models.dit import build_dit
@@ -264,7 +239,7 @@ def write_checkpoint(folder: Path, tiny: bool = False, device: str = "cpu", t5_c
     del vae
     cfg = DiTConfig.tiny() if tiny else DiTConfig.s2v_14b()
     dit = build_dit(cfg, dtype=torch.float32 if tiny else torch.bfloat16, device=device)
-    _save_dit(dit, folder, shard_bytes)
+    save_dit(dit, folder, shard_bytes=shard_bytes)
     return dit
 
 
@@ -496,12 +471,6 @@ def write_inputs(folder: Path, shape: Shape) -> tuple[Path, Path]:
 
 
 # ------------------------------------------------------------------------------------------ the service
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def multipart(fields: dict[str, str], files: dict[str, Path]) -> tuple[bytes, str]:
     boundary = uuid.uuid4().hex
     parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
@@ -542,7 +511,9 @@ class Server:
         self.models, self.gpus, self.env = models, gpus, env
         self.data = folder / "data"
         self.log = folder / "server.log"
-        self.port = _free_port()
+        from runtime.serve.group import free_port
+
+        self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.cmd = [sys.executable, "-m", "runtime.serve", "--ckpt_dir", ckpt, "--host", "127.0.0.1", "--port",
                     str(self.port), "--data_dir", str(self.data), "--api_key", API_KEY, "--gpus", gpus,

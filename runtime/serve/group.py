@@ -224,22 +224,14 @@ class GroupPipeline:
 # ------------------------------------------------------------------------------------------ ranks 1..N-1
 def follower_main(cfg, seat: Seat, watch) -> None:
     """A follower process: its GPU, its pipeline, and the jobs rank 0 sends it, until rank 0 is gone."""
-    from .supervisor import LOAD_FAILED, LOG_FORMAT
+    from .supervisor import LOAD_FAILED, start_process
 
-    if cfg.device.visible is not None:  # before anything imports torch
-        os.environ["CUDA_VISIBLE_DEVICES"] = cfg.device.visible
-    os.setpgid(0, 0)
+    start_process(cfg, f"{cfg.device.name}.r{seat.rank}")
     # Rank 0 leads the stop (the job stops at the same step on every rank); a follower leaves when it is gone.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
-    logging.basicConfig(level=cfg.log_level.upper(),
-                        format=LOG_FORMAT.replace("%(name)s", f"%(name)s[{cfg.device.name}.r{seat.rank}]"))
-    logging.getLogger("transformers").setLevel(logging.ERROR)
     threading.Thread(target=_exit_when_closed, args=(watch,), daemon=True, name="s2v-watch").start()
     (link,) = seat.links
-    from runtime.hostmem import release_large_frees
-
-    release_large_frees()
     try:
         device = join_group(seat, cfg.device)
     except Exception as exc:  # noqa: BLE001 -- the rendezvous failed (port taken, rank 0 gone): restarted
@@ -284,7 +276,9 @@ def _follow(link, pipe, layouts, job: dict) -> None:
         error = exc
         log.error("this rank's part of the job failed: %s: %s", type(exc).__name__, exc)
     finally:
-        _release_gpu_cache()
+        from .worker import release_gpu_cache
+
+        release_gpu_cache()
     _tell(link, ("done", "stopped" if isinstance(error, _Stop) else _outcome(error)))
     # A rank that failed alone may have left rank 0 inside a collective: it leaves when no answer comes (rank 0
     # answers within END_S of its own end once it is out of the generation).
@@ -328,12 +322,3 @@ def _exit_when_closed(watch) -> None:
         pass
     os._exit(1)
 
-
-def _release_gpu_cache() -> None:
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except Exception:  # noqa: BLE001
-        pass

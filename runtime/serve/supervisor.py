@@ -58,23 +58,28 @@ class WorkerConfig:
     log_level: str = "info"
 
 
-def worker_main(cfg: WorkerConfig, status, wake, seat=None) -> None:
-    """The worker process (rank 0 of its group, given a ``seat``): its GPU, its store, its pipeline; reports its
-    state until it stops."""
-    if cfg.device.visible is not None:  # before anything imports torch
+def start_process(cfg: WorkerConfig, tag: str) -> None:
+    """The start of every process of a worker (rank 0 and its followers): its GPUs, before anything imports torch;
+    a process group of its own; log lines tagged ``tag``; glibc told to return large frees."""
+    if cfg.device.visible is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = cfg.device.visible
     # A process group of its own: ^C at the terminal (or a signal to the server's group) reaches the server,
     # which stops its workers in order, instead of stopping the workers under a server that restarts them.
     os.setpgid(0, 0)
-    logging.basicConfig(level=cfg.log_level.upper(),
-                        format=LOG_FORMAT.replace("%(name)s", f"%(name)s[{cfg.device.name}]"))
+    logging.basicConfig(level=cfg.log_level.upper(), format=LOG_FORMAT.replace("%(name)s", f"%(name)s[{tag}]"))
     logging.getLogger("transformers").setLevel(logging.ERROR)
     from runtime.hostmem import release_large_frees
 
+    release_large_frees()
+
+
+def worker_main(cfg: WorkerConfig, status, wake, seat=None) -> None:
+    """The worker process (rank 0 of its group, given a ``seat``): its GPU, its store, its pipeline; reports its
+    state until it stops."""
+    start_process(cfg, cfg.device.name)
     from .store import JobFiles, StoreError, open_store
     from .worker import Worker
 
-    release_large_frees()
     try:
         store = open_store(cfg.store_url, cfg.data_dir)
     except StoreError as exc:

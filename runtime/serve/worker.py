@@ -201,7 +201,7 @@ class Worker(threading.Thread):
             self.current = None
             with self._cancel_lock:
                 self._cancel.discard(job.id)
-            _release_gpu_cache()
+            release_gpu_cache()
 
     def _guard(self, what: str, fn, *args, tries: int = 3, persist: bool = False):
         """A store write retried with backoff; its result, or None when the store kept failing (``tries`` times,
@@ -314,7 +314,7 @@ def _messages(caught, folder, files, root) -> list[str]:
     return out
 
 
-def _release_gpu_cache() -> None:
+def release_gpu_cache() -> None:
     try:
         import torch
 
