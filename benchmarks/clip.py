@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import code_revision, device_description, markdown_table, median, results_dir, write_results
+from benchmarks.common import (code_revision, demo_image_at, device_description, markdown_table, median, results_dir,
+                               write_results)
 
 COLUMNS = ["variant", "precision", "recipe", "steps", "guide_scale", "lora", "clip", "request", "process", "clip_s",
            "denoise_s", "capture_s", "vae_decode_s", "vae_encode_s", "encoders_s", "forwards", "projected"]
@@ -123,9 +124,6 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_grad_enabled(False)
     t_start = time.perf_counter()
-    from runtime.demo import demo_image, demo_speech
-    from runtime.pipeline import S2VPipeline
-
     if args.tiny:
         from runtime import tiny
 
@@ -172,7 +170,7 @@ def main(argv=None) -> int:
 
 def run_precision(args, precision, dit, vae, text, audio_enc, device, height, width, frames, backend, seconds,
                   metas) -> list[dict]:
-    from runtime.demo import demo_image, demo_speech
+    from runtime.demo import demo_speech
     from runtime.pipeline import S2VPipeline
 
     loras = list(args.lora)
@@ -188,9 +186,7 @@ def run_precision(args, precision, dit, vae, text, audio_enc, device, height, wi
     pipe.encode_prompts = clock.wrap_encoder(pipe.encode_prompts)
     if hasattr(pipe.backend, "_capture"):
         pipe.backend._capture = clock.wrap_capture(pipe.backend._capture)
-    from PIL import Image
-
-    image = demo_image(max(height, width)).resize((width, height), Image.BICUBIC)
+    image = demo_image_at(height, width)
     speech = demo_speech(seconds)
     variant = f"{pipe.backend_name}:{pipe.dit.attention_impl}"
     recipe = f"{args.steps} steps, CFG {args.guide_scale:g}, shift {args.shift:g}, {args.solver}"

@@ -106,3 +106,12 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def demo_image_at(height: int, width: int):
+    """``runtime.demo``'s reference image at a request's exact size (the benchmarks' inputs)."""
+    from PIL import Image
+
+    from runtime.demo import demo_image
+
+    return demo_image(max(height, width)).resize((width, height), Image.BICUBIC)

@@ -42,15 +42,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from benchmarks.clip import StageClock, clip_stages
-from benchmarks.common import code_revision, device_description, markdown_table, results_dir, write_results
+from benchmarks.common import code_revision, demo_image_at, device_description, markdown_table, results_dir, write_results
 from runtime import memory_plan, tiny
-from runtime.demo import demo_image, demo_speech
+from runtime.demo import demo_speech
 from runtime.errors import ConfigError
 from runtime.offload import OffloadSpec
 from runtime.pipeline import S2VPipeline
@@ -291,7 +290,7 @@ def main(argv=None) -> int:
     precisions = ["float32"] if args.tiny else args.precisions.split(",")
     bandwidth = h2d_bandwidth_gbps(device)
     text, audio = _encoders(args.tiny)
-    image = demo_image(max(height, width)).resize((width, height), Image.BICUBIC)
+    image = demo_image_at(height, width)
     speech = demo_speech(frames / 16 + 0.5)
     rows: list[dict] = []
     resident: dict[tuple, dict] = {}

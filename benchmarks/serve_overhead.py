@@ -452,11 +452,10 @@ def prepare(work: Path, tiny: bool, lora_rank: int, prime: list[dict], shape: Sh
 # ------------------------------------------------------------------------------------------ inputs
 def inputs(shape: Shape):
     """The request's image (width × height) and speech, made by ``runtime.demo``."""
-    from PIL import Image
+    from benchmarks.common import demo_image_at
+    from runtime.demo import demo_speech
 
-    from runtime.demo import demo_image, demo_speech
-
-    image = demo_image(max(shape.height, shape.width)).resize((shape.width, shape.height), Image.BICUBIC)
+    image = demo_image_at(shape.height, shape.width)
     return image, demo_speech(shape.audio_s)
 
 

@@ -31,12 +31,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from benchmarks.clip import StageClock, clip_stages
-from benchmarks.common import code_revision, device_description, markdown_table, median, results_dir, write_results
+from benchmarks.common import (code_revision, demo_image_at, device_description, markdown_table, median, results_dir,
+                               write_results)
 from runtime import distributed, tiny
-from runtime.demo import demo_image, demo_speech
+from runtime.demo import demo_speech
 from runtime.pipeline import S2VPipeline
 from runtime.quality import psnr
 
@@ -115,7 +115,7 @@ def main(argv=None) -> int:
     variant = f"{pipe.backend_name}:{pipe.dit.attention_impl}"
     precision = "fp8" if pipe.dit.precision == "fp8" else str(pipe.dit.dtype).replace("torch.", "")
     print(f"variant {variant}, {precision}", flush=True)  # a missing kernel build shows in the first minute
-    image = demo_image(max(height, width)).resize((width, height), Image.BICUBIC)
+    image = demo_image_at(height, width)
     speech = demo_speech(frames / 16 + 0.5)
     common = dict(prompt="a person talking to the camera", seed=0, infer_frames=frames, guide_scale=args.guide_scale,
                   sample_shift=args.shift, num_clip=1, size=f"{height}*{width}", start_from_ref=True)
