@@ -115,3 +115,9 @@ def demo_image_at(height: int, width: int):
     from runtime.demo import demo_image
 
     return demo_image(max(height, width)).resize((width, height), Image.BICUBIC)
+
+
+def small_gpu(device: torch.device) -> bool:
+    """An 80 GB-class card (under 100 GiB): the resident full-size pipeline, its graphs' pool and the default VAE
+    decode do not fit it together (runtime.memory_plan), so the benchmarks take the low-memory VAE there."""
+    return device.type == "cuda" and torch.cuda.get_device_properties(device).total_memory < 100 * 2**30

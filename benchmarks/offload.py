@@ -47,7 +47,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from benchmarks.clip import StageClock, clip_stages
-from benchmarks.common import code_revision, demo_image_at, device_description, markdown_table, results_dir, write_results
+from benchmarks.common import (code_revision, demo_image_at, device_description, markdown_table, results_dir,
+                               small_gpu, write_results)
 from runtime import memory_plan, tiny
 from runtime.demo import demo_speech
 from runtime.errors import ConfigError
@@ -386,9 +387,7 @@ def _row(args, device, precision, recipe, steps, cap, spec, shape, text, audio, 
     base = RECIPES[recipe]
     cfg = base["guide_scale"] > 1
     plan, vae_form, batch_cfg = None, "default", cfg
-    if cap is None and device.type == "cuda" and torch.cuda.get_device_properties(device).total_memory < 100 * 2**30:
-        # An 80 GB card cannot hold the resident DiT, its graphs' pool and the default VAE decode at once (the
-        # memory model): the resident rows use the low-memory VAE there (the row's "vae" says so)
+    if cap is None and small_gpu(device):  # the resident rows on an 80 GB card (the row's "vae" says so)
         vae_form = "low_memory"
     if fallback is not None:
         spec, vae_form, batch_cfg = fallback.offload, fallback.vae, False

@@ -34,7 +34,7 @@ import torch
 
 from benchmarks.clip import StageClock, clip_stages
 from benchmarks.common import (code_revision, demo_image_at, device_description, markdown_table, median, results_dir,
-                               write_results)
+                               small_gpu, write_results)
 from runtime import distributed, tiny
 from runtime.demo import demo_speech
 from runtime.pipeline import S2VPipeline
@@ -107,8 +107,7 @@ def main(argv=None) -> int:
     # UMT5 (10.6 GiB) on the host between its encodes, timed apart from the clip: with one graph pool at a time
     # (below) a resident batch-2 clip and its VAE decode then fit an 80 GB card as well as an H200.
     if args.vae_low_memory == "auto":
-        small = device.type == "cuda" and torch.cuda.get_device_properties(device).total_memory < 100 * 2**30
-        args.vae_low_memory = "on" if small else "off"
+        args.vae_low_memory = "on" if small_gpu(device) else "off"
     pipe = S2VPipeline(dit, vae, text, audio_enc, device, backend=backend, name="tiny" if args.tiny else "random-14b",
                        attention=args.attention, parallel=layout, precision=None if args.tiny else args.precision,
                        move_text=not args.tiny, vae_low_memory=args.vae_low_memory == "on")
